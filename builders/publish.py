@@ -1,0 +1,164 @@
+"""Step 6 of a build: publish a version into the Triton model repository, atomically.
+
+A version is staged in a hidden directory inside the model directory (same filesystem; Triton
+ignores non-numeric directory names), every file and directory is fsynced, and the stage is
+renamed to the next free version number. ``rename`` refuses an existing non-empty target, so two
+concurrent publishers end up with two distinct versions, and a failure at any step leaves no
+version visible and never touches existing ones. config.pbtxt is replaced with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from builders.errors import RepositoryError
+from builders.manifest import MANIFEST_NAME, file_checksums
+from builders.model_config import config_text
+from builders.repository import CONFIG_NAME, check_model_name, list_versions, repository_root
+
+logger = logging.getLogger(__name__)
+
+StageHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Published:
+    model: str
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _prepare_model_dir(repo: Path, name: str) -> tuple[Path, bool]:
+    """The model directory, and whether this call created it (to remove it again on failure)."""
+    model_dir = repo / name
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        created = not model_dir.exists()
+        model_dir.mkdir(exist_ok=True)
+    except OSError as err:
+        raise RepositoryError(
+            f"cannot create model directory {str(model_dir)!r}: {err.strerror}; check --repo"
+        ) from err
+    if not os.access(model_dir, os.W_OK):
+        raise RepositoryError(f"model directory {str(model_dir)!r} is not writable; check permissions or --repo")
+    return model_dir, created
+
+
+def publish_version(
+    repo: Path | str,
+    name: str,
+    files: dict[str, Path],
+    config: mc.ModelConfig,
+    manifest: dict[str, Any],
+    *,
+    hook: StageHook | None = None,
+) -> Published:
+    """Copy ``files`` (name in version dir -> source path) into a new version of model ``name``.
+
+    ``hook(stage)`` is called between steps (``"staged"``, ``"synced"``) so tests can inject
+    failures; it is never needed in production.
+    """
+    check_model_name(name)
+    root = repository_root(repo, must_exist=False)
+    model_dir, created = _prepare_model_dir(root, name)
+    stage = model_dir / f".staging-{uuid.uuid4().hex}"
+    published = False
+    try:
+        stage.mkdir()
+        for rel, src in files.items():
+            dest = stage / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+        manifest = dict(manifest, files=file_checksums(stage))
+        if hook:
+            hook("staged")
+        for path in stage.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        _fsync_dir(stage)
+        if hook:
+            hook("synced")
+        version = _claim_version(model_dir, stage, manifest)
+        published = True
+    except OSError as err:
+        raise RepositoryError(f"publishing {name!r} into {str(root)!r} failed: {err}; nothing was published") from err
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        if created and not published:
+            _remove_if_empty(model_dir)
+    config_bytes = config_text(config).encode()
+    write_atomic(model_dir / CONFIG_NAME, config_bytes)
+    final = model_dir / str(version)
+    logger.info("published %s version %d at %s", name, version, final)
+    return Published(name, version, final, json.loads((final / MANIFEST_NAME).read_text()))
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty: a concurrent publisher is using it
+
+
+def _claim_version(model_dir: Path, stage: Path, manifest: dict[str, Any]) -> int:
+    """Rename the stage to the next free version; retry when a concurrent publisher won it."""
+    for _ in range(1000):
+        existing = list_versions(model_dir)
+        version = (existing[-1] + 1) if existing else 1
+        manifest_path = stage / MANIFEST_NAME
+        manifest_path.write_text(json.dumps(dict(manifest, version=version), indent=2, sort_keys=True) + "\n")
+        _fsync_file(manifest_path)
+        _fsync_dir(stage)
+        target = model_dir / str(version)
+        try:
+            if target.exists():
+                continue
+            os.rename(stage, target)
+        except OSError as err:
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                continue
+            raise
+        _fsync_dir(model_dir)
+        return version
+    raise RepositoryError(f"could not allocate a version in {str(model_dir)!r} after 1000 attempts")

@@ -1,0 +1,157 @@
+"""Reading a Triton model repository: models, versions, manifests, and verification.
+
+The layout is standard Triton (``<repo>/<model>/config.pbtxt``, ``<repo>/<model>/<v>/...``), so
+this reader is shared by ``kiln repo``, ``kiln serve`` and the gateway.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from builders.errors import InvalidInputError, KilnError, NotFoundError, RepositoryError
+from builders.manifest import MANIFEST_NAME, file_checksums, read_manifest
+from builders.model_config import mismatches, parse_config
+
+CONFIG_NAME = "config.pbtxt"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def is_version_dir(path: Path) -> bool:
+    """Triton's rule: a numeric name not starting with 0."""
+    return path.is_dir() and path.name.isdigit() and not path.name.startswith("0")
+
+
+def check_model_name(name: str) -> str:
+    """Return the name if it is a safe single path component, else raise with what is allowed."""
+    if not _NAME_RE.match(name or "") or name in (".", ".."):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise InvalidInputError(
+            f"model name {shown!r} is not allowed: use 1-128 characters from letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit (no '/', no '..')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    path: Path
+    manifest: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    config: mc.ModelConfig | None
+    config_error: str | None
+    versions: tuple[VersionInfo, ...] = field(default=())
+
+    @property
+    def latest(self) -> int | None:
+        return self.versions[-1].version if self.versions else None
+
+
+def repository_root(repo: Path | str, *, must_exist: bool = True) -> Path:
+    """Validate the repository path; it may not be a file."""
+    root = Path(repo)
+    if root.exists() and not root.is_dir():
+        raise RepositoryError(f"repository path {str(root)!r} is a file; pass a directory with --repo")
+    if must_exist and not root.exists():
+        raise NotFoundError(f"model repository {str(root)!r} does not exist; build a model into it first")
+    return root
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Published version numbers of a model directory, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if is_version_dir(p))
+
+
+def read_model(root: Path, name: str) -> ModelEntry:
+    """One model of the repository, with its parsed config and manifests."""
+    model_dir = root / name
+    if not model_dir.is_dir():
+        raise NotFoundError(f"model {name!r} is not in repository {str(root)!r}")
+    config: mc.ModelConfig | None = None
+    error: str | None = None
+    try:
+        config = parse_config((model_dir / CONFIG_NAME).read_text(), str(model_dir / CONFIG_NAME))
+    except FileNotFoundError:
+        error = f"{model_dir / CONFIG_NAME} is missing"
+    except KilnError as err:
+        error = str(err)
+    versions = []
+    for v in list_versions(model_dir):
+        vdir = model_dir / str(v)
+        try:
+            manifest: dict[str, Any] | None = read_manifest(vdir)
+        except RepositoryError:
+            manifest = None
+        versions.append(VersionInfo(v, vdir, manifest))
+    return ModelEntry(name, model_dir, config, error, tuple(versions))
+
+
+def list_models(repo: Path | str) -> list[ModelEntry]:
+    """All models in a repository, sorted by name (hidden and staging dirs skipped)."""
+    root = repository_root(repo)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [read_model(root, n) for n in names]
+
+
+def verify_version(entry: ModelEntry, version: VersionInfo) -> list[str]:
+    """Problems with one version: manifest, checksums, artifact I/O vs config."""
+    problems: list[str] = []
+    where = f"{entry.name}/{version.version}"
+    if version.manifest is None:
+        return [f"{where}: {MANIFEST_NAME} missing or unreadable"]
+    recorded = version.manifest.get("files", {})
+    actual = file_checksums(version.path)
+    for rel, info in recorded.items():
+        got = actual.get(rel)
+        if got is None:
+            problems.append(f"{where}: file {rel!r} listed in {MANIFEST_NAME} is missing")
+        elif got["sha256"] != info.get("sha256"):
+            problems.append(f"{where}: file {rel!r} checksum {got['sha256'][:12]} != recorded {str(info.get('sha256'))[:12]}")
+    for rel in actual:
+        if rel not in recorded:
+            problems.append(f"{where}: file {rel!r} is not listed in {MANIFEST_NAME}")
+    artifact = version.manifest.get("artifact", "model.onnx")
+    if entry.config is not None and artifact.endswith(".onnx") and (version.path / artifact).exists():
+        problems.extend(f"{where}: {p}" for p in _artifact_mismatches(entry.config, version.path / artifact))
+    return problems
+
+
+def _artifact_mismatches(config: mc.ModelConfig, artifact: Path) -> list[str]:
+    import onnx
+
+    from builders.inspection import graph_inputs, value_spec
+
+    try:
+        model = onnx.load(str(artifact), load_external_data=False)
+    except Exception as err:  # a corrupt artifact is a verification finding, not a crash
+        return [f"artifact {artifact.name} does not load: {err}"]
+    inputs = tuple(value_spec(v) for v in graph_inputs(model))
+    outputs = tuple(value_spec(v) for v in model.graph.output)
+    return mismatches(config, inputs, outputs)
+
+
+def verify_repository(repo: Path | str) -> list[str]:
+    """Every problem found in a repository; empty means it verifies."""
+    problems: list[str] = []
+    for entry in list_models(repo):
+        if entry.config_error:
+            problems.append(f"{entry.name}: {entry.config_error}")
+        elif entry.config is not None and entry.config.name and entry.config.name != entry.name:
+            problems.append(f"{entry.name}: config.pbtxt names the model {entry.config.name!r}")
+        if not entry.versions:
+            problems.append(f"{entry.name}: no versions")
+        for version in entry.versions:
+            problems.extend(verify_version(entry, version))
+    return problems

@@ -1,0 +1,49 @@
+"""``kiln build MODEL.onnx --name NAME --precision P --target T [...]``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from builders.pipeline import PRECISIONS, TARGETS, BuildRequest, BuildResult, build_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("build", help="optimize an ONNX model and publish it to the model repository")
+    parser.add_argument("model", type=Path, help="source .onnx file")
+    parser.add_argument("--name", required=True, help="model name; the Triton model is NAME-PRECISION-TARGET")
+    parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    parser.add_argument("--target", default="ort", help=f"one of {', '.join(TARGETS)} (default ort)")
+    parser.add_argument("--repo", type=Path, default=Path("model_repository"), help="Triton model repository")
+    parser.add_argument("--max-batch", type=int, default=None, help="Triton max_batch_size (default 32)")
+    parser.add_argument("--instances", type=int, default=1, help="instance_group count")
+    parser.set_defaults(func=run)
+
+
+def request_from_args(args: argparse.Namespace) -> BuildRequest:
+    return BuildRequest(
+        model=args.model,
+        name=args.name,
+        precision=args.precision,
+        target=args.target,
+        repo=args.repo,
+        max_batch=args.max_batch,
+        instances=args.instances,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    result = build_model(request_from_args(args))
+    print_result(result, console)
+    return 0
+
+
+def print_result(result: BuildResult, console: Console) -> None:
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if result.published is not None:
+        p = result.published
+        console.print(f"published [bold]{p.model}[/] version {p.version} at {p.path}")

@@ -1,0 +1,82 @@
+"""``kiln repo list|show|verify [--repo DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
+from builders.errors import RepositoryError
+from builders.repository import list_models, read_model, repository_root, verify_repository
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("repo", help="list, show or verify a Triton model repository")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, helptext in (
+        ("list", "models, their versions and precisions"),
+        ("show", "one model's config and manifests"),
+        ("verify", "re-check checksums and config vs artifacts"),
+    ):
+        p = verbs.add_parser(verb, help=helptext)
+        p.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository directory")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if verb == "show":
+            p.add_argument("model", help="model name, e.g. digits-fp32-ort")
+        p.set_defaults(func={"list": run_list, "show": run_show, "verify": run_verify}[verb])
+
+
+def run_list(args: argparse.Namespace) -> int:
+    entries = list_models(args.repo)
+    if args.json:
+        print(json.dumps([
+            {"model": e.name, "versions": [v.version for v in e.versions],
+             "platform": e.config.platform if e.config else None,
+             "precision": (e.versions[-1].manifest or {}).get("precision") if e.versions else None}
+            for e in entries], indent=2))
+        return 0
+    table = Table("model", "platform", "versions", "latest precision", "latest size", title=str(args.repo))
+    for e in entries:
+        latest = e.versions[-1] if e.versions else None
+        manifest = (latest.manifest or {}) if latest else {}
+        size = sum(int(f.get("bytes", 0)) for f in manifest.get("files", {}).values())
+        table.add_row(
+            e.name,
+            e.config.platform if e.config else f"[red]{e.config_error}[/]",
+            ",".join(str(v.version) for v in e.versions) or "-",
+            str(manifest.get("precision", "-")),
+            f"{size / 1e3:.1f} kB" if size else "-",
+        )
+    Console(highlight=False).print(table)
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    entry = read_model(repository_root(args.repo), args.model)
+    data = {
+        "model": entry.name,
+        "path": str(entry.path),
+        "config": json_format.MessageToDict(entry.config) if entry.config else None,
+        "config_error": entry.config_error,
+        "versions": {str(v.version): v.manifest for v in entry.versions},
+    }
+    print(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    problems = verify_repository(args.repo)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+    if problems:
+        if not args.json:
+            for p in problems:
+                print(f"FAIL {p}")
+        raise RepositoryError(f"repository {str(args.repo)!r} failed verification with {len(problems)} problem(s)")
+    if not args.json:
+        print(f"OK {args.repo}: every config parses, every checksum and artifact matches")
+    return 0
