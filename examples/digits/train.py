@@ -43,6 +43,9 @@ OUTPUT_NAME = "logits"
 BATCH_AXIS = "batch"
 OPSET = 17
 NUM_CLASSES = 10
+MODEL_FILE = "digits.onnx"
+DATA_FILE = "digits_heldout.npz"
+METADATA_FILE = "digits.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -232,7 +235,7 @@ def write_metadata(
     path: Path, config: TrainConfig, split: Split, accuracy: float, params: int, onnx_path: Path
 ) -> None:
     """Write ``digits.json``: accuracy (ONNX Runtime), split, training, files, tool versions."""
-    data_path = onnx_path.with_name("digits_heldout.npz")
+    data_path = onnx_path.with_name(DATA_FILE)
     fields = dict(
         model="digits",
         held_out_accuracy=accuracy,
@@ -309,13 +312,13 @@ def main(argv: list[str]) -> int:
     train(model, split, config)
     train_s = (time.perf_counter_ns() - started) / 1e9
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / "digits.onnx"
-    data_path = out_dir / "digits_heldout.npz"
+    onnx_path = out_dir / MODEL_FILE
+    data_path = out_dir / DATA_FILE
     export_onnx(model, onnx_path)
     logits = check_export(model, onnx_path, split.x_held)
     accuracy = float((logits.argmax(axis=1) == split.y_held).mean())
     np.savez_compressed(data_path, input=split.x_held, labels=split.y_held)  # keyed by INPUT_NAME
-    write_metadata(out_dir / "digits.json", config, split, accuracy, params, onnx_path)
+    write_metadata(out_dir / METADATA_FILE, config, split, accuracy, params, onnx_path)
     print(f"held-out accuracy (ORT): {accuracy:.4f}  train time {train_s:.1f}s")
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes), {data_path}, digits.json")
     return 0
