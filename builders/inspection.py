@@ -179,11 +179,19 @@ def describe_model(model: onnx.ModelProto, path: Path | str) -> ModelInfo:
         parameter_count=params,
         parameter_bytes=nbytes,
         op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
-        external_data_files=tuple(external_data_files(model)),
+        external_data_files=tuple(_external_files_on_disk(model, path)),
         weights_in_initializers=sum(1 for i in model.graph.initializer if np.prod(i.dims) > 1),
         weights_in_constant_nodes=constant_weights,
         batch_axis_dynamic=bool(inputs) and all(_dynamic_first_axis(s) for s in inputs),
     )
+
+
+def _external_files_on_disk(model: onnx.ModelProto, path: Path) -> list[str]:
+    """External data files as stored (loading external data rewrites the in-memory locations)."""
+    files = external_data_files(model)
+    if not files and path.exists():
+        files = external_data_files(onnx.load(str(path), load_external_data=False))
+    return files
 
 
 def _dynamic_first_axis(spec: TensorSpec) -> bool:

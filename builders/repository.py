@@ -118,7 +118,8 @@ def verify_version(entry: ModelEntry, version: VersionInfo) -> list[str]:
         if got is None:
             problems.append(f"{where}: file {rel!r} listed in {MANIFEST_NAME} is missing")
         elif got["sha256"] != info.get("sha256"):
-            problems.append(f"{where}: file {rel!r} checksum {got['sha256'][:12]} != recorded {str(info.get('sha256'))[:12]}")
+            recorded_sha = str(info.get("sha256"))[:12]
+            problems.append(f"{where}: file {rel!r} checksum {got['sha256'][:12]} != recorded {recorded_sha}")
     for rel in actual:
         if rel not in recorded:
             problems.append(f"{where}: file {rel!r} is not listed in {MANIFEST_NAME}")
