@@ -1,0 +1,315 @@
+"""``kiln build --target tensorrt``: prepare ONNX on the CPU, build plans on the GPU, validate, publish.
+
+CPU steps come from the INT8 issue (``builders/int8_build.py``: calibration, Q/DQ with TensorRT
+placement, FP16 conversion); decisions from ``builders/tensorrt_plan.py``; the GPU step from
+``engine.build_engine``. Validation reuses ``builders/validate.py`` with the embedded TensorRT
+runner in place of an ONNX Runtime session, so gates and latency work identically on a GPU.
+One plan is built per distinct compute capability present (``cc_model_filenames``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from builders.calib_data import ImagePreprocess, load_dataset
+from builders.calibrate import Calibration, calibration_table
+from builders.calibration_file import to_trt_cache
+from builders.errors import InvalidInputError, KilnError
+from builders.hardware import UNSUPPORTED, MachineInfo, support_matrix
+from builders.inspection import ModelInfo
+from builders.int8_build import BuildData, Int8Options, PreparedOnnx, load_build_data, prepare_onnx, run_calibration
+from builders.model_config import ServingOptions
+from builders.tensorrt_plan import (
+    BuiltPlan,
+    PlanSettings,
+    build_targets,
+    cc_model_filenames,
+    derive_profiles,
+    make_settings,
+    parse_shapes,
+    plan_filenames,
+    plan_manifest,
+    plan_tools,
+    timing_cache_path,
+)
+from builders.validate import (
+    Validation,
+    check_gate,
+    compare,
+    latency_batches,
+    make_session,
+    measure_latency,
+    metric_drop,
+    predict,
+    with_speedup,
+)
+
+if TYPE_CHECKING:
+    from builders.pipeline import BuildRequest, BuildResult
+
+logger = logging.getLogger(__name__)
+
+RunnerFactory = Callable[[Path], Any]  # plan path -> object with run(dict)->dict, output_names, close()
+EngineBuilder = Callable[..., Any]  # engine.build_engine's signature, returning an EngineBuild
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: str
+    plans: tuple[BuiltPlan, ...]
+    directory: Path
+    settings: PlanSettings
+    prepared: PreparedOnnx
+    validation: Validation | None
+
+
+def plan_settings(
+    request: BuildRequest, info: ModelInfo, batch: int, precision: str, machine: MachineInfo
+) -> PlanSettings:
+    """The PlanSettings for one precision from the request's TensorRT options (checked, no I/O)."""
+    opts = request.options
+    profiles = derive_profiles(info.inputs, batch, parse_shapes(opts.get("shapes") or ()))
+    return make_settings(
+        precision,
+        profiles,
+        workspace_mb=int(opts.get("workspace_mb", 1024)),
+        opt_level=int(opts.get("opt_level", 3)),
+        hardware_compat=str(opts.get("hardware_compat", "none")),
+        version_compat=bool(opts.get("version_compat", False)),
+        int8_mode=str(opts.get("trt_int8", "qdq")),
+        timing_cache=timing_cache_path(request.repo),
+        tensorrt_version=machine.tensorrt_version,
+    )
+
+
+def candidate_precisions(request: BuildRequest, machine: MachineInfo) -> list[str]:
+    """``auto``: INT8, FP16, FP32 in that order, minus what this GPU cannot run; else the one asked."""
+    if request.precision != "auto":
+        return [request.precision]
+    matrix = support_matrix(machine)
+    return [p for p in ("int8", "fp16", "fp32") if matrix[("tensorrt", p)].status != UNSUPPORTED]
+
+
+def build_tensorrt(
+    request: BuildRequest,
+    model: onnx.ModelProto,
+    info: ModelInfo,
+    batch: int,
+    machine: MachineInfo,
+    warnings: Sequence[str] = (),
+    *,
+    runner_factory: RunnerFactory | None = None,
+    engine_builder: EngineBuilder | None = None,
+) -> BuildResult:
+    """Build, validate and publish TensorRT plan(s) for ``request``.
+
+    ``runner_factory`` and ``engine_builder`` default to the real TensorRT ones; tests pass fakes
+    (the only fakes Kiln's tests use are for the GPU).
+    """
+    from builders.pipeline import BuildResult
+
+    precisions = candidate_precisions(request, machine)
+    for precision in precisions:  # every flag checked before any work
+        plan_settings(request, info, batch, precision, machine)
+    targets = build_targets(machine.gpus)
+    int8 = Int8Options.from_options(request.options)
+    needs_data = request.precision in ("int8", "auto") or int8.calib is not None or int8.eval is not None
+    data = _build_data(request, info, int8) if needs_data else None
+    notes = list(warnings)
+    if data is None:
+        notes.append("plan not validated against FP32: pass --eval DATA (or --calib DATA) to gate accuracy")
+    factory = runner_factory or _default_runner(machine)
+    with tempfile.TemporaryDirectory(prefix="kiln-trt-") as tmp:
+        workdir = Path(tmp)
+        calibration = None
+        if "int8" in precisions and data is not None:
+            calibration = run_calibration(request, model, info, int8, data.calibration)
+        candidates = []
+        for precision in precisions:
+            settings = plan_settings(request, info, batch, precision, machine)
+            try:
+                candidate = _build_candidate(
+                    request, model, precision, settings, calibration, targets, machine, workdir, engine_builder
+                )
+                candidates.append(_validated(candidate, request, data, int8, batch, factory))
+            except KilnError as err:
+                if request.precision != "auto" or (precision == precisions[-1] and not candidates):
+                    raise
+                notes.append(f"--precision auto: the {precision} candidate failed and was skipped: {err}")
+        chosen = _choose(candidates, request.precision, str(batch))
+        if chosen.validation is not None and not chosen.validation.passed:
+            if not int8.skip_gate:
+                check_gate(chosen.validation, request.precision, int8.calib_method if calibration else None)
+            notes.append("accuracy gate FAILED and was overridden (--skip-gate); see kiln.json validation")
+        published = _publish(request, info, batch, chosen, candidates, machine)
+    report = {"tensorrt": published.manifest["build"]["tensorrt"]}
+    if chosen.validation is not None:
+        report["validation"] = chosen.validation.to_dict()
+    return BuildResult(published, info, tuple(notes), report)
+
+
+def _build_data(request: BuildRequest, info: ModelInfo, int8: Int8Options) -> BuildData:
+    """Calibration + held-out data; FP32/FP16 with only ``--eval`` need no calibration data."""
+    if int8.calib is None and int8.eval is not None and request.precision in ("fp32", "fp16"):
+        evaluation = load_dataset(int8.eval, info.inputs, preprocess=ImagePreprocess.parse(int8.preprocess))
+        return BuildData(evaluation, evaluation, str(int8.eval))
+    return load_build_data(request, info, int8)
+
+
+def _build_candidate(
+    request: BuildRequest,
+    model: onnx.ModelProto,
+    precision: str,
+    settings: PlanSettings,
+    calibration: Calibration | None,
+    targets: Sequence[Any],
+    machine: MachineInfo,
+    workdir: Path,
+    engine_builder: EngineBuilder | None,
+) -> Candidate:
+    from builders.tensorrt.engine import build_engine
+
+    make_plan = engine_builder or build_engine
+    directory = workdir / precision
+    directory.mkdir()
+    cache = None
+    if settings.strongly_typed:
+        prepared = prepare_onnx(request, model, precision, directory, calibration=calibration)
+    else:  # TensorRT 10 calibrator: the FP32 source (tensor names as calibrated) + Kiln's cache
+        if calibration is None:
+            raise InvalidInputError("--trt-int8 calibrator needs calibration data; pass --calib DATA")
+        prepared = PreparedOnnx(request.model, precision, "tensorrt", calibration)
+        cache = to_trt_cache(calibration_table(calibration), machine.tensorrt_version)
+    plans = []
+    for gpu, filename in zip(targets, plan_filenames(targets).values(), strict=True):
+        built = make_plan(
+            prepared.path, settings, directory, plan_name=filename, device=gpu.index, calibration_cache=cache
+        )
+        plans.append(BuiltPlan(filename, gpu.name, gpu.cc, round(built.seconds, 3), built.layers.name))
+    return Candidate(precision, tuple(plans), directory, settings, prepared, None)
+
+
+class RunnerSession:
+    """An embedded runner dressed as an ONNX Runtime session, for builders/validate.py."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+
+    def get_outputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=n) for n in self._runner.output_names]
+
+    def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = self._runner.run(feed)
+        return [outputs[n] for n in (names or self._runner.output_names)]
+
+
+def _validated(
+    candidate: Candidate,
+    request: BuildRequest,
+    data: BuildData | None,
+    int8: Int8Options,
+    batch: int,
+    factory: RunnerFactory,
+) -> Candidate:
+    """Run the device-0 plan against ONNX Runtime FP32 on held-out data (metrics and latency)."""
+    if data is None:
+        return candidate
+    gate = int8.gate
+    metric = gate.resolved_metric(data.evaluation.has_labels)
+    reference = make_session(request.model)
+    runner = factory(candidate.directory / candidate.plans[0].file)
+    try:
+        session = RunnerSession(runner)
+        ref_out, labels = predict(reference, data.evaluation, gate.batch_size)
+        cand_out, _ = predict(session, data.evaluation, gate.batch_size)
+        metrics = compare(ref_out, cand_out, labels)
+        timings = measure_latency(
+            {"reference": reference, "candidate": session}, latency_batches(data.evaluation, batch), gate.repeats
+        )
+    finally:
+        runner.close()
+    latency = {size: with_speedup(row["reference"], row["candidate"]) for size, row in timings.items()}
+    validation = Validation(
+        metric, gate.max_drop, metric_drop(metrics, metric), metrics, latency, len(data.evaluation),
+        data.evaluation.sha256, {"eval_source": data.eval_source, "runner": "tensorrt"},
+    )  # fmt: skip
+    return Candidate(**{**candidate.__dict__, "validation": validation})
+
+
+def _choose(candidates: Sequence[Candidate], requested: str, max_batch: str) -> Candidate:
+    """The asked precision; for ``auto`` the fastest candidate within budget (else the last, FP32)."""
+    if requested != "auto" or len(candidates) == 1:
+        return candidates[0]
+    passing = [c for c in candidates if c.validation is not None and c.validation.passed]
+    if not passing:
+        return candidates[-1]
+
+    def latency(c: Candidate) -> float:
+        rows = c.validation.latency_ms if c.validation else {}
+        row = rows.get(max_batch) or rows.get("1") or {}
+        return float(row.get("candidate", float("inf")))
+
+    return min(passing, key=latency)
+
+
+def _publish(
+    request: BuildRequest,
+    info: ModelInfo,
+    batch: int,
+    chosen: Candidate,
+    candidates: Sequence[Candidate],
+    machine: MachineInfo,
+) -> Any:
+    from builders.pipeline import publish_artifact
+
+    version = machine.tensorrt_version or "unknown"
+    files = {p.file: chosen.directory / p.file for p in chosen.plans[1:]}
+    files.update({p.layers_file: chosen.directory / p.layers_file for p in chosen.plans if p.layers_file})
+    calibration = chosen.prepared.calibration
+    if calibration is not None:
+        files.update(calibration.files)
+    serving = ServingOptions(
+        max_batch_size=batch,
+        instances=request.instances,
+        kind="KIND_GPU",
+        cc_model_filenames=cc_model_filenames({p.compute_capability: p.file for p in chosen.plans}),
+    )
+    build_extra: dict[str, Any] = {
+        "selected_precision": chosen.precision,
+        "tensorrt": plan_manifest(version, chosen.settings, chosen.plans),
+    }
+    if request.precision == "auto":
+        build_extra["auto"] = [
+            {"precision": c.precision, **(c.validation.to_dict() if c.validation else {})} for c in candidates
+        ]
+    return publish_artifact(
+        request,
+        info,
+        chosen.directory / chosen.plans[0].file,
+        batch,
+        build_extra=build_extra,
+        calibration=calibration.manifest() if calibration is not None else None,
+        validation=chosen.validation.to_dict() if chosen.validation is not None else None,
+        extra_files=files,
+        serving=serving,
+        tools=plan_tools(version, chosen.plans),
+    )
+
+
+def _default_runner(machine: MachineInfo) -> RunnerFactory:
+    def factory(plan: Path) -> Any:
+        from server.backends.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(plan, machine=machine, check_manifest=False)
+
+    return factory
+
