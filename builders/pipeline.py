@@ -16,6 +16,7 @@ import onnx
 
 from builders.convert import convert_fp16, optimize_fp32
 from builders.errors import InvalidInputError
+from builders.hardware import check_build, probe_machine
 from builders.inspection import ModelInfo, describe_model, load_model, max_batch_size
 from builders.manifest import build_manifest
 from builders.model_config import ARTIFACTS, ServingOptions, render_config
@@ -70,24 +71,34 @@ def check_request(request: BuildRequest) -> None:
 def build_model(request: BuildRequest) -> BuildResult:
     """Run the pipeline for one request and publish the result."""
     check_request(request)
+    machine = probe_machine(accelerators=request.target == "tensorrt")
+    hardware_warnings = check_build(machine, request.target, request.precision)  # refuse before any work
     model = load_model(request.model)
     info = describe_model(model, request.model)
     batch = max_batch_size(info, request.max_batch)
+    # ---- TensorRT branch (issue 4): all of it lives in builders/tensorrt/build.py
+    if request.target == "tensorrt":
+        from builders.tensorrt.build import build_tensorrt
+
+        return build_tensorrt(request, model, info, batch, machine, hardware_warnings)
+    # ---- end TensorRT branch
+    # ---- INT8 / auto branch (issue 3): all of it lives in builders/int8_build.py
+    if request.precision in ("int8", "auto"):
+        from builders.int8_build import build_quantized
+
+        return build_quantized(request, model, info, batch, warnings=hardware_warnings)
+    # ---- end INT8 / auto branch
     if request.target != "ort" or request.precision not in ("fp32", "fp16"):
         raise InvalidInputError(
             f"--precision {request.precision} --target {request.target} is not available in this build "
             "of Kiln yet; use --precision fp32 or fp16 with --target ort"
         )
-    warnings: list[str] = []
+    warnings: list[str] = list(hardware_warnings)
     with tempfile.TemporaryDirectory(prefix="kiln-build-") as tmp:
         artifact = Path(tmp) / ARTIFACTS["ort"]
         if request.precision == "fp32":
             optimize_fp32(request.model, artifact)
-        else:
-            warnings.append(
-                "FP16 on a CPU target is for size, not speed: ONNX Runtime's CPU kernels mostly compute "
-                "float16 by converting to float32, so expect equal or slower latency and half the weight bytes"
-            )
+        else:  # check_build already warned that FP16 on a CPU is for size, not speed
             fp32 = optimize_fp32(request.model, Path(tmp) / "fp32.onnx")
             onnx.save(convert_fp16(onnx.load(str(fp32))), str(artifact))
         published = publish_artifact(request, info, artifact, batch, build_extra={})
@@ -105,6 +116,7 @@ def publish_artifact(
     validation: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
     serving: ServingOptions | None = None,
+    tools: dict[str, str] | None = None,
 ) -> Published:
     """Render config and manifest for an artifact and publish it as a new version."""
     serving = serving or ServingOptions(
@@ -124,6 +136,7 @@ def publish_artifact(
         build={"max_batch_size": batch, "instances": request.instances, **build_extra},
         calibration=calibration,
         validation=validation,
+        tools=tools,
     )
     files = {artifact.name: artifact, **(extra_files or {})}
     return publish_version(request.repo, request.triton_name, files, config, manifest)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from builders import errors
 
@@ -21,6 +22,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.cli.inspect_cmd",
     "server.cli.build_cmd",
     "server.cli.repo_cmd",
+    "server.cli.doctor_cmd",
+    "server.cli.calib_cmd",
+    "server.cli.gateway_cmd",
+    "server.cli.routes_cmd",
 )
 
 # One exit code per error class (2 is also argparse's usage error).
@@ -69,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except errors.KilnError as err:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err}", markup=True)
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", markup=True)
         return exit_code(err)
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from builders.pipeline import PRECISIONS, TARGETS, BuildRequest, BuildResult, build_model
+from server.cli.int8_args import add_int8_arguments, int8_options
+from server.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--repo", type=Path, default=Path("model_repository"), help="Triton model repository")
     parser.add_argument("--max-batch", type=int, default=None, help="Triton max_batch_size (default 32)")
     parser.add_argument("--instances", type=int, default=1, help="instance_group count")
+    add_int8_arguments(parser)
+    add_tensorrt_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -31,6 +35,7 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
         repo=args.repo,
         max_batch=args.max_batch,
         instances=args.instances,
+        options={**int8_options(args), **tensorrt_options(args)},
     )
 
 
@@ -47,3 +52,10 @@ def print_result(result: BuildResult, console: Console) -> None:
     if result.published is not None:
         p = result.published
         console.print(f"published [bold]{p.model}[/] version {p.version} at {p.path}")
+    validation = result.report.get("validation")
+    if validation:
+        verdict = "passed" if validation["passed"] else "FAILED (overridden)"
+        console.print(
+            f"validation: {validation['metric']} drop {validation['drop']:.4f} "
+            f"(budget {validation['max_drop']:.4f}) {verdict}"
+        )

@@ -1,0 +1,213 @@
+"""``--precision auto``: the fastest candidate within the accuracy budget, and the whole trade-off.
+
+Search order: INT8 everywhere; INT8 with the most sensitive layers kept in float (one more layer
+each step, until within budget); FP16; FP32. Sensitivity of a layer is the output MSE against
+FP32 when *only that layer* is quantized (a continuous signal, unlike accuracy on a small set).
+Every candidate is validated; the published one is the candidate within budget with the best
+speedup over FP32 at the max batch (ties: batch 1), measured in the same interleaved runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from builders.calib_data import Dataset
+from builders.calibrate import Calibration
+from builders.qdq_placement import TRT_QUANTIZED_OPS
+from builders.quantize import prepare_model
+from builders.validate import (
+    Validation,
+    compare,
+    latency_batches,
+    make_session,
+    measure_latency,
+    predict,
+    validate,
+    with_speedup,
+)
+
+if TYPE_CHECKING:
+    from builders.int8_build import BuildData, Int8Options, PreparedOnnx
+    from builders.pipeline import BuildRequest
+
+logger = logging.getLogger(__name__)
+
+MAX_EXCLUDED = 8
+TABLE_FILE = "tradeoff.md"
+PLOT_FILE = "tradeoff.png"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    prepared: PreparedOnnx
+    excluded: tuple[str, ...]
+    validation: Validation
+
+    def row(self) -> dict[str, Any]:
+        v = self.validation
+        sizes = list(v.latency_ms)
+        return {
+            "candidate": self.label,
+            "precision": self.prepared.precision,
+            "excluded_layers": list(self.excluded),
+            "metric": v.metric,
+            "drop": round(v.drop, 6),
+            "value": round(_metric_value(v), 6),
+            "passed": v.passed,
+            "latency_ms_batch1": v.latency_ms[sizes[0]]["candidate"],
+            "latency_ms_max_batch": v.latency_ms[sizes[-1]]["candidate"],
+            "speedup_max_batch": v.latency_ms[sizes[-1]].get("speedup", 0.0),
+            "speedup_batch1": v.latency_ms[sizes[0]].get("speedup", 0.0),
+            "bytes": self.prepared.path.stat().st_size,
+        }
+
+
+def _metric_value(v: Validation) -> float:
+    m = v.metrics
+    return {
+        "accuracy": m.get("accuracy_candidate", 0.0),
+        "top1": m["top1_agreement"],
+        "cosine": m["cosine"],
+        "mse": m["mse"],
+    }[v.metric]
+
+
+def compute_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of the compute nodes (Conv/ConvTranspose/Gemm/MatMul) of the prepared model."""
+    return [n.name for n in prepare_model(model).model.graph.node if n.op_type in TRT_QUANTIZED_OPS]
+
+
+def layer_sensitivity(
+    request: BuildRequest, model: onnx.ModelProto, calibration: Calibration, data: Dataset, workdir: Path
+) -> dict[str, float]:
+    """Output MSE vs FP32 with only one layer quantized, per compute layer (higher = more sensitive)."""
+    from builders.int8_build import prepare_onnx
+
+    all_nodes = [n.name for n in prepare_model(model).model.graph.node]
+    reference, _ = predict(make_session(request.model), data, 256)
+    scores: dict[str, float] = {}
+    for layer in compute_layers(model):
+        others = [n for n in all_nodes if n != layer]
+        prepared = prepare_onnx(request, model, "int8", workdir, calibration=calibration, exclude_nodes=others)
+        outputs, _ = predict(make_session(prepared.path), data, 256)
+        scores[layer] = compare(reference, outputs, [])["mse"]
+        prepared.path.unlink()
+    logger.info("layer sensitivity: %s", scores)
+    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
+def search_precision(
+    request: BuildRequest,
+    model: onnx.ModelProto,
+    data: BuildData,
+    calibration: Calibration,
+    opts: Int8Options,
+    batch: int,
+    workdir: Path,
+) -> tuple[PreparedOnnx, Validation, dict[str, Path], dict[str, Any]]:
+    """Run the search; returns the chosen candidate, its validation, files to publish, details."""
+    from builders.int8_build import prepare_onnx
+
+    def evaluate(label: str, precision: str, excluded: tuple[str, ...] = ()) -> Candidate:
+        prepared = prepare_onnx(
+            request, model, precision, workdir, calibration=calibration if precision == "int8" else None,
+            exclude_nodes=excluded,
+        )  # fmt: skip
+        validation = validate(request.model, prepared.path, data.evaluation, opts.gate, batch, latency=False)
+        logger.info("auto: %s drop %.5f passed=%s", label, validation.drop, validation.passed)
+        return Candidate(label, prepared, excluded, validation)
+
+    candidates = [evaluate("int8", "int8")]
+    sensitivity: dict[str, float] = {}
+    if not candidates[0].validation.passed:
+        sensitivity = layer_sensitivity(request, model, calibration, data.evaluation, workdir)
+        ranked = list(sensitivity)
+        for k in range(1, min(len(ranked) - 1, MAX_EXCLUDED) + 1):
+            candidate = evaluate(f"int8 ({k} layer(s) float)", "int8", tuple(ranked[:k]))
+            candidates.append(candidate)
+            if candidate.validation.passed:
+                break
+    candidates.append(evaluate("fp16", "fp16"))
+    candidates.append(evaluate("fp32", "fp32"))
+    candidates = time_together(request, candidates, data.evaluation, opts, batch)
+    passing = [c for c in candidates if c.validation.passed] or [candidates[-1]]
+    chosen = max(passing, key=lambda c: (c.row()["speedup_max_batch"], c.row()["speedup_batch1"]))
+    rows = [c.row() for c in candidates]
+    table = table_markdown(rows, chosen.label)
+    files = {TABLE_FILE: workdir / TABLE_FILE, PLOT_FILE: workdir / PLOT_FILE}
+    files[TABLE_FILE].write_text(f"# Precision trade-off for {request.triton_name}\n\n{table}")
+    plot_tradeoff(rows, chosen.label, opts.max_drop, files[PLOT_FILE])
+    details = {
+        "chosen": chosen.label,
+        "excluded_layers": list(chosen.excluded),
+        "sensitivity_mse": {k: float(v) for k, v in sensitivity.items()},
+        "candidates": rows,
+        "table_markdown": table,
+        "plot": PLOT_FILE,
+    }
+    return chosen.prepared, chosen.validation, files, details
+
+
+def time_together(
+    request: BuildRequest, candidates: list[Candidate], data: Dataset, opts: Int8Options, batch: int
+) -> list[Candidate]:
+    """Latency of every candidate and the reference in one interleaved measurement."""
+    sessions = {"reference": make_session(request.model)}
+    sessions.update({c.label: make_session(c.prepared.path) for c in candidates})
+    timings = measure_latency(sessions, latency_batches(data, batch), opts.repeats)
+    timed = []
+    for c in candidates:
+        latency = {size: with_speedup(row["reference"], row[c.label]) for size, row in timings.items()}
+        timed.append(replace(c, validation=replace(c.validation, latency_ms=latency)))
+    return timed
+
+
+def table_markdown(rows: list[dict[str, Any]], chosen: str) -> str:
+    """The trade-off table (precision, excluded layers, metric, latency, size)."""
+    lines = [
+        "| candidate | excluded layers | metric | drop | within budget | ms @1 | ms @max | speedup @max | bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = " **(published)**" if r["candidate"] == chosen else ""
+        excluded = ", ".join(r["excluded_layers"]) or "-"
+        lines.append(
+            f"| {r['candidate']}{mark} | {excluded} | {r['metric']} {r['value']:.4f} | {r['drop']:.4f} | "
+            f"{'yes' if r['passed'] else 'no'} | {r['latency_ms_batch1']:.4f} | {r['latency_ms_max_batch']:.4f} | "
+            f"{r['speedup_max_batch']:.2f}x | {r['bytes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], chosen: str, max_drop: float, dest: Path) -> Path:
+    """PNG of metric vs max-batch latency, one labelled point per candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    try:
+        xs = np.array([r["latency_ms_max_batch"] for r in rows])
+        ys = np.array([r["value"] for r in rows])
+        colors = ["tab:green" if r["passed"] else "tab:red" for r in rows]
+        ax.scatter(xs, ys, c=colors, s=[120 if r["candidate"] == chosen else 50 for r in rows])
+        for i, (r, x, y) in enumerate(zip(rows, xs, ys, strict=True)):
+            offset = (5, 6) if i % 2 == 0 else (5, -12)  # alternate so neighbours do not overlap
+            ax.annotate(r["candidate"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
+        ax.set_xlabel("latency at max batch (ms, median)")
+        ax.set_ylabel(rows[0]["metric"] if rows else "metric")
+        ax.set_title(f"accuracy vs latency (budget: drop <= {max_drop:g}; green = within)")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(dest)
+    finally:
+        plt.close(fig)
+    return dest

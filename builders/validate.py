@@ -1,0 +1,275 @@
+"""Step 5 of a build: compare a candidate with the FP32 reference on held-out data, gate it.
+
+Metrics (on the first model output): accuracy against labels when the data has them, top-1
+agreement with the reference, mean cosine similarity, max/mean absolute error and MSE. Latency
+at batch 1 and at the max batch: median of repeated runs, reference and candidate interleaved so
+that noise from other processes hits both alike. The gate compares the *drop* in the chosen
+metric (absolute) with ``--max-accuracy-drop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from builders.calib_data import Batch, Dataset
+from builders.errors import AccuracyGateError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "top1", "cosine", "mse")
+DEFAULT_MAX_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    metric: str | None = None  # None: accuracy when labels exist, else top1
+    max_drop: float = DEFAULT_MAX_DROP
+    repeats: int = 30
+    batch_size: int = 64
+
+    def resolved_metric(self, has_labels: bool) -> str:
+        metric = self.metric or ("accuracy" if has_labels else "top1")
+        if metric not in METRICS:
+            raise InvalidInputError(f"--metric {metric!r} is unknown; choose one of {list(METRICS)}")
+        if metric == "accuracy" and not has_labels:
+            raise InvalidInputError(
+                "--metric accuracy needs labels, but the evaluation data has no 'labels' array; "
+                "add labels to the .npz or use --metric top1 (agreement with FP32)"
+            )
+        return metric
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A candidate measured against the reference."""
+
+    metric: str
+    max_drop: float
+    drop: float
+    metrics: dict[str, float]
+    latency_ms: dict[str, dict[str, float]]
+    samples: int
+    data_sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.drop <= self.max_drop + 1e-12
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``validation`` section of kiln.json."""
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+
+def make_session(model: Path | bytes, threads: int = 0) -> Any:
+    """A CPU ONNX Runtime session with full graph optimization (what serving uses)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = str(model) if isinstance(model, Path) else model
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own untyped errors
+        raise InvalidInputError(f"ONNX Runtime cannot load the candidate for validation: {err}") from err
+
+
+def predict(session: Any, dataset: Dataset, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """First-output batches and matching label batches (empty when unlabeled)."""
+    outputs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    first = session.get_outputs()[0].name
+    for inputs, batch_labels in dataset.batches(batch_size):
+        outputs.append(np.asarray(session.run([first], inputs)[0], dtype=np.float64))
+        if batch_labels is not None:
+            labels.append(batch_labels)
+    return outputs, labels
+
+
+def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> dict:
+    """Output metrics of candidate vs reference (per-sample rows, first output)."""
+    ref = np.concatenate([r.reshape(r.shape[0], -1) for r in reference])
+    cand = np.concatenate([c.reshape(c.shape[0], -1) for c in candidate])
+    diff = np.abs(ref - cand)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosine = np.where(norms > 0, np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+    metrics = {
+        "top1_agreement": float(np.mean(ref.argmax(1) == cand.argmax(1))),
+        "cosine": float(np.mean(cosine)),
+        "max_abs_error": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
+        "mse": float(np.mean((ref - cand) ** 2)) if diff.size else 0.0,
+    }
+    if labels:
+        y = np.concatenate(labels)
+        metrics["accuracy_reference"] = float(np.mean(ref.argmax(1) == y))
+        metrics["accuracy_candidate"] = float(np.mean(cand.argmax(1) == y))
+    return metrics
+
+
+def metric_drop(metrics: dict[str, float], metric: str) -> float:
+    """How much worse the candidate is on ``metric`` (absolute; 0 = no loss)."""
+    if metric == "accuracy":
+        return metrics["accuracy_reference"] - metrics["accuracy_candidate"]
+    if metric == "top1":
+        return 1.0 - metrics["top1_agreement"]
+    if metric == "cosine":
+        return 1.0 - metrics["cosine"]
+    return metrics["mse"]
+
+
+def latency_batches(dataset: Dataset, max_batch: int) -> dict[str, Batch]:
+    """Inputs at batch 1 and at ``max_batch`` (samples repeated if the data has fewer).
+
+    A model with a fixed batch axis is timed at that batch only.
+    """
+    first = dataset.first_batch(1)
+    result = {str(len(next(iter(first.values())))): first}
+    if max_batch > 1 and not dataset.fixed_batch:
+        group = dataset.groups[0]
+        reps = -(-max_batch // len(group))
+        result[str(max_batch)] = {k: np.concatenate([v] * reps)[:max_batch] for k, v in group.inputs.items()}
+    return result
+
+
+def measure_latency(
+    sessions: dict[str, Any], batches: dict[str, Batch], repeats: int, min_seconds: float = 0.3
+) -> dict[str, dict[str, float]]:
+    """Median ms per session and batch size.
+
+    Sessions are interleaved, in alternating order (ABBA), so drift and noise from other
+    processes hit all alike; at least ``repeats`` rounds, more until ``min_seconds`` have passed
+    (tiny models need thousands of runs for a stable median), at most 5000.
+    """
+    result: dict[str, dict[str, float]] = {}
+    names = list(sessions)
+    for size, inputs in batches.items():
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for session in sessions.values():
+            session.run(None, inputs)  # warm-up
+        begin = time.perf_counter_ns()
+        rounds = 0
+        while rounds < max(1, repeats) or (time.perf_counter_ns() - begin < min_seconds * 1e9 and rounds < 5000):
+            for name in names if rounds % 2 == 0 else reversed(names):
+                start = time.perf_counter_ns()
+                sessions[name].run(None, inputs)
+                times[name].append((time.perf_counter_ns() - start) / 1e6)
+            rounds += 1
+        result[size] = {name: round(statistics.median(t), 4) for name, t in times.items()}
+    return result
+
+
+def validate(
+    reference: Path,
+    candidate: Path | bytes,
+    dataset: Dataset,
+    settings: GateSettings,
+    max_batch: int,
+    *,
+    latency: bool = True,
+) -> Validation:
+    """Measure ``candidate`` against ``reference`` on ``dataset`` (metrics, and latency unless not asked)."""
+    metric = settings.resolved_metric(dataset.has_labels)
+    ref_session, cand_session = make_session(reference), make_session(candidate)
+    ref_out, labels = predict(ref_session, dataset, settings.batch_size)
+    cand_out, _ = predict(cand_session, dataset, settings.batch_size)
+    metrics = compare(ref_out, cand_out, labels)
+    timings: dict[str, dict[str, float]] = {}
+    if latency:
+        sessions = {"reference": ref_session, "candidate": cand_session}
+        timings = measure_latency(sessions, latency_batches(dataset, max_batch), settings.repeats)
+        timings = {size: with_speedup(row["reference"], row["candidate"]) for size, row in timings.items()}
+    drop = metric_drop(metrics, metric)
+    logger.info("validation: %s drop %.5f (budget %.5f)", metric, drop, settings.max_drop)
+    return Validation(metric, settings.max_drop, drop, metrics, timings, len(dataset), dataset.sha256)
+
+
+def with_speedup(reference_ms: float, candidate_ms: float) -> dict[str, float]:
+    """A latency row: both medians and the candidate's speedup over the reference."""
+    speedup = round(reference_ms / candidate_ms, 3) if candidate_ms > 0 else 0.0
+    return {"reference": reference_ms, "candidate": candidate_ms, "speedup": speedup}
+
+
+def advice(calib_method: str | None, precision: str) -> list[str]:
+    """What to try when a candidate fails the gate."""
+    tips = []
+    if precision != "auto":
+        tips.append("--precision auto (keeps the most sensitive layers in float, falls back to fp16/fp32)")
+    tips.append("more (and more representative) calibration data in --calib")
+    if calib_method != "percentile":
+        tips.append("--calib-method percentile")
+    if calib_method != "entropy":
+        tips.append("--calib-method entropy")
+    tips.append("a larger --max-accuracy-drop if the loss is acceptable")
+    return tips
+
+
+def gate_error(validation: Validation, precision: str, calib_method: str | None, report: Path | None) -> str:
+    """The message of the AccuracyGateError for a failed validation."""
+    over = validation.drop - validation.max_drop
+    msg = (
+        f"{precision} candidate loses {validation.drop:.4f} {validation.metric} "
+        f"({_metric_pair(validation)}), over the {validation.max_drop:.4f} budget by {over:.4f}; "
+        f"nothing was published. Try: {'; '.join(advice(calib_method, precision))}"
+    )
+    if report is not None:
+        msg += f". Report: {report}"
+    return msg
+
+
+def check_gate(validation: Validation, precision: str, calib_method: str | None, report: Path | None = None) -> None:
+    """Raise AccuracyGateError when ``validation`` is over its budget."""
+    if not validation.passed:
+        raise AccuracyGateError(gate_error(validation, precision, calib_method, report))
+
+
+def _metric_pair(v: Validation) -> str:
+    m = v.metrics
+    if v.metric == "accuracy":
+        return f"{m['accuracy_reference']:.4f} -> {m['accuracy_candidate']:.4f}"
+    if v.metric == "top1":
+        return f"top-1 agreement with FP32 {m['top1_agreement']:.4f}"
+    if v.metric == "cosine":
+        return f"cosine {m['cosine']:.6f}"
+    return f"mse {m['mse']:.6g}"
+
+
+def report_markdown(title: str, validation: Validation, details: dict[str, Any] | None = None) -> str:
+    """A human-readable validation report."""
+    verdict = "PASSED" if validation.passed else "FAILED"
+    lines = [
+        f"# {title}",
+        "",
+        f"Gate: **{verdict}** — {validation.metric} drop {validation.drop:.4f} "
+        f"(budget {validation.max_drop:.4f}; {_metric_pair(validation)}), "
+        f"{validation.samples} held-out samples, data sha256 {validation.data_sha256[:16]}…",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {v:.6g} |" for k, v in validation.metrics.items()),
+        "",
+        "| batch | FP32 reference ms | candidate ms | speedup |",
+        "|---|---|---|---|",
+        *(
+            f"| {b} | {r['reference']:.4f} | {r['candidate']:.4f} | {r.get('speedup', 0):.3f}x |"
+            for b, r in validation.latency_ms.items()
+        ),
+        "",
+    ]
+    for key, value in (details or {}).items():
+        lines.append(f"- {key}: {value}")
+    if not validation.passed:
+        lines += ["", "What to try:", *(f"- {tip}" for tip in advice(None, "int8"))]
+    return "\n".join(lines) + "\n"

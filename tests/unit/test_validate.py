@@ -1,0 +1,59 @@
+"""Validation metrics, the gate decision and its message, latency measurement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from builders.errors import AccuracyGateError, InvalidInputError
+from builders.validate import GateSettings, Validation, check_gate, compare, measure_latency, metric_drop
+
+
+def _validation(drop: float, metrics: dict[str, float]) -> Validation:
+    return Validation("accuracy", 0.01, drop, metrics, {}, 100, "ab" * 32)
+
+
+def test_compare_reports_agreement_cosine_errors_and_accuracy() -> None:
+    ref = [np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[3.0, 1.0]])]
+    cand = [np.array([[1.0, 0.0], [1.0, 0.5]]), np.array([[3.0, 1.0]])]
+    m = compare(ref, cand, [np.array([0, 1]), np.array([0])])
+    assert m["top1_agreement"] == pytest.approx(2 / 3)
+    assert m["max_abs_error"] == pytest.approx(1.5) and m["mse"] == pytest.approx((1 + 2.25) / 6)
+    assert m["accuracy_reference"] == 1.0 and m["accuracy_candidate"] == pytest.approx(2 / 3)
+    assert 0 < m["cosine"] < 1
+    assert metric_drop(m, "accuracy") == pytest.approx(1 / 3)
+    assert metric_drop(m, "top1") == pytest.approx(1 / 3)
+
+
+def test_gate_refuses_over_budget_saying_by_how_much_and_what_to_try() -> None:
+    over = _validation(0.035, {"accuracy_reference": 0.98, "accuracy_candidate": 0.945})
+    with pytest.raises(AccuracyGateError) as info:
+        check_gate(over, "int8", "entropy")
+    text = str(info.value)
+    assert "over the 0.0100 budget by 0.0250" in text and "0.9800 -> 0.9450" in text
+    assert "--precision auto" in text and "--calib-method percentile" in text and "nothing was published" in text
+    check_gate(_validation(0.01, {"accuracy_reference": 0.98, "accuracy_candidate": 0.97}), "int8", "entropy")
+
+
+def test_accuracy_metric_needs_labels() -> None:
+    assert GateSettings().resolved_metric(has_labels=False) == "top1"
+    with pytest.raises(InvalidInputError, match="needs labels"):
+        GateSettings(metric="accuracy").resolved_metric(has_labels=False)
+
+
+class _Clock:
+    """A fake session: records the order in which sessions run."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def run(self, _outputs: object, _inputs: object) -> None:
+        self.log.append(self.name)
+
+
+def test_latency_interleaves_sessions_in_alternating_order() -> None:
+    log: list[str] = []
+    sessions = {"a": _Clock("a", log), "b": _Clock("b", log)}
+    result = measure_latency(sessions, {"1": {}}, repeats=4, min_seconds=0.0)
+    assert log == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then ABBA
+    assert set(result["1"]) == {"a", "b"}
