@@ -1,0 +1,27 @@
+"""`kiln quickstart` end to end, as the README's first command runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_quickstart_promotes_int8_and_rolls_back_the_broken_build(tmp_path: Path, capsys) -> None:
+    repo, out = tmp_path / "repo", tmp_path / "out"
+    assert main(["quickstart", "--repo", str(repo), "--out", str(out), "--interval", "1.5"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
+    assert "INT8 promoted, broken build rolled_back (as expected)" in text
+    assert "shadow phase failed" in text or "agreement" in text
+    assert (out / "quickstart-rollouts.png").stat().st_size > 10_000
+    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    assert models == ["digits-fp16-ort", "digits-fp32-ort", "digits-int8-ort", "digits-miscalibrated-int8-ort"]
+    broken = json.loads((repo / "digits-miscalibrated-int8-ort/1/kiln.json").read_text())
+    assert broken["validation"]["gate"]["passed"] is False
+    assert broken["validation"]["gate"]["overridden"] is True
+    assert (repo / "digits-int8-ort/1/report.md").exists()
