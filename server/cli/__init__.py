@@ -22,10 +22,13 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.cli.inspect_cmd",
     "server.cli.build_cmd",
     "server.cli.repo_cmd",
+    "server.cli.serve_cmd",
+    "server.cli.bench_cmd",
     "server.cli.doctor_cmd",
     "server.cli.calib_cmd",
     "server.cli.gateway_cmd",
     "server.cli.routes_cmd",
+    "server.cli.rollout_cmd",
 )
 
 # One exit code per error class (2 is also argparse's usage error).

@@ -96,7 +96,9 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         return model  # type: ignore[return-value]
 
-    def _infer(self, request: service_pb2.ModelInferRequest, context: grpc.ServicerContext):
+    def _infer(
+        self, request: service_pb2.ModelInferRequest, context: grpc.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
         behaviour = self._behaviour
         with behaviour.lock:
             behaviour.calls[request.model_name] = behaviour.calls.get(request.model_name, 0) + 1
@@ -107,7 +109,7 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         model = self._model(request.model_name, context)
         inputs = {}
         for index, tensor in enumerate(request.inputs):
-            array = np.frombuffer(request.raw_input_contents[index], dtype=_DTYPES[tensor.datatype])
+            array: np.ndarray = np.frombuffer(request.raw_input_contents[index], dtype=_DTYPES[tensor.datatype])
             inputs[tensor.name] = array.reshape(tuple(tensor.shape))
         outputs = model(inputs)
         response = service_pb2.ModelInferResponse(
@@ -143,11 +145,17 @@ class UpstreamServer:
         self.stop()
 
 
-def start_upstream(models: Mapping[str, Model], port: int = 0, threads: int = 16) -> UpstreamServer:
-    """Serve ``models`` on 127.0.0.1:``port`` (0 = free port) until ``stop()``."""
+def start_upstream(
+    models: Mapping[str, Model],
+    port: int = 0,
+    threads: int = 16,
+    credentials: grpc.ServerCredentials | None = None,
+) -> UpstreamServer:
+    """Serve ``models`` on 127.0.0.1:``port`` (0 = free port, ``credentials`` = TLS) until ``stop()``."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
     behaviour = Behaviour()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(models, behaviour), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     server.start()
     return UpstreamServer(server, bound, behaviour)

@@ -256,6 +256,16 @@ def _check_binary(install: TritonInstall) -> None:
         )
 
 
+def _copy_if_changed(source: Path, dest: Path) -> None:
+    """Copy unless identical; replace by rename, never by writing over a file a running server
+    may be executing (that fails with ETXTBSY, 'Text file busy')."""
+    if dest.exists() and dest.stat().st_size == source.stat().st_size and dest.read_bytes() == source.read_bytes():
+        return
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, dest)
+
+
 def _prepare_backends(venv: Path, dist: Path, stub: Path) -> Path:
     """A backends dir whose python/ holds the backend library, its utils and this Python's stub.
 
@@ -267,8 +277,8 @@ def _prepare_backends(venv: Path, dist: Path, stub: Path) -> Path:
     python_dir.mkdir(parents=True, exist_ok=True)
     for source in (dist / "backends" / "python").iterdir():
         if source.is_file():
-            shutil.copy2(source, python_dir / source.name)
-    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+            _copy_if_changed(source, python_dir / source.name)
+    _copy_if_changed(stub, python_dir / "triton_python_backend_stub")
     return backends
 
 

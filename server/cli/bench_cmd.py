@@ -1,0 +1,114 @@
+"""``kiln bench --url HOST:PORT --model NAME [--concurrency 1,4,16 | --rate R] [...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from builders.errors import InvalidInputError
+from server.bench.loadgen import BenchConfig, run_bench
+from server.bench.plot import plot_result
+from server.bench.stats import PERCENTILES, BenchResult
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench", help="measure throughput and latency of a KServe v2 gRPC endpoint (Kiln or Triton)"
+    )
+    parser.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the gRPC endpoint")
+    parser.add_argument("--model", required=True, help="model name")
+    parser.add_argument("--version", default="", help="model version (default: the server's choice)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", default="1", help="requests in flight, or a sweep like 1,4,16 (closed loop)")
+    load.add_argument(
+        "--rate", default=None, help="requests/s with Poisson arrivals, or a sweep like 50,100 (open loop)"
+    )
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--duration", type=float, default=5.0, help="seconds per load level (default 5)")
+    amount.add_argument("--requests", type=int, default=None, help="requests per load level instead of a duration")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of each request (default 1)")
+    parser.add_argument("--data", type=Path, default=None, help=".npz with one array per input name (default random)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per level, not measured")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
+    parser.add_argument(
+        "--by-variant", action="store_true", help="also report percentiles per gateway variant (kiln-variant)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--csv", type=Path, default=None, help="write one CSV row per load level")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of latency percentiles vs load")
+    parser.set_defaults(func=run)
+
+
+def parse_levels(text: str, kind: type[int] | type[float], flag: str) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise InvalidInputError(f"{flag} {text!r} is not a comma-separated list of numbers, e.g. 1,4,16") from err
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    rates = parse_levels(args.rate, float, "--rate") if args.rate else ()
+    concurrency = parse_levels(args.concurrency, int, "--concurrency") if not rates else (1,)
+    return BenchConfig(
+        url=args.url,
+        model=args.model,
+        version=args.version,
+        concurrency=concurrency,
+        rates=rates,
+        duration_s=args.duration if args.requests is None else None,
+        requests=args.requests,
+        batch=args.batch,
+        data=args.data,
+        warmup_s=args.warmup,
+        timeout_s=args.timeout,
+        by_variant=args.by_variant,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    result = run_bench(config_from_args(args))
+    print_result(result, console)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2))
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        args.csv.write_text(result.to_csv())
+    if args.plot:
+        plot_result(result, args.plot)
+        console.print(f"plot written to {args.plot}")
+    return 0 if all(p.ok for p in result.points) else 1
+
+
+def print_result(result: BenchResult, console: Console) -> None:
+    table = Table(title=f"{result.model} @ {result.url} (batch {result.batch})")
+    mode = result.points[0].mode if result.points else "concurrency"
+    table.add_column(mode, justify="right")
+    table.add_column("ok", justify="right")
+    table.add_column("req/s", justify="right")
+    for name, _ in PERCENTILES:
+        table.add_column(f"{name} ms", justify="right")
+    table.add_column("max ms", justify="right")
+    table.add_column("errors")
+    for p in result.points:
+        errors = ", ".join(f"{k}: {v}" for k, v in p.errors.items()) or "-"
+        table.add_row(
+            f"{p.load:g}",
+            str(p.ok),
+            f"{p.throughput_rps:.1f}",
+            *[f"{p.latency_us[n] / 1e3:.3f}" for n, _ in PERCENTILES],
+            f"{p.latency_us['max'] / 1e3:.3f}",
+            errors,
+        )
+    console.print(table)
+    for p in result.points:
+        for variant, figures in p.variants.items():
+            console.print(
+                f"  {p.mode} {p.load:g} variant [bold]{variant}[/]: {int(figures['ok'])} ok, "
+                f"p50 {figures['p50'] / 1e3:.3f} ms, p99 {figures['p99'] / 1e3:.3f} ms"
+            )

@@ -1,0 +1,44 @@
+"""``kiln serve --repo DIR [--host H] [--port P] [--models a,b] [--max-message-mb N]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from builders.repository import repository_root
+from server.app import DEFAULT_MAX_MESSAGE_MB, make_options, serve
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("serve", help="serve a model repository over the KServe v2 / Triton gRPC protocol")
+    parser.add_argument("--repo", type=Path, default=Path("model_repository"), help="Triton model repository")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001, Triton's; 0 picks one)")
+    parser.add_argument("--models", default=None, help="comma-separated models to load (default: all)")
+    parser.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=DEFAULT_MAX_MESSAGE_MB,
+        help=f"largest request or response in MiB (default {DEFAULT_MAX_MESSAGE_MB}); larger: RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per model instance")
+    parser.add_argument("--no-batching", action="store_true", help="ignore dynamic_batching in config.pbtxt")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight requests on SIGTERM")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    repo = repository_root(args.repo)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    options = make_options(
+        args.host,
+        args.port,
+        models,
+        args.max_message_mb,
+        intra_op_threads=args.threads,
+        dynamic_batching=False if args.no_batching else None,
+        grace_s=args.grace,
+    )
+    asyncio.run(serve(repo, options))
+    return 0

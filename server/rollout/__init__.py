@@ -1,0 +1,1 @@
+"""Automated canary rollouts: plan, pure state machine, controller, persistence, metrics sources."""

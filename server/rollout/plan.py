@@ -1,0 +1,183 @@
+"""A rollout plan: what to roll out where, how fast, and which SLOs gate each step.
+
+Parsed once (from YAML or CLI flags) into a frozen pydantic model; every validation error names
+the offending field and value and says what to do.
+
+Example (YAML)::
+
+    route: digits               # the gateway's public model name
+    baseline: fp32              # the variant serving today
+    candidate: {name: int8, upstream: local, model: digits-int8-ort, version: "1"}
+    steps: [5, 25, 50, 100]     # candidate weight (%) per step; promoted after the last passes
+    interval_s: 30              # each step lasts at least this long
+    min_requests: 100           # ... and is judged only on this many candidate requests
+    max_wait_s: 120             # too little traffic for this long: on_insufficient
+    on_insufficient: pause
+    shadow: {duration_s: 30, percent: 100, min_comparisons: 100}
+    sample_percent: 10          # share of baseline traffic also compared during steps
+    min_comparisons: 20
+    slos: {max_error_rate: 0.01, max_p99_ratio: 1.5, min_agreement: 0.98, max_p99_ms: null}
+    on_failure: rollback        # or pause (traffic back to baseline, a human decides)
+
+At a 100 % step the baseline serves nothing, so the candidate's p99 is compared with the baseline
+p99 measured in the step before; a last step below 100 % keeps every comparison concurrent (both
+variants under the same load), which is more robust on noisy machines.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from builders.errors import InvalidInputError, NotFoundError
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CandidateSpec(_Frozen):
+    """The variant being rolled out: added to the route under ``name``."""
+
+    name: str = Field(pattern=_NAME)
+    upstream: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    version: str = ""
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return "" if value is None else str(value) if isinstance(value, int) else value
+
+
+class ShadowPhase(_Frozen):
+    """Before the first step the candidate only sees copies of traffic; its answers are compared."""
+
+    duration_s: float = Field(default=30.0, gt=0)
+    percent: float = Field(default=100.0, gt=0, le=100)
+    min_comparisons: int = Field(default=100, ge=1)
+
+
+class Slos(_Frozen):
+    """Limits a step must meet. A value exactly at its limit passes."""
+
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_p99_ratio: float = Field(default=1.5, gt=0)
+    min_agreement: float = Field(default=0.98, ge=0, le=1)
+    max_p99_ms: float | None = Field(default=None, gt=0)
+
+
+class RolloutPlan(_Frozen):
+    route: str = Field(min_length=1)
+    baseline: str = Field(pattern=_NAME)
+    candidate: CandidateSpec
+    steps: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)
+    interval_s: float = Field(default=30.0, gt=0)
+    min_requests: int = Field(default=100, ge=1)
+    max_wait_s: float | None = Field(default=None, gt=0)
+    on_insufficient: Literal["pause", "rollback", "abort"] = "pause"
+    shadow: ShadowPhase | None = ShadowPhase()
+    sample_percent: float = Field(default=10.0, ge=0, le=100)
+    min_comparisons: int = Field(default=20, ge=1)
+    slos: Slos = Slos()
+    on_failure: Literal["rollback", "pause"] = "rollback"
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_steps(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if not steps:
+            raise ValueError("needs at least one step, e.g. [5, 25, 50, 100]")
+        for weight in steps:
+            if not 0 < weight <= 100:
+                raise ValueError(f"step weight {weight:g} is outside (0, 100]; weights are percentages")
+        for earlier, later in itertools.pairwise(steps):
+            if later <= earlier:
+                raise ValueError(f"steps must increase strictly; {later:g} follows {earlier:g}")
+        return steps
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> RolloutPlan:
+        if self.candidate.name == self.baseline:
+            raise ValueError(
+                f"candidate name {self.candidate.name!r} equals the baseline variant; give the candidate "
+                "its own variant name"
+            )
+        if self.max_wait_s is not None and self.max_wait_s < self.interval_s:
+            raise ValueError(
+                f"max_wait_s {self.max_wait_s:g} is shorter than interval_s {self.interval_s:g}; a step "
+                "could time out before it may be judged"
+            )
+        return self
+
+    @property
+    def wait_limit_s(self) -> float:
+        """How long a phase may wait for enough traffic before ``on_insufficient`` applies."""
+        return self.max_wait_s if self.max_wait_s is not None else 4.0 * self.interval_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(plan)"
+        value = item.get("input")
+        shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
+        parts.append(f"{where}: {item['msg']}{shown}")
+    return f"invalid rollout plan {source}: " + "; ".join(parts) + "; fix the plan and retry"
+
+
+def plan_from_mapping(data: Any, source: str = "(mapping)") -> RolloutPlan:
+    """Validate ``data`` (a dict, e.g. parsed YAML or JSON) into a plan."""
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(
+            f"rollout plan {source} must be a mapping of fields, got {type(data).__name__}; "
+            "see 'kiln rollout start --help'"
+        )
+    try:
+        return RolloutPlan.model_validate(dict(data))
+    except ValidationError as err:
+        raise InvalidInputError(_describe(err, source)) from err
+
+
+def load_plan(path: Path) -> RolloutPlan:
+    """Read a YAML (or JSON) plan file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise NotFoundError(f"rollout plan file {str(path)!r} does not exist; check the path") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InvalidInputError(f"rollout plan {str(path)!r} is not valid YAML: {err}; fix its syntax") from err
+    return plan_from_mapping(data, repr(str(path)))
+
+
+def parse_steps(text: str) -> tuple[float, ...]:
+    """``"5,25,50,100"`` -> (5.0, 25.0, 50.0, 100.0)."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise InvalidInputError(
+            f"steps {text!r} must be comma-separated percentages, e.g. 5,25,50,100"
+        ) from err
+
+
+def parse_candidate(text: str) -> dict[str, str]:
+    """``"int8=local/digits-int8-ort:1"`` -> name, upstream, model, version."""
+    name, sep, target = text.partition("=")
+    upstream, sep2, model_version = target.partition("/")
+    model, _, version = model_version.partition(":")
+    if not (sep and sep2 and name and upstream and model):
+        raise InvalidInputError(
+            f"candidate {text!r} must look like NAME=UPSTREAM/MODEL[:VERSION], e.g. int8=local/digits-int8-ort:1"
+        )
+    return {"name": name, "upstream": upstream, "model": model, "version": version}

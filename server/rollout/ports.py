@@ -1,0 +1,69 @@
+"""What the rollout controller needs from its surroundings (Protocols) and the in-memory store.
+
+``RouteControl`` reads and atomically replaces one route (gateway JSON shape, see
+``server.rollout.routes``). ``MetricsSource`` starts a fresh window for a route (``mark``) and
+reads what baseline and candidate did since (``read``). ``Store`` persists rollout records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from builders.errors import NotFoundError
+from server.rollout.analysis import Measurements
+from server.rollout.store import StoredRollout
+
+
+class RouteControl(Protocol):
+    def get_route(self, public: str) -> dict[str, Any]:
+        """The route's JSON form; NotFoundError when it does not exist."""
+        ...
+
+    def put_route(self, public: str, route: Mapping[str, Any], reason: str) -> None:
+        """Replace the route atomically (validated whole; refused whole when bad)."""
+        ...
+
+
+class MetricsSource(Protocol):
+    def mark(self, route: str) -> None:
+        """Start a new window for ``route``: later reads count only traffic after this call."""
+        ...
+
+    def read(self, route: str, baseline: str, candidate: str) -> Measurements:
+        """Baseline, candidate and shadow-comparison figures since the last mark."""
+        ...
+
+
+class Store(Protocol):
+    def save(self, record: StoredRollout) -> None: ...
+
+    def load(self, route: str) -> StoredRollout: ...
+
+    def routes(self) -> list[str]: ...
+
+    def quarantine(self, route: str) -> Path | None: ...
+
+
+class MemoryStore:
+    """A Store that keeps records in memory (a gateway without a state path)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, StoredRollout] = {}
+
+    def save(self, record: StoredRollout) -> None:
+        self._records[record.state.route] = record
+
+    def load(self, route: str) -> StoredRollout:
+        try:
+            return self._records[route]
+        except KeyError as err:
+            raise NotFoundError(f"no rollout recorded for route {route!r}") from err
+
+    def routes(self) -> list[str]:
+        return sorted(self._records)
+
+    def quarantine(self, route: str) -> Path | None:
+        self._records.pop(route, None)
+        return None

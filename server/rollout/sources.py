@@ -1,0 +1,189 @@
+"""Metrics sources for the rollout controller.
+
+* ``LocalMetricsSource``: the gateway's own exact sliding windows (one gateway process).
+* ``PrometheusSource``: the same figures as PromQL over the metrics every gateway replica exports,
+  summed across replicas (several gateways behind a Service). The queries are pure functions
+  (``promql_*``) and the response parsing too (``parse_vector``), so both are unit-tested.
+
+A window starts at ``mark(route)``; a read covers the time since. With Prometheus the window is a
+PromQL range ``[Ns]`` ending now; keep steps at least ~4 scrape intervals long, or ``increase``
+sees too few samples and the controller (rightly) waits for more traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from builders.errors import UnavailableError
+from server.rollout.analysis import Measurements, VariantWindow
+
+
+class _Window(Protocol):
+    requests: int
+    errors: int
+
+    @property
+    def p99_ms(self) -> float: ...
+
+    @property
+    def shadow(self) -> Any: ...
+
+
+class GatewayWindows(Protocol):
+    """The part of ``server.gateway.metrics.GatewayMetrics`` the local source reads."""
+
+    def window(self, route: str, variant: str, window_s: float | None = None) -> Any: ...
+
+
+class LocalMetricsSource:
+    """Windows since ``mark`` read from the gateway's in-process metrics."""
+
+    def __init__(self, metrics: GatewayWindows, clock_ns: Callable[[], int] = time.perf_counter_ns) -> None:
+        self._metrics = metrics
+        self._clock_ns = clock_ns
+        self._marks: dict[str, int] = {}
+
+    def mark(self, route: str) -> None:
+        self._marks[route] = self._clock_ns()
+
+    def read(self, route: str, baseline: str, candidate: str) -> Measurements:
+        started = self._marks.setdefault(route, self._clock_ns())
+        span = max(1e-6, (self._clock_ns() - started) / 1e9)
+        base = self._metrics.window(route, baseline, span)
+        cand = self._metrics.window(route, candidate, span)
+        compared = agreed = shadow_errors = 0
+        for window in (base, cand):  # shadow figures are recorded under the shadow target's name
+            if window.shadow is not None:
+                compared += window.shadow.compared
+                agreed += window.shadow.agreed
+                shadow_errors += window.shadow.errors
+        return Measurements(_variant(base), _variant(cand), compared, agreed, shadow_errors)
+
+
+def _variant(window: _Window) -> VariantWindow:
+    return VariantWindow(window.requests, window.errors, window.p99_ms if window.requests else None)
+
+
+# -- Prometheus -------------------------------------------------------------------------------
+
+REQUESTS = "kiln_gateway_requests_total"
+LATENCY_BUCKETS = "kiln_gateway_request_seconds_bucket"
+SHADOW = "kiln_gateway_shadow_comparisons_total"
+
+
+def _label(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _variants_matcher(variants: tuple[str, ...]) -> str:
+    return _label("|".join(re.escape(v) for v in variants))
+
+
+def range_of(window_s: float) -> str:
+    """A PromQL range covering ``window_s`` seconds (whole seconds, at least 1)."""
+    return f"{max(1, math.ceil(window_s))}s"
+
+
+def promql_requests(route: str, variants: tuple[str, ...], window_s: float) -> str:
+    """Requests per variant and status code over the window, summed across gateway replicas."""
+    return (f"sum by (variant, code) (increase({REQUESTS}{{route={_label(route)},"
+            f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))")
+
+
+def promql_p99(route: str, variants: tuple[str, ...], window_s: float) -> str:
+    """p99 (seconds) per variant from the merged histograms of every replica."""
+    return (f"histogram_quantile(0.99, sum by (variant, le) (rate({LATENCY_BUCKETS}{{route={_label(route)},"
+            f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}])))")
+
+
+def promql_shadow(route: str, variants: tuple[str, ...], window_s: float) -> str:
+    """Shadow comparisons by result (agree, disagree, error) against either variant."""
+    return (f"sum by (result) (increase({SHADOW}{{route={_label(route)},"
+            f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))")
+
+
+def parse_vector(payload: Mapping[str, Any]) -> list[tuple[dict[str, str], float | None]]:
+    """``/api/v1/query`` JSON -> [(labels, value)]; NaN/Inf values become None."""
+    if payload.get("status") != "success":
+        raise UnavailableError(
+            f"Prometheus query failed: {payload.get('errorType', 'error')}: {payload.get('error', payload)}; "
+            "check the query and that the gateway is scraped"
+        )
+    data = payload.get("data") or {}
+    if data.get("resultType") != "vector":
+        raise UnavailableError(f"Prometheus returned a {data.get('resultType')!r} result, expected a vector")
+    rows = []
+    for item in data.get("result", []):
+        value = float(item["value"][1])
+        rows.append((dict(item.get("metric", {})), value if math.isfinite(value) else None))
+    return rows
+
+
+def measurements_from(requests: list[tuple[dict[str, str], float | None]],
+                      p99: list[tuple[dict[str, str], float | None]],
+                      shadow: list[tuple[dict[str, str], float | None]],
+                      baseline: str, candidate: str) -> Measurements:
+    """Assemble Measurements from the three query results (counts rounded to whole requests)."""
+    counts: dict[str, list[float]] = {baseline: [0.0, 0.0], candidate: [0.0, 0.0]}
+    for labels, value in requests:
+        slot = counts.get(labels.get("variant", ""))
+        if slot is None or value is None:
+            continue
+        slot[0] += value
+        if labels.get("code") != "OK":
+            slot[1] += value
+    p99_ms = {labels.get("variant"): value * 1000.0 for labels, value in p99 if value is not None}
+    results = {labels.get("result"): round(value or 0.0) for labels, value in shadow}
+    agree, disagree, errors = results.get("agree", 0), results.get("disagree", 0), results.get("error", 0)
+
+    def window(name: str) -> VariantWindow:
+        total, bad = round(counts[name][0]), round(counts[name][1])
+        return VariantWindow(total, bad, p99_ms.get(name) if total else None)
+
+    return Measurements(window(baseline), window(candidate), agree + disagree, agree, errors)
+
+
+class PrometheusSource:
+    """Reads windows from a Prometheus server's HTTP API (``GET /api/v1/query``)."""
+
+    def __init__(self, url: str, timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url  # e.g. http://prometheus:9090
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._marks: dict[str, float] = {}
+
+    def mark(self, route: str) -> None:
+        self._marks[route] = self._clock()
+
+    def read(self, route: str, baseline: str, candidate: str) -> Measurements:
+        window_s = self._clock() - self._marks.setdefault(route, self._clock())
+        variants = (baseline, candidate)
+        return measurements_from(
+            parse_vector(self.query(promql_requests(route, variants, window_s))),
+            parse_vector(self.query(promql_p99(route, variants, window_s))),
+            parse_vector(self.query(promql_shadow(route, variants, window_s))),
+            baseline, candidate,
+        )
+
+    def query(self, promql: str) -> dict[str, Any]:
+        address = self.url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        try:
+            with urllib.request.urlopen(address, timeout=self.timeout_s) as response:
+                return dict(json.loads(response.read()))
+        except urllib.error.HTTPError as err:  # Prometheus answers 400/422 with a JSON error body
+            try:
+                return dict(json.loads(err.read()))
+            except ValueError:
+                raise UnavailableError(f"Prometheus at {self.url} answered HTTP {err.code} to {promql!r}") from err
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise UnavailableError(
+                f"cannot query Prometheus at {self.url}: {err}; check --prometheus URL and that it is up"
+            ) from err

@@ -1,0 +1,84 @@
+"""``kiln rollout`` through ``main(argv)`` against a real gateway's admin API (token required)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.app import ServerHandle
+from server.cli import main
+from server.gateway.app import GatewayHandle, start_gateway
+from tests.integration.rollout_support import Load, gateway_config, serve_models
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    yield from serve_models(tmp_path_factory)
+
+
+@pytest.fixture
+def gateway(upstream: ServerHandle) -> Iterator[GatewayHandle]:
+    with start_gateway(gateway_config(upstream), port=0, admin_port=0, admin_token_value="t0ken",
+                       plugins=("server.rollout.plugin",)) as gw:
+        yield gw
+
+
+def connection(gw: GatewayHandle, tmp_path: Path) -> list[str]:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    return ["--admin", gw.admin_url, "--token-file", str(token)]
+
+
+FLAGS = ["--route", "digits", "--baseline", "fp32", "--candidate", "cand=local/next-fp32-ort",
+         "--steps", "25,50", "--min-requests", "10", "--no-shadow", "--sample-percent", "0"]
+
+
+def test_start_watch_until_promoted(gateway: GatewayHandle, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    admin = connection(gateway, tmp_path)
+    with Load(gateway.address, "digits"):
+        code = main(["rollout", "start", *admin, *FLAGS, "--interval", "0.3", "--max-p99-ratio", "4",
+                     "--watch", "--every", "0.2", "--refreshes", "150"])
+    out = capsys.readouterr().out
+    assert code == 0 and "promoted" in out
+    assert main(["rollout", "events", *admin, "digits", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert '"kind": "promoted"' in lines[-1] and len(lines) == 4  # started, step, step, promoted
+
+
+def test_status_commands_and_error_exit_codes(gateway: GatewayHandle, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    admin = connection(gateway, tmp_path)
+    assert main(["rollout", "status", *admin]) == 0 and "no rollouts" in capsys.readouterr().out
+    assert main(["rollout", "start", *admin, *FLAGS, "--interval", "60", "--max-wait", "120",
+                 "--max-error-rate", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "stepping" in out and "cand 25%" in out and "error_rate" in out and "<= 0.05" in out
+    assert main(["rollout", "start", *admin, *FLAGS]) == 11  # ConflictError: already running
+    assert "already has a rollout" in capsys.readouterr().err
+    assert main(["rollout", "pause", *admin, "digits"]) == 0 and "paused" in capsys.readouterr().out
+    assert main(["rollout", "resume", *admin, "digits", "--expect-version", "0"]) == 11
+    assert main(["rollout", "resume", *admin, "digits"]) == 0
+    assert main(["rollout", "abort", *admin, "digits"]) == 0
+    assert "fp32 100%" in capsys.readouterr().out
+    assert main(["rollout", "status", *admin, "nothing"]) == 3  # NotFoundError
+    assert main(["rollout", "start", *admin, "--route", "digits", "--baseline", "fp32"]) == 2
+    assert "candidate" in capsys.readouterr().err
+    bad_token = tmp_path / "bad"
+    bad_token.write_text("nope")
+    assert main(["rollout", "status", "--admin", gateway.admin_url, "--token-file", str(bad_token)]) == 10
+
+
+def test_plan_file_with_flag_override(gateway: GatewayHandle, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("route: digits\nbaseline: fp32\ncandidate: {name: c2, upstream: local, model: next-fp32-ort}\n"
+                    "steps: [5, 100]\ninterval_s: 60\nshadow: null\n")
+    assert main(["rollout", "start", *connection(gateway, tmp_path), "--plan", str(plan), "--steps", "40,100"]) == 0
+    assert gateway.routes.route("digits").variant("c2").weight == 40.0
+    assert main(["rollout", "status", *connection(gateway, tmp_path), "digits", "--json"]) == 0
+    assert '"candidate_weight": 40.0' in capsys.readouterr().out
