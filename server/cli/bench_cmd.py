@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from builders.errors import InvalidInputError
@@ -71,7 +72,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
-    result = run_bench(config_from_args(args))
+    config = config_from_args(args)
+    levels = config.rates or config.concurrency
+    with Progress(
+        TextColumn("[bold]bench[/] {task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(f"{args.model}: {len(levels)} load level(s)", total=len(levels))
+        result = run_bench(config, on_point=lambda _: progress.advance(task))
     print_result(result, console)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +117,12 @@ def print_result(result: BenchResult, console: Console) -> None:
             errors,
         )
     console.print(table)
+    for p in result.points:
+        if p.mode == "rate":
+            console.print(
+                f"  rate {p.load:g}: sends were late by p50 {p.send_lag_us_p50:.0f} µs, max {p.send_lag_us_max:.0f} µs "
+                "(client timers; included in the latencies above)"
+            )
     for p in result.points:
         for variant, figures in p.variants.items():
             console.print(

@@ -1,0 +1,1 @@
+"""Serving backends: ONNX Runtime (CPU, always) and TensorRT (GPU, optional; imported lazily)."""

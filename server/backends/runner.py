@@ -1,0 +1,68 @@
+"""What every serving backend provides: ``run`` a batch of named arrays, ``close`` when unloaded.
+
+``create_runner`` picks the backend for a config platform. TensorRT is imported only inside it, so
+a machine without TensorRT still serves ONNX models; a plan then fails to load with one clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from builders.errors import InvalidInputError, MissingDependencyError
+
+ORT_PLATFORM = "onnxruntime_onnx"
+TENSORRT_PLATFORM = "tensorrt_plan"
+DEFAULT_FILENAMES = {ORT_PLATFORM: "model.onnx", TENSORRT_PLATFORM: "model.plan"}
+
+
+class Runner(Protocol):
+    """One model instance: thread-confined, called by one worker thread at a time."""
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """Everything a backend needs to create one instance of one model version."""
+
+    model: str
+    version: int
+    platform: str
+    artifact: Path
+    intra_op_threads: int = 1
+    instance_index: int = 0
+
+
+RunnerFactory = Callable[[RunnerSpec], Runner]
+
+
+def create_runner(spec: RunnerSpec) -> Runner:
+    """The backend for ``spec.platform``: ONNX Runtime, or TensorRT when it is installed."""
+    if spec.platform == ORT_PLATFORM:
+        from server.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(spec.artifact, intra_op_threads=spec.intra_op_threads, model=spec.model)
+    if spec.platform == TENSORRT_PLATFORM:
+        return _tensorrt_runner(spec)
+    raise InvalidInputError(
+        f"model {spec.model!r} has platform {spec.platform!r}; kiln serve runs "
+        f"{ORT_PLATFORM!r} and {TENSORRT_PLATFORM!r} (serve other platforms with Triton)"
+    )
+
+
+def _tensorrt_runner(spec: RunnerSpec) -> Runner:
+    try:
+        from server.backends import tensorrt as trt_backend
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"model {spec.model!r} version {spec.version} is a TensorRT plan and this Kiln has no TensorRT "
+            f"backend ({err}); on a CUDA host run: pip install 'kiln-serve[tensorrt]'"
+        ) from err
+    return trt_backend.TensorRTRunner(spec.artifact, model=spec.model)

@@ -1,0 +1,288 @@
+"""Drive a KServe v2 gRPC endpoint with pre-serialized ModelInfer requests and time every one.
+
+Closed loop: N workers, each sends its next request when the previous answer arrives. Open loop:
+sends follow a Poisson schedule at R requests/s whatever the server does, and latency is measured
+from the *scheduled* send time, so a server that falls behind shows its queueing. The client's own
+lateness (asyncio timers wake up to ~1 ms late, epoll has millisecond resolution) is included and
+reported separately as ``send_lag_us_p50/max``. Requests are
+serialized once up front and responses are not parsed, so the client costs one gRPC call per
+request. Its ceiling is measured by ``benchmarks/bench_overhead.py`` against a bare gRPC echo
+server: about 4,500 requests/s at concurrency 32 on the 2-core development machine, with client and
+server sharing the cores (so the client alone goes further); ``kiln serve`` peaks near 3,000 there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from builders.errors import InvalidInputError, NotFoundError, UnavailableError
+from builders.tensors import numpy_dtype_from_kserve
+from server.bench.stats import BenchResult, LoadPoint, make_point
+from server.codec import to_raw
+
+logger = logging.getLogger(__name__)
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+DISTINCT_REQUESTS = 16
+VARIANT_KEY = "kiln-variant"  # trailing metadata the Kiln gateway sets on every response
+Send = Callable[[bytes], Awaitable[str]]  # returns the serving variant ("" when not tracked)
+PointHook = Callable[[LoadPoint], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One bench run: a sweep over concurrencies (closed loop) or rates (open loop)."""
+
+    url: str
+    model: str
+    version: str = ""
+    concurrency: tuple[int, ...] = (1,)
+    rates: tuple[float, ...] = ()  # non-empty: open loop at each rate instead
+    duration_s: float | None = 5.0  # per load level; ignored when ``requests`` is set
+    requests: int | None = None
+    batch: int = 1
+    data: Path | None = None
+    warmup_s: float = 1.0
+    timeout_s: float = 30.0
+    seed: int = 0
+    max_message_bytes: int = 256 * 2**20
+    by_variant: bool = False  # read ``kiln-variant`` from each response's trailing metadata
+
+    def check(self) -> None:
+        if self.rates and any(r <= 0 for r in self.rates):
+            raise InvalidInputError(f"--rate values must be > 0, got {list(self.rates)}")
+        if not self.rates and (not self.concurrency or any(c < 1 for c in self.concurrency)):
+            raise InvalidInputError(f"--concurrency values must be >= 1, got {list(self.concurrency)}")
+        if self.requests is None and (self.duration_s is None or self.duration_s <= 0):
+            raise InvalidInputError(f"--duration must be > 0 seconds, got {self.duration_s}")
+        if self.requests is not None and self.requests < 1:
+            raise InvalidInputError(f"--requests must be >= 1, got {self.requests}")
+        if self.batch < 1:
+            raise InvalidInputError(f"--batch must be >= 1, got {self.batch}")
+        if self.warmup_s < 0:
+            raise InvalidInputError(f"--warmup must be >= 0, got {self.warmup_s}")
+
+
+def run_bench(config: BenchConfig, on_point: PointHook | None = None) -> BenchResult:
+    """Run a bench from synchronous code (it owns its own event loop); ``on_point`` sees each level."""
+    return asyncio.run(bench(config, on_point))
+
+
+async def bench(config: BenchConfig, on_point: PointHook | None = None) -> BenchResult:
+    """Run a bench on the current event loop; one LoadPoint per concurrency or rate."""
+    config.check()
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+    async with grpc.aio.insecure_channel(config.url, options=options) as channel:
+        payloads = await prepare_payloads(channel, config)
+        call = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+
+        async def send(payload: bytes) -> str:
+            if not config.by_variant:
+                await call(payload, timeout=config.timeout_s)
+                return ""
+            pending = call(payload, timeout=config.timeout_s)
+            await pending
+            return _variant(await pending.trailing_metadata())
+
+        points: list[LoadPoint] = []
+        loads: Sequence[float] = config.rates or config.concurrency
+        for load in loads:
+            if config.warmup_s > 0:
+                await _run_point(send, payloads, config, load, config.warmup_s, None)
+            points.append(await _run_point(send, payloads, config, load, config.duration_s, config.requests))
+            if on_point is not None:
+                on_point(points[-1])
+    settings = {
+        "duration_s": config.duration_s,
+        "requests": config.requests,
+        "warmup_s": config.warmup_s,
+        "data": str(config.data) if config.data else None,
+    }
+    return BenchResult(config.url, config.model, config.version, config.batch, tuple(points), settings)
+
+
+async def _run_point(
+    send: Send, payloads: list[bytes], config: BenchConfig, load: float, duration_s: float | None, requests: int | None
+) -> LoadPoint:
+    if config.rates:
+        rng = np.random.default_rng(config.seed)
+        return await open_loop(send, payloads, float(load), duration_s, requests, rng)
+    return await closed_loop(send, payloads, int(load), duration_s, requests)
+
+
+async def closed_loop(
+    send: Send, payloads: list[bytes], concurrency: int, duration_s: float | None, requests: int | None
+) -> LoadPoint:
+    """``concurrency`` requests always in flight, until ``requests`` are done or time is up."""
+    tally = _Tally()
+    issued = 0
+    start = time.perf_counter_ns()
+    end = start + int((duration_s or 0) * 1e9)
+
+    async def worker(offset: int) -> None:
+        nonlocal issued
+        index = offset
+        while True:
+            if requests is not None:
+                if issued >= requests:
+                    return
+                issued += 1
+            elif time.perf_counter_ns() >= end:
+                return
+            sent = time.perf_counter_ns()
+            code, variant = await _timed_call(send, payloads[index % len(payloads)])
+            tally.add(code, variant, time.perf_counter_ns() - sent)
+            index += concurrency
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return tally.point("concurrency", concurrency, time.perf_counter_ns() - start)
+
+
+async def open_loop(
+    send: Send,
+    payloads: list[bytes],
+    rate: float,
+    duration_s: float | None,
+    requests: int | None,
+    rng: np.random.Generator,
+) -> LoadPoint:
+    """Poisson arrivals at ``rate``/s; each latency counts from its scheduled send time."""
+    tally = _Tally()
+    tasks: set[asyncio.Task[None]] = set()
+    lags: list[int] = []
+    start = time.perf_counter_ns()
+    horizon = start + int((duration_s or 0) * 1e9)
+    scheduled = float(start)
+    count = 0
+
+    async def one(payload: bytes, due: int) -> None:
+        code, variant = await _timed_call(send, payload)
+        tally.add(code, variant, time.perf_counter_ns() - due)
+
+    while (count < requests) if requests is not None else (scheduled < horizon):
+        due = int(scheduled)
+        delay = due - time.perf_counter_ns()
+        if delay > 0:
+            await asyncio.sleep(delay / 1e9)
+        lags.append(time.perf_counter_ns() - due)
+        task = asyncio.get_running_loop().create_task(one(payloads[count % len(payloads)], due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        count += 1
+        scheduled += rng.exponential(1e9 / rate)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return tally.point("rate", rate, time.perf_counter_ns() - start, lags)
+
+
+async def _timed_call(send: Send, payload: bytes) -> tuple[str, str]:
+    try:
+        variant = await send(payload)
+    except grpc.aio.AioRpcError as err:
+        return err.code().name, ""
+    return "OK", variant
+
+
+def _variant(metadata: grpc.aio.Metadata | None) -> str:
+    for key, value in metadata or ():
+        if key == VARIANT_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return ""
+
+
+class _Tally:
+    """Latencies of successful requests (overall and per variant) and errors by status code."""
+
+    def __init__(self) -> None:
+        self.latencies: list[int] = []
+        self.errors: Counter[str] = Counter()
+        self.by_variant: dict[str, list[int]] = {}
+
+    def add(self, code: str, variant: str, latency_ns: int) -> None:
+        if code != "OK":
+            self.errors[code] += 1
+            return
+        self.latencies.append(latency_ns)
+        if variant:
+            self.by_variant.setdefault(variant, []).append(latency_ns)
+
+    def point(self, mode: str, load: float, duration_ns: int, send_lags_ns: list[int] | None = None) -> LoadPoint:
+        return make_point(mode, load, self.latencies, dict(self.errors), duration_ns, send_lags_ns, self.by_variant)
+
+
+async def prepare_payloads(channel: grpc.aio.Channel, config: BenchConfig) -> list[bytes]:
+    """Serialized ModelInfer requests built from the model's metadata and --data (or random)."""
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    try:
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=config.model, version=config.version))
+    except grpc.aio.AioRpcError as err:
+        if err.code() is grpc.StatusCode.NOT_FOUND:
+            raise NotFoundError(
+                f"{config.url} has no model {config.model!r} version {config.version!r}: {err.details()}"
+            ) from err
+        raise UnavailableError(
+            f"cannot read metadata of model {config.model!r} from {config.url}: {err.code().name} {err.details()}; "
+            "is the server up and the model loaded?"
+        ) from err
+    data = _load_data(config.data, [t.name for t in meta.inputs]) if config.data else None
+    rng = np.random.default_rng(config.seed)
+    payloads = []
+    for index in range(DISTINCT_REQUESTS):
+        request = pb.ModelInferRequest(model_name=config.model, model_version=config.version, id=f"bench-{index}")
+        for tensor in meta.inputs:
+            shape = _concrete_shape(list(tensor.shape), config.batch)
+            arr = _rows(data[tensor.name], index, shape) if data else _random(tensor.datatype, shape, rng)
+            request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(arr.shape))
+            request.raw_input_contents.append(to_raw(arr))
+        payloads.append(request.SerializeToString())
+    return payloads
+
+
+def _concrete_shape(shape: list[int], batch: int) -> tuple[int, ...]:
+    return tuple((batch if i == 0 else 1) if d < 0 else d for i, d in enumerate(shape))
+
+
+def _random(datatype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if datatype == "BYTES":
+        arr = np.empty(shape, dtype=object)
+        arr.fill(b"kiln")
+        return arr
+    dtype = numpy_dtype_from_kserve(datatype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    return rng.integers(0, 10, shape).astype(dtype)
+
+
+def _load_data(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"--data {str(path)!r} is not a readable .npz file ({err})") from err
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise InvalidInputError(f"--data {str(path)!r} has keys {sorted(data)}; the model needs inputs {missing}")
+    return {n: data[n] for n in names}
+
+
+def _rows(arr: np.ndarray, index: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows ``index*batch ...`` of the data (wrapping), shaped like the request's first axis."""
+    count = shape[0] if shape else 1
+    picks = [(index * count + k) % arr.shape[0] for k in range(count)]
+    return np.ascontiguousarray(arr[picks])

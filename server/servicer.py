@@ -1,0 +1,235 @@
+"""The KServe v2 ``GRPCInferenceService`` over a ``ModelStore``: protobuf in, domain calls, protobuf out.
+
+Domain errors become gRPC statuses in one place, ``translate_errors`` (through ``server.status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from builders.errors import InvalidInputError, KilnError, NotFoundError
+from builders.repository import list_models
+from server import __version__
+from server.codec import decode_inputs, encode_outputs
+from server.model_store import ModelState, ModelStore, ServedVersion
+from server.statistics import Duration, VersionStats
+from server.status import status_code
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "kiln"
+EXTENSIONS = ("model_repository", "statistics")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def translate_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Abort the RPC with the status code of a domain error (INTERNAL for anything unexpected)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except KilnError as err:
+            await context.abort(status_code(err), str(err))
+        except Exception as err:  # a bug: report it to the client instead of a bare "Unexpected error"
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {err}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, store: ModelStore, *, is_ready: Callable[[], bool]) -> None:
+        self.store = store
+        self._is_ready = is_ready
+
+    @translate_errors
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @translate_errors
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    @translate_errors
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
+
+    @translate_errors
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.store.is_ready(request.name, request.version))
+
+    @translate_errors
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        served = self.store.get(request.name, request.version)
+        record = self.store.record(request.name)
+        versions = sorted(record.versions) if record is not None else [served.version]
+        response = pb.ModelMetadataResponse(
+            name=served.name, versions=[str(v) for v in versions], platform=served.config.platform
+        )
+        for specs, target in ((served.inputs, response.inputs), (served.outputs, response.outputs)):
+            for spec in specs:
+                target.add(name=spec.name, datatype=spec.kserve_dtype, shape=list(spec.numeric_shape))
+        return response
+
+    @translate_errors
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        served = self.store.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=served.config)
+
+    @translate_errors
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming form: one response per request (in completion order, matched by ``id``),
+        errors as ``error_message``. Requests of one stream run concurrently, so they can be batched."""
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                await responses.put(pb.ModelStreamInferResponse(infer_response=await self._infer(request)))
+            except KilnError as err:
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                message = f"{status_code(err).name}: {err}"
+                await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+
+        async def read_all() -> None:
+            async for request in request_iterator:
+                task = asyncio.get_running_loop().create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.wait(set(tasks))
+            await responses.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read_all())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        served = self.store.get(request.model_name, request.model_version)
+        inputs = decode_inputs(request)
+        requested = tuple(o.name for o in request.outputs)
+        served.check(inputs, requested)
+        outputs, _ = await served.infer(inputs)
+        names = requested or served.output_names
+        response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
+        encode_outputs(response, {name: outputs[name] for name in names})
+        return response
+
+    @translate_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            self.store.get(request.name, request.version)  # NOT_FOUND / UNAVAILABLE as for inference
+        response = pb.ModelStatisticsResponse()
+        for record in self.store.records():
+            if request.name and record.name != request.name:
+                continue
+            for version, served in sorted(record.versions.items()):
+                if request.version and str(version) != request.version:
+                    continue
+                response.model_stats.append(_statistics(served))
+        return response
+
+    @translate_errors
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in list_models(self.store.root):
+            record = self.store.record(entry.name)
+            if record is not None and record.versions:
+                for version in sorted(record.versions):
+                    response.models.add(name=entry.name, version=str(version), state=record.state.value)
+            elif not request.ready:
+                state = record.state.value if record is not None else ModelState.UNAVAILABLE.value
+                reason = record.reason if record is not None else "not loaded"
+                response.models.add(name=entry.name, version="", state=state, reason=reason)
+        if request.ready:
+            kept = [m for m in response.models if m.state == ModelState.READY.value]
+            del response.models[:]
+            response.models.extend(kept)
+        return response
+
+    @translate_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise InvalidInputError(
+                f"RepositoryModelLoad parameters {sorted(request.parameters)} are not supported by kiln serve; "
+                "edit config.pbtxt in the repository and load again"
+            )
+        if not self.store.has_model(request.model_name):
+            raise NotFoundError(f"model {request.model_name!r} is not in repository {str(self.store.root)!r}")
+        await self.store.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @translate_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.store.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _statistics(served: ServedVersion) -> pb.ModelStatistics:
+    s: VersionStats = served.stats
+    stats = pb.ModelStatistics(
+        name=served.name,
+        version=str(served.version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+    )
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(stats.inference_stats, field), getattr(s, field))
+    for size in sorted(s.batches):
+        batch = stats.batch_stats.add(batch_size=size)
+        _duration(batch.compute_input, s.batches[size].compute_input)
+        _duration(batch.compute_infer, s.batches[size].compute_infer)
+        _duration(batch.compute_output, s.batches[size].compute_output)
+    return stats
+
+
+def _duration(target: pb.StatisticDuration, source: Duration) -> None:
+    target.count = source.count
+    target.ns = source.ns
