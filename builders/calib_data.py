@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,14 +204,16 @@ def load_dataset(
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    how = "save it with numpy.savez(path, **{input_name: batch_first_array})"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(
-            f"{str(path)!r} is not a readable .npz of numeric arrays ({err}); save it with "
-            "numpy.savez(path, **{input_name: batch_first_array})"
-        ) from err
+        with open(path, "rb") as handle:  # numpy leaks its own handle when the zip is corrupt
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise InvalidInputError(f"{str(path)!r} is a single .npy array, not an .npz keyed by input name; {how}")
+            with loaded as data:
+                return {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InvalidInputError(f"{str(path)!r} is not a readable .npz of numeric arrays ({err}); {how}") from err
 
 
 def _group_from_arrays(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpec], where: str) -> ShapeGroup:
@@ -244,9 +247,9 @@ def _check_array(arr: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
             f"(convert with array.astype(numpy.{expected}))"
         )
     rank = len(spec.shape)
+    shown = "[" + ",".join(str(d) for d in arr.shape) + "]"  # as given, before a batch axis is added
     if arr.ndim == rank - 1:
         arr = arr[np.newaxis]  # one sample without its batch axis
-    shown = "[" + ",".join(str(d) for d in arr.shape) + "]"
     wanted = "[" + ",".join(str(d) for d in spec.shape) + "]"
     if arr.ndim != rank:
         raise InvalidInputError(
@@ -257,6 +260,13 @@ def _check_array(arr: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
             raise InvalidInputError(
                 f"{where!r}: input {spec.name!r} has shape {shown}; the model expects {wanted} "
                 f"(axis {axis} must be {want})"
+            )
+    if arr.dtype.kind == "f" and arr.size:
+        bad = np.isnan(arr.reshape(arr.shape[0], -1)).any(axis=1) if arr.ndim else np.isnan(arr)
+        if bad.any():
+            raise InvalidInputError(
+                f"{where!r}: input {spec.name!r} has NaN values in {int(bad.sum())} of {arr.shape[0]} sample(s) "
+                f"(first at index {int(np.argmax(bad))}); remove or fix them"
             )
     return arr
 

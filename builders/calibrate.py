@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from builders.calib_data import Dataset
 from builders.calibration_file import CalibrationTable, to_trt_cache, write_trt_cache
-from builders.errors import InvalidInputError
+from builders.errors import InvalidInputError, RepositoryError
 from builders.histogram import DEFAULT_NUM_BINS, AbsHistogram
 from builders.quantize import TensorRange, calibration_tensors, fold_constants, save_model
 from builders.thresholds import DEFAULT_PERCENTILE, METHODS, choose_amaxes
@@ -172,6 +173,10 @@ def calibrate(
         raise InvalidInputError(f"--calib-method {settings.method!r} is unknown; choose one of {list(METHODS)}")
     if not 0 < settings.percentile <= 100:
         raise InvalidInputError(f"--percentile must be in (0, 100], got {settings.percentile}")
+    if cache_root.exists() and not cache_root.is_dir():
+        raise RepositoryError(
+            f"calibration cache {str(cache_root)!r} is a file; pass a directory with --calib-cache"
+        )
     directory = cache_root / f"{model_sha256[:16]}-{dataset.sha256[:16]}-{settings.key}"
     cached = _load_cached(directory, settings, model_sha256, dataset.sha256)
     if cached is not None:
@@ -207,7 +212,13 @@ def calibrate(
 
 def write_calibration(result: Calibration) -> None:
     """Write ranges.json, calibration.json and the TensorRT cache into ``result.directory``."""
-    result.directory.mkdir(parents=True, exist_ok=True)
+    try:
+        result.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RepositoryError(
+            f"cannot create the calibration cache {str(result.directory)!r}: {err.strerror}; "
+            "pass a writable directory with --calib-cache"
+        ) from err
     payload = {
         "method": result.method,
         "model_sha256": result.model_sha256,
@@ -219,11 +230,17 @@ def write_calibration(result: Calibration) -> None:
         "skipped": result.skipped,
     }
     table = calibration_table(result)
-    table.write_json(result.directory / CALIBRATION_FILE)
-    write_trt_cache(result.directory / TRT_CACHE_FILE, to_trt_cache(table))
-    tmp = result.directory / f".{RANGES_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    tmp.replace(result.directory / RANGES_FILE)  # written last: its presence marks a complete cache
+    try:
+        table.write_json(result.directory / CALIBRATION_FILE)
+        write_trt_cache(result.directory / TRT_CACHE_FILE, to_trt_cache(table))
+        tmp = result.directory / f".{RANGES_FILE}.tmp"
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        tmp.replace(result.directory / RANGES_FILE)  # written last: its presence marks a complete cache
+    except OSError as err:
+        raise RepositoryError(
+            f"cannot write the calibration cache in {str(result.directory)!r}: {err.strerror}; "
+            "pass a writable directory with --calib-cache"
+        ) from err
 
 
 def calibration_table(result: Calibration) -> CalibrationTable:
@@ -250,6 +267,8 @@ def _load_cached(directory: Path, settings: CalibrationSettings, model_sha: str,
         if (raw["model_sha256"], raw["data_sha256"], raw["method"]) != (model_sha, data_sha, settings.method):
             return None
         ranges = {k: TensorRange(float(v[0]), float(v[1]), float(v[2])) for k, v in raw["ranges"].items()}
+        if not all(math.isfinite(r.amax) and r.amax > 0 for r in ranges.values()):
+            raise ValueError("an amax is not a positive finite number")
         return Calibration(
             ranges=ranges,
             skipped=dict(raw["skipped"]),

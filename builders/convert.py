@@ -61,7 +61,28 @@ def optimize_fp32(source: Path, dest: Path) -> Path:
             f"ONNX Runtime cannot load {str(source)!r}: {str(err).splitlines()[0]}; "
             "check the model with `kiln inspect` and its opset against onnxruntime's"
         ) from err
+    _inline_external_data(source, dest)
     return dest
+
+
+# protobuf cannot serialize a message of 2 GiB or more, so such models must keep external data
+_PROTO_LIMIT = 2**31 - 1
+
+
+def _inline_external_data(source: Path, dest: Path) -> None:
+    """Make ``dest`` self-contained: ONNX Runtime's saved model still points at the source's data files."""
+    from builders.inspection import external_data_files
+
+    model = onnx.load(str(dest), load_external_data=False)
+    if not external_data_files(model):
+        return
+    onnx.load_external_data_for_model(model, str(source.parent))
+    if model.ByteSize() > _PROTO_LIMIT:
+        raise InvalidInputError(
+            f"{str(source)!r} holds over 2 GiB of weights; publishing models with external data files is not "
+            "supported by this version of Kiln yet"
+        )
+    onnx.save(model, str(dest))
 
 
 def convert_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str] = ()) -> onnx.ModelProto:

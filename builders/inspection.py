@@ -78,6 +78,13 @@ def load_model(path: Path | str, *, load_external_data: bool = True) -> onnx.Mod
         raise InvalidInputError(
             f"{str(path)!r} parsed as an empty ONNX model (no graph); it is probably not an ONNX file"
         )
+    folder = path.parent.resolve()
+    outside = [f for f in external_data_files(model) if not (folder / f).resolve().is_relative_to(folder)]
+    if outside:
+        raise InvalidInputError(
+            f"model {str(path)!r} names external data file(s) {outside} outside its folder {str(path.parent)!r}; "
+            "ONNX requires them beside the model (or below it): move them and fix the locations"
+        )
     missing = [f for f in external_data_files(model) if not (path.parent / f).exists()]
     if missing:
         raise InvalidInputError(
@@ -85,7 +92,13 @@ def load_model(path: Path | str, *, load_external_data: bool = True) -> onnx.Mod
             f"put them next to the model in {str(path.parent)!r}"
         )
     if load_external_data and external_data_files(model):
-        onnx.load_external_data_for_model(model, str(path.parent))
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (ValueError, OSError, onnx.checker.ValidationError) as err:
+            raise InvalidInputError(
+                f"model {str(path)!r}: external data file(s) {external_data_files(model)} do not hold the weights "
+                f"it names ({err}); they are truncated or belong to another model"
+            ) from err
     _check(model, path)
     return model
 
@@ -99,8 +112,11 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
         # path-based check handles models over 2 GB and external data
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise InvalidInputError(f"model {str(path)!r} fails onnx.checker: {first}") from err
+        text = " ".join(str(err).split()) or repr(err)  # the checker spreads one finding over lines
+        shown = text if len(text) <= 400 else text[:397] + "..."
+        raise InvalidInputError(
+            f"model {str(path)!r} fails onnx.checker: {shown}; fix the graph or re-export the model"
+        ) from err
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "auto")
 TARGETS = ("ort", "tensorrt")
+MAX_INSTANCES = 128  # instance_group count; beyond this a typo exhausts the serving machine's memory
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,21 @@ def check_request(request: BuildRequest) -> None:
     check_model_name(request.triton_name)
     if request.instances < 1:
         raise InvalidInputError(f"--instances must be >= 1, got {request.instances}")
+    if request.instances > MAX_INSTANCES:
+        raise InvalidInputError(
+            f"--instances {request.instances} is over {MAX_INSTANCES}; each instance is a full copy of the model "
+            "(a session or execution context) on the serving machine"
+        )
+    shapes = tuple(request.options.get("shapes") or ())
+    if shapes and request.target != "tensorrt":
+        raise InvalidInputError(
+            f"--shapes sets TensorRT optimization profiles; it applies to --target tensorrt only "
+            f"(got --target {request.target}); drop it"
+        )
+    if shapes:  # the syntax is checked on any machine, before TensorRT is looked for
+        from builders.tensorrt_plan import parse_shapes
+
+        parse_shapes(shapes)
 
 
 def build_model(request: BuildRequest) -> BuildResult:

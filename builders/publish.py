@@ -22,9 +22,9 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import RepositoryError
+from builders.errors import ConflictError, KilnError, RepositoryError
 from builders.manifest import MANIFEST_NAME, file_checksums
-from builders.model_config import config_text
+from builders.model_config import config_tensors, config_text, parse_config
 from builders.repository import CONFIG_NAME, check_model_name, list_versions, repository_root
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def publish_version(
     check_model_name(name)
     root = repository_root(repo, must_exist=False)
     model_dir, created = _prepare_model_dir(root, name)
+    check_same_io(model_dir, config)
     stage = model_dir / f".staging-{uuid.uuid4().hex}"
     published = False
     try:
@@ -132,6 +133,33 @@ def publish_version(
     final = model_dir / str(version)
     logger.info("published %s version %d at %s", name, version, final)
     return Published(name, version, final, json.loads((final / MANIFEST_NAME).read_text()))
+
+
+def _io_signature(config: mc.ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    inputs, outputs = config_tensors(config)
+    return (
+        tuple(sorted(f"{s.name}:{s.dtype}{list(s.shape)}" for s in inputs)),
+        tuple(sorted(f"{s.name}:{s.dtype}{list(s.shape)}" for s in outputs)),
+    )
+
+
+def check_same_io(model_dir: Path, config: mc.ModelConfig) -> None:
+    """Refuse a version whose inputs/outputs differ from the published ones (they share config.pbtxt)."""
+    versions = list_versions(model_dir)
+    path = model_dir / CONFIG_NAME
+    if not versions or not path.is_file():
+        return
+    try:
+        published = parse_config(path.read_text(), str(path))
+    except (KilnError, OSError):
+        return  # an unreadable config is replaced; `kiln repo verify` reports the versions it breaks
+    old, new = _io_signature(published), _io_signature(config)
+    if old != new:
+        raise ConflictError(
+            f"model {model_dir.name!r} already has version(s) {versions} with inputs {list(old[0])} and outputs "
+            f"{list(old[1])}; this build has inputs {list(new[0])} and outputs {list(new[1])}. A Triton model's "
+            "versions share one config.pbtxt, so publish this model under another --name"
+        )
 
 
 def _remove_if_empty(path: Path) -> None:

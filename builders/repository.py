@@ -140,7 +140,22 @@ def _artifact_mismatches(config: mc.ModelConfig, artifact: Path) -> list[str]:
         return [f"artifact {artifact.name} does not load: {err}"]
     inputs = tuple(value_spec(v) for v in graph_inputs(model))
     outputs = tuple(value_spec(v) for v in model.graph.output)
-    return mismatches(config, inputs, outputs)
+    return _missing_external_data(model, artifact) + mismatches(config, inputs, outputs)
+
+
+def _missing_external_data(model: Any, artifact: Path) -> list[str]:
+    """External data files the artifact names that are not inside its version directory."""
+    from builders.inspection import external_data_files
+
+    folder = artifact.parent.resolve()
+    problems = []
+    for name in external_data_files(model):
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder) or not path.is_file():
+            problems.append(
+                f"artifact {artifact.name} needs external data file {name!r}, which is not in {str(folder)!r}"
+            )
+    return problems
 
 
 def verify_repository(repo: Path | str) -> list[str]:

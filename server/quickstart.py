@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from builders.errors import KilnError
+from builders.errors import ConflictError, KilnError, RepositoryError
 from builders.example_builds import build_example_bad_int8, build_example_int8
 from builders.examples import example_data_path, example_model_path
 from builders.pipeline import BuildRequest, BuildResult, build_model
@@ -33,6 +33,22 @@ from server.rollout.timeline import RolloutRun, plot_rollouts, run_rollout
 
 BASE = "digits"
 BROKEN = "digits-miscalibrated"
+MARKER = ".kiln-quickstart"  # marks a repository quickstart made, so it may replace it
+
+
+def prepare_repository(repo: Path) -> None:
+    """Start from an empty repository; only ever delete one that quickstart itself made."""
+    if repo.exists() and not repo.is_dir():
+        raise RepositoryError(f"--repo {str(repo)!r} is a file; pass a directory for the quickstart repository")
+    if repo.exists() and any(repo.iterdir()):
+        if not (repo / MARKER).exists():
+            raise ConflictError(
+                f"--repo {str(repo)!r} exists and was not made by kiln quickstart; it is left untouched. "
+                "Pass a new directory, e.g. --repo quickstart_repository"
+            )
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / MARKER).write_text("made by kiln quickstart; replaced by the next run\n")
 
 
 @dataclass
@@ -159,8 +175,7 @@ def summary_table(runs: list[tuple[RolloutRun, LoadTally]]) -> Table:
 def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: float = 2.0) -> int:
     """The whole flow; returns 0 when INT8 was promoted and the broken build rolled back."""
     began = time.perf_counter_ns()
-    if repo.exists():
-        shutil.rmtree(repo)
+    prepare_repository(repo)
     out_dir.mkdir(parents=True, exist_ok=True)
     console.rule("[bold]1. build the example model (digits CNN): FP32, FP16, INT8, and a broken INT8")
     builds = build_all(repo, console)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -144,8 +145,8 @@ async def closed_loop(
             elif time.perf_counter_ns() >= end:
                 return
             sent = time.perf_counter_ns()
-            code, variant = await _timed_call(send, payloads[index % len(payloads)])
-            tally.add(code, variant, time.perf_counter_ns() - sent)
+            code, variant, detail = await _timed_call(send, payloads[index % len(payloads)])
+            tally.add(code, variant, time.perf_counter_ns() - sent, detail)
             index += concurrency
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -170,8 +171,8 @@ async def open_loop(
     count = 0
 
     async def one(payload: bytes, due: int) -> None:
-        code, variant = await _timed_call(send, payload)
-        tally.add(code, variant, time.perf_counter_ns() - due)
+        code, variant, detail = await _timed_call(send, payload)
+        tally.add(code, variant, time.perf_counter_ns() - due, detail)
 
     while (count < requests) if requests is not None else (scheduled < horizon):
         due = int(scheduled)
@@ -189,12 +190,13 @@ async def open_loop(
     return tally.point("rate", rate, time.perf_counter_ns() - start, lags)
 
 
-async def _timed_call(send: Send, payload: bytes) -> tuple[str, str]:
+async def _timed_call(send: Send, payload: bytes) -> tuple[str, str, str]:
+    """(status code name, serving variant, the server's error message or "")."""
     try:
         variant = await send(payload)
     except grpc.aio.AioRpcError as err:
-        return err.code().name, ""
-    return "OK", variant
+        return err.code().name, "", err.details() or ""
+    return "OK", variant, ""
 
 
 def _variant(metadata: grpc.aio.Metadata | None) -> str:
@@ -210,18 +212,21 @@ class _Tally:
     def __init__(self) -> None:
         self.latencies: list[int] = []
         self.errors: Counter[str] = Counter()
+        self.error_examples: dict[str, str] = {}
         self.by_variant: dict[str, list[int]] = {}
 
-    def add(self, code: str, variant: str, latency_ns: int) -> None:
+    def add(self, code: str, variant: str, latency_ns: int, detail: str = "") -> None:
         if code != "OK":
             self.errors[code] += 1
+            self.error_examples.setdefault(code, detail)
             return
         self.latencies.append(latency_ns)
         if variant:
             self.by_variant.setdefault(variant, []).append(latency_ns)
 
     def point(self, mode: str, load: float, duration_ns: int, send_lags_ns: list[int] | None = None) -> LoadPoint:
-        return make_point(mode, load, self.latencies, dict(self.errors), duration_ns, send_lags_ns, self.by_variant)
+        point = make_point(mode, load, self.latencies, dict(self.errors), duration_ns, send_lags_ns, self.by_variant)
+        return replace(point, error_examples=dict(sorted(self.error_examples.items())))
 
 
 async def prepare_payloads(channel: grpc.aio.Channel, config: BenchConfig) -> list[bytes]:
@@ -238,7 +243,7 @@ async def prepare_payloads(channel: grpc.aio.Channel, config: BenchConfig) -> li
             f"cannot read metadata of model {config.model!r} from {config.url}: {err.code().name} {err.details()}; "
             "is the server up and the model loaded?"
         ) from err
-    data = _load_data(config.data, [t.name for t in meta.inputs]) if config.data else None
+    data = _load_data(config.data, list(meta.inputs)) if config.data else None
     rng = np.random.default_rng(config.seed)
     payloads = []
     for index in range(DISTINCT_REQUESTS):
@@ -269,16 +274,46 @@ def _random(datatype: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
     return rng.integers(0, 10, shape).astype(dtype)
 
 
-def _load_data(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+def _load_data(path: Path, inputs: list[pb.ModelMetadataResponse.TensorMetadata]) -> dict[str, np.ndarray]:
+    """The --data arrays, one per model input, checked against the model's metadata."""
+    if not path.is_file():
+        raise NotFoundError(f"--data {str(path)!r} does not exist; pass an .npz with one array per input name")
+    how = "save it with numpy.savez(path, **{input_name: batch_first_array})"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(f"--data {str(path)!r} is not a readable .npz file ({err})") from err
+        with open(path, "rb") as handle:  # numpy leaks its own handle when the zip is corrupt
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise InvalidInputError(f"--data {str(path)!r} is a single .npy array, not an .npz; {how}")
+            with loaded as npz:
+                data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InvalidInputError(f"--data {str(path)!r} is not a readable .npz file ({err}); {how}") from err
+    names = [t.name for t in inputs]
     missing = [n for n in names if n not in data]
     if missing:
-        raise InvalidInputError(f"--data {str(path)!r} has keys {sorted(data)}; the model needs inputs {missing}")
+        raise InvalidInputError(
+            f"--data {str(path)!r} has keys {sorted(data)}; the model needs inputs {missing}; {how}"
+        )
+    for tensor in inputs:
+        _check_rows(path, tensor, data[tensor.name])
     return {n: data[n] for n in names}
+
+
+def _check_rows(path: Path, tensor: pb.ModelMetadataResponse.TensorMetadata, arr: np.ndarray) -> None:
+    where = f"--data {str(path)!r}: input {tensor.name!r}"
+    expected = list(tensor.shape)
+    shown = "[" + ",".join(str(d) for d in arr.shape) + "]"
+    wanted = "[" + ",".join(str(d) for d in expected) + "]"
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise InvalidInputError(f"{where} has shape {shown}; it needs at least one row (batch axis first)")
+    if tensor.datatype != "BYTES" and arr.dtype != numpy_dtype_from_kserve(tensor.datatype):
+        raise InvalidInputError(
+            f"{where} has dtype {arr.dtype}; the model expects {tensor.datatype} "
+            f"(convert with array.astype(numpy.{numpy_dtype_from_kserve(tensor.datatype)}))"
+        )
+    fixed = [(a, d) for a, d in enumerate(expected) if a > 0 and d >= 0]
+    if arr.ndim != len(expected) or any(arr.shape[a] != d for a, d in fixed):
+        raise InvalidInputError(f"{where} has shape {shown}; the model expects {wanted} (rows first)")
 
 
 def _rows(arr: np.ndarray, index: int, shape: tuple[int, ...]) -> np.ndarray:

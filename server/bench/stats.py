@@ -32,6 +32,7 @@ class LoadPoint:
     send_lag_us_p50: float = 0.0  # open loop: lateness of sends vs their schedule (client timers)
     send_lag_us_max: float = 0.0
     variants: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> ok count and latencies
+    error_examples: dict[str, str] = field(default_factory=dict)  # status code -> first message seen
 
     @property
     def total(self) -> int:

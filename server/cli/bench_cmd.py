@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -70,9 +71,27 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable --json/--csv/--plot paths before the load runs, not after."""
+    for flag in ("json", "csv", "plot"):
+        path: Path | None = getattr(args, flag)
+        if path is None:
+            continue
+        if path.is_dir():
+            raise InvalidInputError(f"--{flag} {str(path)!r} is a directory; pass a file path")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InvalidInputError(
+                f"--{flag} {str(path)!r}: cannot create its folder ({err.strerror}); pass a writable path"
+            ) from err
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     config = config_from_args(args)
+    config.check()
+    check_outputs(args)
     levels = config.rates or config.concurrency
     with Progress(
         TextColumn("[bold]bench[/] {task.description}"),
@@ -84,12 +103,13 @@ def run(args: argparse.Namespace) -> int:
         task = progress.add_task(f"{args.model}: {len(levels)} load level(s)", total=len(levels))
         result = run_bench(config, on_point=lambda _: progress.advance(task))
     print_result(result, console)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_dict(), indent=2))
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        args.csv.write_text(result.to_csv())
+    try:
+        if args.json:
+            args.json.write_text(json.dumps(result.to_dict(), indent=2))
+        if args.csv:
+            args.csv.write_text(result.to_csv())
+    except OSError as err:
+        raise InvalidInputError(f"cannot write {err.filename!r}: {err.strerror}; pass a writable path") from err
     if args.plot:
         plot_result(result, args.plot)
         console.print(f"plot written to {args.plot}")
@@ -117,6 +137,12 @@ def print_result(result: BenchResult, console: Console) -> None:
             errors,
         )
     console.print(table)
+    shown: set[str] = set()
+    for p in result.points:
+        for code, message in p.error_examples.items():
+            if code not in shown:
+                shown.add(code)
+                console.print(f"  [red]{code}[/]: {escape(message)}")
     for p in result.points:
         if p.mode == "rate":
             console.print(

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from builders.pipeline import PRECISIONS, TARGETS, BuildRequest, BuildResult, build_model
 from server.cli.int8_args import add_int8_arguments, int8_options
@@ -48,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
 def print_result(result: BuildResult, console: Console) -> None:
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if result.published is not None:
         p = result.published
-        console.print(f"published [bold]{p.model}[/] version {p.version} at {p.path}")
+        console.print(f"published [bold]{p.model}[/] version {p.version} at {escape(str(p.path))}")
     validation = result.report.get("validation")
     if validation:
         verdict = "passed" if validation["passed"] else "FAILED (overridden)"

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from builders.calibration_file import CalibrationTable, read_trt_cache, to_trt_cache, write_trt_cache
@@ -34,7 +35,7 @@ def run_read(args: argparse.Namespace) -> int:
     table = read_trt_cache(args.cache)
     if args.json is not None:
         table.write_json(args.json)
-        Console(highlight=False).print(f"wrote {len(table.amax)} tensors to {args.json}")
+        Console(highlight=False).print(f"wrote {len(table.amax)} tensors to {escape(str(args.json))}")
         return 0
     print_table(table, Console(highlight=False))
     return 0
@@ -43,17 +44,18 @@ def run_read(args: argparse.Namespace) -> int:
 def run_write(args: argparse.Namespace) -> int:
     table = CalibrationTable.read_json(args.calibration)
     write_trt_cache(args.out, to_trt_cache(table, args.trt_version))
-    Console(highlight=False).print(f"wrote {len(table.amax)} tensors to {args.out}")
+    Console(highlight=False).print(f"wrote {len(table.amax)} tensors to {escape(str(args.out))}")
     return 0
 
 
 def print_table(table: CalibrationTable, console: Console) -> None:
     console.print(
-        f"method {table.method}, TensorRT {table.trt_version or '?'} {table.trt_algorithm}, {len(table.amax)} tensors"
+        escape(f"method {table.method}, TensorRT {table.trt_version or '?'} {table.trt_algorithm}, "
+               f"{len(table.amax)} tensors")
     )
     rows = Table("tensor", "amax", "scale (amax/127)")
     for name, amax in table.amax.items():
-        rows.add_row(name, f"{amax:.6g}", f"{table.scale(name):.6g}")
+        rows.add_row(escape(name), f"{amax:.6g}", f"{table.scale(name):.6g}")
     console.print(rows)
     if table.skipped:
-        console.print(json.dumps(dict(table.skipped), indent=2))
+        console.print(escape(json.dumps(dict(table.skipped), indent=2)))

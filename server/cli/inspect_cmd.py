@@ -31,20 +31,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_info(info: ModelInfo, console: Console) -> None:
-    console.print(f"[bold]{info.path}[/]  sha256 {info.sha256[:16]}…")
-    console.print(f"IR version {info.ir_version}, opset {info.opset}, producer {info.producer or '?'}")
+    console.print(f"[bold]{escape(info.path)}[/]  sha256 {info.sha256[:16]}…")
+    console.print(f"IR version {info.ir_version}, opset {info.opset}, producer {escape(info.producer or '?')}")
     table = Table("kind", "name", "dtype", "shape")
     for kind, specs in (("input", info.inputs), ("output", info.outputs)):
         for spec in specs:
-            table.add_row(kind, spec.name, spec.dtype, escape("[" + ", ".join(str(d) for d in spec.shape) + "]"))
+            shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+            table.add_row(kind, escape(spec.name), spec.dtype, escape(shape))
     console.print(table)
     console.print(
         f"parameters: {info.parameter_count:,} ({info.parameter_bytes / 1e6:.2f} MB); "
         f"weights in initializers: {info.weights_in_initializers}, in Constant nodes: {info.weights_in_constant_nodes}"
     )
-    console.print(f"external data files: {', '.join(info.external_data_files) or 'none'}")
+    console.print(f"external data files: {escape(', '.join(info.external_data_files) or 'none')}")
     console.print(f"dynamic batch axis: {'yes' if info.batch_axis_dynamic else 'no'}")
     ops = Table("op", "count")
     for op, count in info.op_histogram.items():
-        ops.add_row(op, str(count))
+        ops.add_row(escape(op), str(count))
     console.print(ops)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from google.protobuf import json_format
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from builders.errors import RepositoryError
-from builders.repository import list_models, read_model, repository_root, verify_repository
+from builders.repository import check_model_name, list_models, read_model, repository_root, verify_repository
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,16 +40,16 @@ def run_list(args: argparse.Namespace) -> int:
              "precision": (e.versions[-1].manifest or {}).get("precision") if e.versions else None}
             for e in entries], indent=2))
         return 0
-    table = Table("model", "platform", "versions", "latest precision", "latest size", title=str(args.repo))
+    table = Table("model", "platform", "versions", "latest precision", "latest size", title=escape(str(args.repo)))
     for e in entries:
         latest = e.versions[-1] if e.versions else None
         manifest = (latest.manifest or {}) if latest else {}
         size = sum(int(f.get("bytes", 0)) for f in manifest.get("files", {}).values())
         table.add_row(
-            e.name,
-            e.config.platform if e.config else f"[red]{e.config_error}[/]",
+            escape(e.name),
+            escape(e.config.platform) if e.config else f"[red]{escape(str(e.config_error))}[/]",
             ",".join(str(v.version) for v in e.versions) or "-",
-            str(manifest.get("precision", "-")),
+            escape(str(manifest.get("precision", "-"))),
             f"{size / 1e3:.1f} kB" if size else "-",
         )
     Console(highlight=False).print(table)
@@ -56,7 +57,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    entry = read_model(repository_root(args.repo), args.model)
+    entry = read_model(repository_root(args.repo), check_model_name(args.model))
     data = {
         "model": entry.name,
         "path": str(entry.path),

@@ -12,11 +12,12 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from builders.errors import InvalidInputError, PermissionDeniedError
-from server.cli.routes_cmd import _connection, client
+from server.cli.routes_cmd import _connection, check_admin_url, client
 from server.gateway.client import AdminClient, read_token
 from server.rollout.plan import load_plan, parse_candidate, parse_steps, plan_from_mapping
 
@@ -81,6 +82,8 @@ def _replica_commands(sub: argparse._SubParsersAction) -> None:
     ctl.add_argument("--admin-port", type=int, default=8081, help="its /rollouts admin API port (default 8081)")
     ctl.add_argument("--token-file", type=Path, help="bearer token file (default: $KILN_ADMIN_TOKEN)")
     ctl.add_argument("--tick", type=float, default=1.0, help="seconds between decisions (default 1)")
+    ctl.add_argument("--insecure-admin", action="store_true",
+                     help="allow its admin API without a token (only when bound to 127.0.0.1)")
     ctl.set_defaults(func=run_controller)
     sync = sub.add_parser("sync-routes", help="keep one gateway's routes equal to the shared routes file")
     _connection(sync)
@@ -171,7 +174,7 @@ def run_events(args: argparse.Namespace) -> int:
         return 0
     table = Table("#", "time", "event", "step", "message", title=f"rollout events: {args.route}")
     for e in events:
-        table.add_row(str(e["seq"]), str(e.get("time", ""))[11:23], e["kind"], str(e["step"] + 1), e["message"])
+        table.add_row(str(e["seq"]), str(e.get("time", ""))[11:23], e["kind"], str(e["step"] + 1), escape(e["message"]))
     Console(highlight=False).print(table)
     return 0
 
@@ -201,12 +204,17 @@ def _wait_for_signal() -> None:
 def run_controller(args: argparse.Namespace) -> int:
     from server.rollout.standalone import start_controller
 
-    if args.admin_host != "127.0.0.1" and read_token(args.token_file) is None:
+    if args.tick <= 0:
+        raise InvalidInputError(f"--tick must be > 0 seconds, got {args.tick:g}")
+    check_admin_url(args.prometheus, "--prometheus", "http://prometheus:9090")
+    token = read_token(args.token_file)
+    if token is None and not (args.insecure_admin and args.admin_host == "127.0.0.1"):
         raise PermissionDeniedError(
-            f"the controller's admin API on {args.admin_host!r} needs a token: --token-file or $KILN_ADMIN_TOKEN"
+            f"the controller's admin API has no token (--token-file or $KILN_ADMIN_TOKEN); without one it only "
+            f"starts bound to 127.0.0.1 with --insecure-admin (got {args.admin_host!r})"
         )
     with start_controller(args.routes_file, args.prometheus, args.state_dir, admin_host=args.admin_host,
-                          admin_port=args.admin_port, token=read_token(args.token_file), tick_s=args.tick) as ctl:
+                          admin_port=args.admin_port, token=token, tick_s=args.tick) as ctl:
         print(f"kiln rollout controller: admin on {ctl.admin_url}, routes in {args.routes_file}", flush=True)
         _wait_for_signal()
     return 0
@@ -215,6 +223,8 @@ def run_controller(args: argparse.Namespace) -> int:
 def run_sync(args: argparse.Namespace) -> int:
     from server.rollout.standalone import start_route_sync
 
+    if args.interval <= 0:
+        raise InvalidInputError(f"--interval must be > 0 seconds, got {args.interval:g}")
     watcher = start_route_sync(args.routes_file, client(args), args.interval)
     try:
         print(f"kiln rollout sync-routes: {args.routes_file} -> {args.admin}", flush=True)

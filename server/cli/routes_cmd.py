@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from builders.errors import InvalidInputError, NotFoundError
 from server.gateway.client import DEFAULT_ADMIN_URL, DEFAULT_TOKEN_ENV, AdminClient, read_token
+from server.rollout.plan import yaml_error_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,21 +43,36 @@ def _connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca", type=Path, help="CA certificate for an https admin URL")
 
 
+def check_admin_url(url: str, flag: str = "--admin", example: str = DEFAULT_ADMIN_URL) -> str:
+    """An HTTP API URL must be http(s)://HOST:PORT; anything else is refused before a request."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInputError(
+            f"{flag} {url!r} is not an HTTP URL; use http://HOST:PORT (or https://), e.g. {example}"
+        )
+    return url
+
+
 def client(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(args.admin, read_token(args.token_file), args.ca)
+    return AdminClient(check_admin_url(args.admin), read_token(args.token_file), args.ca)
 
 
 def parse_weights(text: str) -> dict[str, float]:
     """``"fp32=90,int8=10"`` -> ``{"fp32": 90.0, "int8": 10.0}``."""
     weights: dict[str, float] = {}
     for pair in text.split(","):
-        name, sep, value = pair.partition("=")
+        name, sep, value = (part.strip() for part in pair.partition("="))
         try:
-            weights[name.strip()] = float(value)
+            weight = float(value)
         except ValueError as err:
             raise InvalidInputError(f"--weights item {pair!r} must be variant=number, e.g. fp32=90") from err
-        if not sep or not name.strip():
+        if not sep or not name:
             raise InvalidInputError(f"--weights item {pair!r} must be variant=number, e.g. fp32=90")
+        if not math.isfinite(weight):
+            raise InvalidInputError(f"--weights item {pair!r} is not a finite number; use 0..100")
+        if name in weights:
+            raise InvalidInputError(f"--weights names variant {name!r} twice in {text!r}; name each once")
+        weights[name] = weight
     return weights
 
 
@@ -79,7 +98,7 @@ def run_show(args: argparse.Namespace) -> int:
                 window = stats["routes"].get(model, {}).get("variants", {}).get(variant["name"], {}).get("window", {})
                 row += [str(window.get("requests", 0)), f"{window.get('error_rate', 0.0):.2%}",
                         f"{window.get('total', {}).get('p99_ms', 0.0):.2f}"]  # fmt: skip
-            table.add_row(*row)
+            table.add_row(*(escape(cell) for cell in row))
     Console().print(table)
     return 0
 
@@ -102,10 +121,14 @@ def run_set(args: argparse.Namespace) -> int:
     else:
         try:
             route = yaml.safe_load(Path(args.file).read_text(encoding="utf-8"))
-        except OSError as err:
+        except FileNotFoundError as err:
             raise NotFoundError(f"cannot read route file {str(args.file)!r}: {err.strerror}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidInputError(f"cannot read route file {str(args.file)!r} as YAML/JSON text: {err}") from err
         except yaml.YAMLError as err:
-            raise InvalidInputError(f"route file {str(args.file)!r} is not valid YAML/JSON: {err}") from err
+            raise InvalidInputError(
+                f"route file {str(args.file)!r} is not valid YAML/JSON ({yaml_error_text(err)})"
+            ) from err
         result = admin.put(f"/routes/{args.model}", route)
     variants = result["routes"][args.model]["variants"]
     weights = ", ".join(f"{v['name']}={v['weight']:g}" for v in variants)

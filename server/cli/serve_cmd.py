@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
+from builders.errors import InvalidInputError
 from builders.repository import repository_root
 from server.app import DEFAULT_MAX_MESSAGE_MB, make_options, serve
 
@@ -28,9 +30,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def check_flags(args: argparse.Namespace) -> list[str] | None:
+    """Refuse flags that would serve the wrong models or exhaust the machine; returns --models as a list."""
+    cpus = os.cpu_count() or 1
+    if not 1 <= args.threads <= cpus:
+        raise InvalidInputError(
+            f"--threads {args.threads} is outside 1..{cpus} (this machine's CPUs); ONNX Runtime starts that many "
+            "threads per model instance"
+        )
+    if args.grace < 0:
+        raise InvalidInputError(f"--grace must be >= 0 seconds, got {args.grace:g}")
+    if args.models is None:
+        return None
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise InvalidInputError(f"--models {args.models!r} names no model; give names like digits-fp32-ort,a,b")
+    return models
+
+
 def run(args: argparse.Namespace) -> int:
+    models = check_flags(args)
     repo = repository_root(args.repo)
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     options = make_options(
         args.host,
         args.port,

@@ -137,6 +137,7 @@ class RolloutController:
                     f"route {plan.route!r} has no variant {plan.baseline!r} (it has {sorted(weights_of(route))}); "
                     "name the route's serving variant as the baseline"
                 )
+            _check_candidate_name(route, plan)
             now = self._clock()
             begun = machine.start(plan, now)
             first = machine.decide(begun.state, plan, Measurements(), now)
@@ -227,6 +228,22 @@ class RolloutController:
                 "unapplied_route_changes": len(active.unapplied),
                 "error": active.error,
             }
+
+
+def _check_candidate_name(route: dict[str, Any], plan: RolloutPlan) -> None:
+    """A candidate may reuse a variant's name only for the very same upstream/model/version."""
+    cand = plan.candidate
+    for variant in route.get("variants", []):
+        if variant.get("name") != cand.name:
+            continue
+        existing = (variant.get("upstream"), variant.get("model"), str(variant.get("version") or ""))
+        if existing != (cand.upstream, cand.model, cand.version):
+            shown = f"{existing[0]}/{existing[1]}" + (f":{existing[2]}" if existing[2] else "")
+            wanted = f"{cand.upstream}/{cand.model}" + (f":{cand.version}" if cand.version else "")
+            raise ConflictError(
+                f"route {plan.route!r} already has a variant {cand.name!r} serving {shown}; the candidate "
+                f"{wanted} would replace it (and a rollback would delete it). Give the candidate another name"
+            )
 
 
 def _slo_rows(plan: RolloutPlan | None, state: RolloutState, m: Measurements | None) -> list[dict[str, Any]]:

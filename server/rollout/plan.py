@@ -154,11 +154,23 @@ def load_plan(path: Path) -> RolloutPlan:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise NotFoundError(f"rollout plan file {str(path)!r} does not exist; check the path") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"cannot read rollout plan {str(path)!r} as YAML text: {err}") from err
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise InvalidInputError(f"rollout plan {str(path)!r} is not valid YAML: {err}; fix its syntax") from err
+        raise InvalidInputError(
+            f"rollout plan {str(path)!r} is not valid YAML ({yaml_error_text(err)}); fix its syntax"
+        ) from err
     return plan_from_mapping(data, repr(str(path)))
+
+
+def yaml_error_text(err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: where it is and what is wrong (no '<unicode string>')."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def parse_steps(text: str) -> tuple[float, ...]:
