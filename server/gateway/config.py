@@ -142,9 +142,16 @@ class Route(_Frozen):
 
 class ServerSettings(_Frozen):
     mode: Literal["aio", "threads"] = "threads"  # grpc.aio event loop, or grpc's thread-pool server
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"  # "aio" mode's loop; uvloop: ~10-15 % less CPU
     threads: int = Field(default=32, ge=2, le=1024)  # "threads" mode: max concurrent RPCs in flight
     max_message_bytes: int = Field(default=256 * 2**20, ge=2**20)
     tls: ServerTls | None = None
+
+    @model_validator(mode="after")
+    def _loop_needs_aio(self) -> ServerSettings:
+        if self.event_loop != "asyncio" and self.mode != "aio":
+            raise ValueError(f"event_loop {self.event_loop!r} only applies to mode 'aio' (got mode {self.mode!r})")
+        return self
 
 
 class AdminSettings(_Frozen):

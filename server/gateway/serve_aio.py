@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from builders.errors import MissingDependencyError
 from server.gateway.config import GatewayConfig
 from server.gateway.forward import (
     LOCAL_METHODS,
@@ -149,6 +150,20 @@ def _constant(answer: bytes) -> AsyncUnary:
     return handle
 
 
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """The data plane's loop: asyncio's, or uvloop's (``server.event_loop: uvloop``, needs ``uvloop``)."""
+    if kind != "uvloop":
+        return asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError as err:
+        raise MissingDependencyError(
+            "server.event_loop is 'uvloop' but the uvloop package is not installed; "
+            "run `pip install uvloop` or set server.event_loop: asyncio"
+        ) from err
+    return uvloop.new_event_loop()
+
+
 def serve_aio(
     config: GatewayConfig,
     core: Forwarder,
@@ -157,7 +172,7 @@ def serve_aio(
     options: list[tuple[str, object]],
 ) -> tuple[Callable[[], None], int]:
     """Start a grpc.aio server on its own event-loop thread; returns (stop, bound port)."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(config.server.event_loop)
     thread = threading.Thread(target=loop.run_forever, name="kiln-gw-aio", daemon=True)
     thread.start()
 

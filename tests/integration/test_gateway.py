@@ -300,3 +300,14 @@ def test_admin_changes_apply_live_without_dropping_requests(gateway: GatewayHand
     assert not [o for o in outcomes if o.startswith("error")]
     assert set(outcomes[mark + 3 :]) == {"b"}  # after the last change (3 may have been in flight)
     assert admin(gateway, "GET", "/routes")["version"] == 11
+
+
+def test_aio_mode_on_uvloop_routes_and_names_the_variant(stub: UpstreamServer) -> None:
+    pytest.importorskip("uvloop", reason="server.event_loop: uvloop needs the optional uvloop package")
+    config = gateway_config({"up": stub.address}, {"digits": {"variants": [variant("a", "digits", 100)]}})
+    config["server"].update(mode="aio", event_loop="uvloop")
+    with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=()) as gateway:
+        with grpc.insecure_channel(gateway.address) as channel:
+            _, call = channel.unary_unary(INFER).with_call(request_bytes("digits"), timeout=10)
+        assert dict(call.trailing_metadata())["kiln-variant"] == "a"
+        assert gateway.metrics.window("digits", "a").codes == {"OK": 1}

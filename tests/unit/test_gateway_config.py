@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,25 @@ def test_missing_file_and_example_config(tmp_path: Path, monkeypatch: pytest.Mon
         load_config(tmp_path / "absent.yaml")
     example = load_config(ROOT / "deploy" / "gateway.example.yaml")
     assert [v.name for v in example.routes["digits"].variants] == ["fp32", "int8", "trt"]
+
+
+def test_event_loop_only_applies_to_aio_mode() -> None:
+    assert parse_config(config()).server.event_loop == "asyncio"
+    aio = parse_config({**config(), "server": {"mode": "aio", "event_loop": "uvloop"}})
+    assert aio.server.event_loop == "uvloop"
+    with pytest.raises(InvalidInputError, match=r"event_loop 'uvloop' only applies to mode 'aio'"):
+        parse_config({**config(), "server": {"event_loop": "uvloop"}})
+    with pytest.raises(InvalidInputError, match="event_loop"):
+        parse_config({**config(), "server": {"mode": "aio", "event_loop": "trio"}})
+
+
+def test_uvloop_loop_without_the_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from builders.errors import MissingDependencyError
+    from server.gateway.serve_aio import new_event_loop
+
+    default = new_event_loop("asyncio")
+    assert type(default).__module__.startswith("asyncio")
+    default.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import raises ImportError
+    with pytest.raises(MissingDependencyError, match="pip install uvloop"):
+        new_event_loop("uvloop")
