@@ -76,7 +76,7 @@ class Variant(_Frozen):
     upstream: str
     model: str
     version: str = ""  # "" = the upstream's version policy decides
-    weight: float = Field(ge=0.0, le=WEIGHT_TOTAL)
+    weight: float = Field(ge=0.0, le=WEIGHT_TOTAL, allow_inf_nan=False)
 
     @field_validator("name")
     @classmethod
@@ -222,8 +222,14 @@ def check_route(public: str, route: Route, upstreams: Mapping[str, Upstream]) ->
 def describe_validation(err: ValidationError, what: str) -> str:
     """One line per problem: 'routes.digits.variants.1.weight: <message> (got <value>)'."""
     lines = []
-    for problem in err.errors(include_url=False):
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+    problems = err.errors(include_url=False)
+    failed_items = [tuple(p["loc"]) for p in problems]
+    for problem in problems:
+        loc = tuple(problem["loc"])
+        # a list whose item failed also reports "too short" (counted without that item): noise
+        if problem["type"] == "too_short" and any(len(o) > len(loc) and o[: len(loc)] == loc for o in failed_items):
+            continue
+        where = ".".join(str(p) for p in loc) or "(top level)"
         message = str(problem["msg"]).removeprefix("Value error, ")
         lines.append(f"  {where}: {message}")
     return f"{what} is invalid:\n" + "\n".join(lines)
@@ -265,6 +271,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as 'line L, column C: problem' (PyYAML's own text names '<unicode string>')."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def load_config(path: Path) -> GatewayConfig:
     """Read and validate a gateway YAML file."""
     path = Path(path)
@@ -272,10 +287,14 @@ def load_config(path: Path) -> GatewayConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise NotFoundError(f"cannot read gateway config {str(path)!r}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise InvalidInputError(
+            f"gateway config {str(path)!r} is not UTF-8 text (byte {err.start}); pass the YAML config file"
+        ) from err
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise InvalidInputError(f"gateway config {str(path)!r} is not valid YAML: {err}") from err
+        raise InvalidInputError(f"gateway config {str(path)!r} is not valid YAML: {yaml_problem(err)}") from err
     if not isinstance(data, dict):
         raise InvalidInputError(f"gateway config {str(path)!r} must be a mapping, got {type(data).__name__}")
     return parse_config(data, f"gateway config {str(path)!r}")
