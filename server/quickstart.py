@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from builders.errors import ConflictError, KilnError, RepositoryError
@@ -163,13 +164,18 @@ def run_with_load(gateway: GatewayHandle, plan: RolloutPlan, console: Console,
 
 
 def summary_table(runs: list[tuple[RolloutRun, LoadTally]]) -> Table:
-    table = Table("rollout", "outcome", "why", "took", "client OK", "client errors", title="rollouts")
+    table = Table("candidate", "vs", "outcome", "took", "client OK", "client errors", title="rollouts")
     for run, tally in runs:
-        reason = str(run.final.get("reason") or "")
         errors = ", ".join(f"{k}={v}" for k, v in sorted(tally.errors.items())) or "0"
-        table.add_row(f"{run.plan.candidate.model} vs {run.plan.baseline}", run.outcome, reason[:70],
-                      f"{run.duration_s:.1f}s", str(tally.ok), errors)
+        table.add_row(run.plan.candidate.model, run.plan.baseline, run.outcome, f"{run.duration_s:.1f}s",
+                      str(tally.ok), errors)
     return table
+
+
+def print_reasons(runs: list[tuple[RolloutRun, LoadTally]], console: Console) -> None:
+    """Why each rollout ended as it did: the controller's own words, with the figures."""
+    for run, _ in runs:
+        console.print(f"[bold]{escape(run.plan.candidate.model)}[/]: {escape(str(run.final.get('reason') or ''))}")
 
 
 def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: float = 2.0) -> int:
@@ -201,6 +207,7 @@ def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: f
     console.rule("[bold]4. summary")
     runs = [first, second]
     console.print(summary_table(runs))
+    print_reasons(runs, console)
     png = plot_rollouts([r for r, _ in runs], out_dir / "quickstart-rollouts.png")
     console.print(f"plot of weights and per-variant p99 over time: {png}")
     took = (time.perf_counter_ns() - began) / 1e9
