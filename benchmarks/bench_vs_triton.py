@@ -1,11 +1,15 @@
 """``kiln serve`` vs a real Triton 2.51 serving the same ONNX through its Python backend.
 
-Both serve the example model's built ``model.onnx`` with one instance, one ONNX Runtime intra-op
-thread, max_batch_size 32 and dynamic batching (500 µs); the same ``kiln bench`` client drives
-each in turn at concurrency 1 and 16. Figure: throughput ratio kiln/Triton at concurrency 16
-(goal >= 1.0). Skips with a message when the Triton harness cannot run here.
+Two regimes, same client (``kiln bench``), same machine, each server measured in turn:
+(a) issue conditions: the example model (digits, ~23 µs per sample): RPC-bound, so the figure is
+    Python gRPC's per-request cost against Triton's C++ frontend;
+(b) compute-dominated: ``cnn224``, a 224x224 image CNN with random weights (a few ms per image).
+Both servers run one instance, one ONNX Runtime intra-op thread and dynamic batching with the
+model's own max_batch_size and 500 µs delay. Figures: throughput ratio kiln/Triton at concurrency 16
+(goal >= 1.0), p50 ratio at concurrency 1, and each server's CPU per request (its process tree, from
+/proc). Skips with a message when the Triton harness cannot run here.
 
-    .venv/bin/python benchmarks/bench_vs_triton.py [--seconds 3]
+    .venv/bin/python benchmarks/bench_vs_triton.py [--seconds 2]
 """
 
 from __future__ import annotations
@@ -19,34 +23,28 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_harness import digits_repo, kiln_serve, write_bars, write_results
+from serve_harness import cnn_repo, digits_repo, kiln_serve, measure, write_bars, write_results
 
 from builders.errors import KilnError
-from server.bench import BenchConfig, LoadPoint, run_bench
 
 LEVELS = (1, 16)
 
 
-def measure(url: str, model: str, seconds: float) -> dict[int, LoadPoint]:
-    config = BenchConfig(url=url, model=model, concurrency=LEVELS, duration_s=seconds, warmup_s=0.5)
-    return {int(p.load): p for p in run_bench(config).points}
+def measure_levels(url: str, model: str, seconds: float, pid: int | None = None) -> dict[str, Any]:
+    return {f"c{c}": measure(url, model, c, seconds, pid) for c in LEVELS}
 
 
-def figures(points: dict[int, LoadPoint]) -> dict[str, Any]:
+def ratios(kiln: dict[str, Any], triton: dict[str, Any]) -> dict[str, float]:
+    top = f"c{max(LEVELS)}"
     return {
-        f"c{c}": {
-            "throughput_rps": round(p.throughput_rps, 1),
-            "p50_us": round(p.latency_us["p50"], 1),
-            "p99_us": round(p.latency_us["p99"], 1),
-            "errors": p.errors,
-        }
-        for c, p in points.items()
+        f"throughput_ratio_{top}": round(kiln[top]["throughput_rps"] / triton[top]["throughput_rps"], 2),
+        "p50_ratio_c1": round(kiln["c1"]["p50_us"] / triton["c1"]["p50_us"], 2),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     try:
         from server.testing.triton import (
@@ -62,37 +60,60 @@ def main() -> None:
         write_results("serve_vs_triton", {"skipped": str(err)})
         return
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        repo, model = digits_repo(Path(tmp) / "kiln")
+        repo, digits = digits_repo(Path(tmp) / "kiln")
+        _, cnn = cnn_repo(repo)
+        models = {
+            f"(a) issue conditions: {digits}": (digits, 32),
+            f"(b) compute-dominated: {cnn} 224x224 CNN": (cnn, 16),
+        }
+        kiln: dict[str, dict[str, Any]] = {}
         with kiln_serve(repo) as url:
-            kiln = measure(url, model, args.seconds)
+            for label, (model, _) in models.items():
+                kiln[label] = measure_levels(url, model, args.seconds)
         triton_repo = Path(tmp) / "triton"
-        onnx_path = repo / model / "1" / "model.onnx"
-        write_python_backend_model(
-            triton_repo, model, onnx_path, 32, True, max_queue_delay_us=500, instance_count=1, intra_op_threads=1
-        )
+        for model, max_batch in models.values():
+            onnx_path = repo / model / "1" / "model.onnx"
+            write_python_backend_model(
+                triton_repo,
+                model,
+                onnx_path,
+                max_batch,
+                True,
+                max_queue_delay_us=500,
+                instance_count=1,
+                intra_op_threads=1,
+            )
+        theirs: dict[str, dict[str, Any]] = {}
         with start_triton(install, triton_repo) as triton:
-            theirs = measure(triton.grpc_url, model, args.seconds)
+            for label, (model, _) in models.items():
+                theirs[label] = measure_levels(triton.grpc_url, model, args.seconds, triton.process.pid)
     write_bars(
         "serve_vs_triton",
-        f"{model}: kiln serve vs Triton 2.51 (Python backend), same client",
-        "throughput (requests/s)",
+        "kiln serve vs Triton 2.51 (Python backend), same client: throughput ratio",
+        "kiln / Triton throughput",
         {
-            "kiln serve": {f"c{c}": kiln[c].throughput_rps for c in LEVELS},
-            "Triton python backend": {f"c{c}": theirs[c].throughput_rps for c in LEVELS},
+            f"c{c}": {
+                label.split(": ")[1].split()[0]: kiln[label][f"c{c}"]["throughput_rps"]
+                / theirs[label][f"c{c}"]["throughput_rps"]
+                for label in models
+            }
+            for c in LEVELS
         },
     )
-    top = max(LEVELS)
-    ratio = kiln[top].throughput_rps / theirs[top].throughput_rps if theirs[top].throughput_rps else float("nan")
     write_results(
         "serve_vs_triton",
         {
-            "model": model,
             "triton": install.versions,
-            "kiln": figures(kiln),
-            "triton_python_backend": figures(theirs),
-            f"throughput_ratio_c{top}": round(ratio, 2),
-            "p50_ratio_c1": round(kiln[1].latency_us["p50"] / theirs[1].latency_us["p50"], 2),
-            "goal": f"throughput_ratio_c{top} >= 1.0",
+            "config": "one instance, 1 ORT intra-op thread, dynamic batching 500 us; client kiln bench, same 2 cores",
+            "goal": f"throughput_ratio_c{max(LEVELS)} >= 1.0",
+            **{
+                label: {
+                    "kiln": kiln[label],
+                    "triton_python_backend": theirs[label],
+                    **ratios(kiln[label], theirs[label]),
+                }
+                for label in models
+            },
         },
     )
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,55 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 _SERVE = "import sys; from server.cli import main; sys.exit(main(sys.argv[1:]))"
+SERVER_PIDS: dict[str, int] = {}  # HOST:PORT of each running child server -> its pid
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants (Triton's stubs)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, frontier = 0.0, [pid]
+    while frontier:
+        current = frontier.pop()
+        total += times.get(current, 0.0)
+        frontier.extend(child for child, parent in parents.items() if parent == current)
+    return total
+
+
+def measure(url: str, model: str, concurrency: int, seconds: float, pid: int | None = None) -> dict[str, Any]:
+    """One closed-loop point after a 0.5 s warm-up: throughput, p50/p99, CPU per request of the server
+    (its process tree) and of the client (this process: ``kiln bench`` shares the machine's cores)."""
+    from server.bench import BenchConfig, run_bench
+
+    run_bench(BenchConfig(url=url, model=model, concurrency=(concurrency,), duration_s=0.5, warmup_s=0))
+    pid = pid if pid is not None else SERVER_PIDS.get(url)
+    before = tree_cpu_s(pid) if pid else 0.0
+    client_before = time.process_time()
+    point = run_bench(
+        BenchConfig(url=url, model=model, concurrency=(concurrency,), duration_s=seconds, warmup_s=0)
+    ).first
+    used = tree_cpu_s(pid) - before if pid else float("nan")
+    client = time.process_time() - client_before
+    done = point.total
+    return {
+        "throughput_rps": round(point.throughput_rps, 1),
+        "p50_us": round(point.latency_us["p50"], 1),
+        "p99_us": round(point.latency_us["p99"], 1),
+        "server_cpu_us_per_request": round(used / done * 1e6, 1) if done else None,
+        "client_cpu_us_per_request": round(client / done * 1e6, 1) if done else None,
+        "requests": done,
+        "errors": point.errors,
+    }
 
 
 def identity_model(path: Path, width: int = 16) -> Path:
@@ -93,6 +144,70 @@ def mlp_repo(root: Path, width: int = 2048, seed: int = 0) -> tuple[Path, str]:
     return root, "mlp"
 
 
+CNN_SIZE = 224
+
+
+def cnn_model(path: Path, seed: int = 0) -> Path:
+    """A compute-bound image CNN with random weights: float32 [batch,3,224,224] -> [batch,1000].
+
+    Conv3x3/2(32)-Relu-MaxPool, then Conv3x3(64/128/256)-Relu each followed by MaxPool (the last by
+    GlobalAveragePool), Flatten, Gemm(1000): ~185 M multiply-adds, a few ms per image on one core.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights, nodes, current = [], [], "x"
+    channels = [(3, 32, 2), (32, 64, 1), (64, 128, 1), (128, 256, 1)]
+    for index, (c_in, c_out, stride) in enumerate(channels):
+        w = (rng.standard_normal((c_out, c_in, 3, 3)) * np.sqrt(2.0 / (c_in * 9))).astype(np.float32)
+        bias = np.zeros(c_out, np.float32)
+        weights += [numpy_helper.from_array(w, f"w{index}"), numpy_helper.from_array(bias, f"b{index}")]
+        nodes.append(
+            helper.make_node(
+                "Conv", [current, f"w{index}", f"b{index}"], [f"c{index}"], pads=[1, 1, 1, 1], strides=[stride, stride]
+            )
+        )
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"]))
+        last = index == len(channels) - 1
+        pool = helper.make_node("GlobalAveragePool", [f"r{index}"], [f"p{index}"]) if last else helper.make_node(
+            "MaxPool", [f"r{index}"], [f"p{index}"], kernel_shape=[2, 2], strides=[2, 2]
+        )
+        nodes.append(pool)
+        current = f"p{index}"
+    fc = (rng.standard_normal((256, 1000)) / 16.0).astype(np.float32)
+    weights += [numpy_helper.from_array(fc, "fc"), numpy_helper.from_array(np.zeros(1000, np.float32), "fcb")]
+    nodes += [helper.make_node("Flatten", [current], ["flat"]), helper.make_node("Gemm", ["flat", "fc", "fcb"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "cnn224",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, CNN_SIZE, CNN_SIZE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1000])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def cnn_repo(root: Path, max_batch_size: int = 16) -> tuple[Path, str]:
+    """Model ``cnn224`` (see ``cnn_model``), configured like ``kiln build`` output: dynamic batching on.
+
+    max_batch_size 16, preferred 8/16, max_queue_delay 500 µs, one instance, one ONNX Runtime thread.
+    """
+    from builders.model_config import ServingOptions, config_text, render_config
+    from builders.tensors import TensorSpec
+
+    model_dir = root / "cnn224"
+    cnn_model(model_dir / "1" / "model.onnx")
+    specs = (TensorSpec("x", "float32", (-1, 3, CNN_SIZE, CNN_SIZE)),), (TensorSpec("y", "float32", (-1, 1000)),)
+    options = ServingOptions(max_batch_size=max_batch_size, preferred_batch_sizes=(8, 16))
+    (model_dir / "config.pbtxt").write_text(config_text(render_config("cnn224", "ort", *specs, options)))
+    return root, "cnn224"
+
+
 def digits_repo(root: Path) -> tuple[Path, str]:
     """The example model built as ``digits-fp32-ort`` (max_batch 32, dynamic batching on)."""
     from builders.examples import example_model_path
@@ -107,9 +222,9 @@ def kiln_serve(repo: Path, *extra: str) -> contextlib.AbstractContextManager[str
     return child_server([sys.executable, "-c", _SERVE, "serve", "--repo", str(repo), "--port", "0", *extra])
 
 
-def grpc_echo() -> contextlib.AbstractContextManager[str]:
-    """The bare gRPC floor (``grpc_echo.py``) in a child process; yields its HOST:PORT."""
-    return child_server([sys.executable, str(Path(__file__).resolve().parent / "grpc_echo.py")])
+def grpc_echo(*extra: str) -> contextlib.AbstractContextManager[str]:
+    """The bare gRPC floor (``grpc_echo.py EXTRA...``) in a child process; yields its HOST:PORT."""
+    return child_server([sys.executable, str(Path(__file__).resolve().parent / "grpc_echo.py"), *extra])
 
 
 @contextlib.contextmanager
@@ -121,7 +236,9 @@ def child_server(command: list[str]) -> Iterator[str]:
             line = proc.stdout.readline()
             if "listening on" not in line:
                 raise RuntimeError(f"{command[-1]} did not start: {line}{proc.stdout.read()}")
-            yield line.split("listening on ")[1].split()[0]
+            url = line.split("listening on ")[1].split()[0]
+            SERVER_PIDS[url] = proc.pid
+            yield url
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
@@ -55,14 +56,15 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
-    """Append each output's metadata and its raw little-endian bytes to ``response``."""
-    for name, arr in outputs.items():
-        tensor = response.outputs.add()
-        tensor.name = name
-        tensor.datatype = _wire_name(arr.dtype)
-        tensor.shape.extend(arr.shape)
-        response.raw_output_contents.append(to_raw(arr))
+def encode_outputs(
+    response: pb.ModelInferResponse, outputs: dict[str, np.ndarray], names: Sequence[str] | None = None
+) -> None:
+    """Append each output's (of ``names``, default all) metadata and raw little-endian bytes to ``response``."""
+    tensors, raw = response.outputs, response.raw_output_contents
+    for name in outputs if names is None else names:
+        arr = outputs[name]
+        tensors.add(name=name, datatype=_wire_name(arr.dtype), shape=arr.shape)
+        raw.append(to_raw(arr))
 
 
 def to_raw(arr: np.ndarray) -> bytes:

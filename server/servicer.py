@@ -150,7 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outputs, _ = await served.infer(inputs)
         names = requested or served.output_names
         response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
-        encode_outputs(response, {name: outputs[name] for name in names})
+        encode_outputs(response, outputs, names)
         return response
 
     @translate_errors

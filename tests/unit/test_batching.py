@@ -122,3 +122,23 @@ def test_closed_batcher_refuses_new_requests() -> None:
 def test_policy_from_config_target() -> None:
     assert BatchPolicy(max_batch_size=32, dynamic=True, preferred=(16, 32)).target == 32
     assert BatchPolicy(max_batch_size=8, dynamic=True, preferred=(16,)).target == 8
+
+
+def test_fast_model_runs_inline_even_when_the_executor_is_slow() -> None:
+    """The run-time average that decides inline vs executor must not include the thread hop."""
+    policy = BatchPolicy(max_batch_size=8, dynamic=False)
+    request = {"x": np.ones((1, 3), np.float32)}
+
+    async def scenario() -> float:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(RecordingModel(), executor, 1, policy, lambda *_: None, inline_below_ns=20_000_000)
+            executor.submit(time.sleep, 0.1)  # the first run waits 100 ms for the busy executor (> 20 ms)
+            await batcher.submit(request)
+            executor.submit(time.sleep, 1.0)  # busy again: a second run through it would wait 1 s
+            started = time.perf_counter()
+            await batcher.submit(request)
+            elapsed = time.perf_counter() - started
+            await batcher.close()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 0.5
