@@ -161,3 +161,22 @@ def _shapes_compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     if len(a) != len(b):
         return False
     return all(x == y or x == -1 or y == -1 for x, y in zip(a, b, strict=True))
+
+
+def complete_io(
+    config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]
+) -> mc.ModelConfig:
+    """Fill missing input/output sections from the artifact, as Triton's auto-complete does.
+
+    Sections the config declares are kept as written; returns a new ModelConfig.
+    """
+    completed = mc.ModelConfig()
+    completed.CopyFrom(config)
+    batched = config.max_batch_size > 0
+    if not completed.input:
+        for spec in inputs:
+            completed.input.append(mc.ModelInput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
+    if not completed.output:
+        for spec in outputs:
+            completed.output.append(mc.ModelOutput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
+    return completed

@@ -17,10 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
 from builders.errors import KilnError, NotFoundError, RepositoryError, UnavailableError
-from builders.model_config import config_tensors
+from builders.inspection import graph_inputs, value_spec
+from builders.model_config import complete_io, config_tensors
 from builders.repository import ModelEntry, check_model_name, read_model, repository_root, verify_version
 from server.backends.runner import DEFAULT_FILENAMES, Runner, RunnerFactory, RunnerSpec, create_runner
 from server.batching import Arrays, Batcher, BatchPolicy, Timing
@@ -199,6 +201,8 @@ class ModelStore:
             raise RepositoryError(f"model {entry.name!r}: {entry.config_error}; fix or republish it")
         config = _named(entry.config, entry.name)
         chosen = select_versions(entry, config)
+        if chosen and (not config.input or not config.output):
+            config = _complete_io_from_artifact(entry, config, chosen[-1])
         loop = asyncio.get_running_loop()
         built: dict[int, ServedVersion] = {}
         try:
@@ -268,6 +272,21 @@ def _intra_op_threads(config: mc.ModelConfig, default: int) -> int:
         if text.isdigit() and int(text) > 0:
             return int(text)
     return default
+
+
+def _complete_io_from_artifact(entry: ModelEntry, config: mc.ModelConfig, version: int) -> mc.ModelConfig:
+    """Triton auto-completes a config without input/output sections from the ONNX model; so do we."""
+    filename = config.default_model_filename or DEFAULT_FILENAMES.get(config.platform or config.backend, "model.onnx")
+    artifact = entry.path / str(version) / filename
+    if not filename.endswith(".onnx") or not artifact.exists():
+        return config
+    try:
+        model = onnx.load(str(artifact), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError and friends for corrupt files
+        raise RepositoryError(f"model {entry.name!r}: cannot read {artifact} to complete its config: {err}") from err
+    inputs = tuple(value_spec(v) for v in graph_inputs(model))
+    outputs = tuple(value_spec(v) for v in model.graph.output)
+    return complete_io(config, inputs, outputs)
 
 
 def _named(config: mc.ModelConfig, name: str) -> mc.ModelConfig:

@@ -470,8 +470,6 @@ def test_sync_routes_interval_must_be_positive(tmp_path: Path, capsys) -> None:
     assert "--interval" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="server/model_store.py: a config.pbtxt without input/output sections "
-                   "(Triton auto-completes them from the ONNX model) loads with no inputs, so every request fails")
 def test_serve_autocompletes_io_like_triton(tmp_path: Path, example_model: Path) -> None:
     import tritonclient.grpc as tc
 
@@ -484,5 +482,8 @@ def test_serve_autocompletes_io_like_triton(tmp_path: Path, example_model: Path)
         tensor.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
         try:
             assert client.infer("plain", [tensor]).as_numpy("logits").shape == (1, 10)
+            config = client.get_model_config("plain").config
+            assert [i.name for i in config.input] == ["input"] and list(config.input[0].dims) == [1, 8, 8]
+            assert [o.name for o in config.output] == ["logits"]
         finally:
             client.close()
