@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 DISTINCT_REQUESTS = 16
+BACKLOG = "CLIENT_BACKLOG"  # open loop: an arrival found max_in_flight requests outstanding
 VARIANT_KEY = "kiln-variant"  # trailing metadata the Kiln gateway sets on every response
 Send = Callable[[bytes], Awaitable[str]]  # returns the serving variant ("" when not tracked)
 PointHook = Callable[[LoadPoint], None]
@@ -58,6 +59,7 @@ class BenchConfig:
     timeout_s: float = 30.0
     seed: int = 0
     max_message_bytes: int = 256 * 2**20
+    max_in_flight: int = 4096  # open loop only
     by_variant: bool = False  # read ``kiln-variant`` from each response's trailing metadata
 
     def check(self) -> None:
@@ -69,6 +71,8 @@ class BenchConfig:
             raise InvalidInputError(f"--duration must be > 0 seconds, got {self.duration_s}")
         if self.requests is not None and self.requests < 1:
             raise InvalidInputError(f"--requests must be >= 1, got {self.requests}")
+        if self.max_in_flight < 1:
+            raise InvalidInputError(f"max in flight must be >= 1, got {self.max_in_flight}")
         if self.batch < 1:
             raise InvalidInputError(f"--batch must be >= 1, got {self.batch}")
         if self.warmup_s < 0:
@@ -121,7 +125,7 @@ async def _run_point(
 ) -> LoadPoint:
     if config.rates:
         rng = np.random.default_rng(config.seed)
-        return await open_loop(send, payloads, float(load), duration_s, requests, rng)
+        return await open_loop(send, payloads, float(load), duration_s, requests, rng, config.max_in_flight)
     return await closed_loop(send, payloads, int(load), duration_s, requests)
 
 
@@ -160,8 +164,14 @@ async def open_loop(
     duration_s: float | None,
     requests: int | None,
     rng: np.random.Generator,
+    max_in_flight: int = 4096,
 ) -> LoadPoint:
-    """Poisson arrivals at ``rate``/s; each latency counts from its scheduled send time."""
+    """Poisson arrivals at ``rate``/s; each latency counts from its scheduled send time.
+
+    At most ``max_in_flight`` requests are outstanding: an arrival beyond that is not sent and
+    counts as ``CLIENT_BACKLOG`` (the endpoint is not keeping up with the offered rate), so a
+    mistyped rate cannot exhaust the client's memory and the overload is visible, not hidden.
+    """
     tally = _Tally()
     tasks: set[asyncio.Task[None]] = set()
     lags: list[int] = []
@@ -180,6 +190,11 @@ async def open_loop(
         if delay > 0:
             await asyncio.sleep(delay / 1e9)
         lags.append(time.perf_counter_ns() - due)
+        if len(tasks) >= max_in_flight:
+            tally.add(BACKLOG, "", 0, f"{max_in_flight} requests already in flight; arrival not sent")
+            count += 1
+            scheduled += rng.exponential(1e9 / rate)
+            continue
         task = asyncio.get_running_loop().create_task(one(payloads[count % len(payloads)], due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

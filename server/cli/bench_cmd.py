@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, default=None, help=".npz with one array per input name (default random)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per level, not measured")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
+    parser.add_argument("--max-in-flight", type=int, default=4096,
+                        help="open loop: arrivals beyond this many outstanding requests are counted as "
+                             "CLIENT_BACKLOG instead of sent (default 4096)")
     parser.add_argument(
         "--by-variant", action="store_true", help="also report percentiles per gateway variant (kiln-variant)"
     )
@@ -68,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         warmup_s=args.warmup,
         timeout_s=args.timeout,
         by_variant=args.by_variant,
+        max_in_flight=args.max_in_flight,
     )
 
 
