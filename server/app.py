@@ -92,11 +92,21 @@ class _Server:
                 f"models {unknown} are not in repository {str(self.store.root)!r}; it holds {list(available)}"
             )
         results = await asyncio.gather(*(self.store.load(n) for n in names), return_exceptions=True)
+        failed: list[str] = []
         for name, result in zip(names, results, strict=True):
             if isinstance(result, KilnError):
                 logger.warning("model %s did not load: %s", name, result)
+                failed.append(f"{name}: {result}")
             elif isinstance(result, BaseException):
                 raise result
+        if failed and self.options.models is not None:
+            # models named explicitly must all serve (Triton's --exit-on-error); in whole-repository
+            # mode the others still serve, so a GPU plan on a CPU host does not block ONNX models
+            raise UnavailableError(
+                "models named with --models did not load: " + "; ".join(failed) + "; fix them or leave them out"
+            )
+        if not names:
+            logger.warning("repository %s holds no models; nothing is served until one is loaded", self.store.root)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new RPCs, let in-flight ones finish (up to ``grace_s``), then release models."""

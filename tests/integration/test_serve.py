@@ -286,3 +286,14 @@ def test_shutdown_drains_in_flight_requests(repo: Path) -> None:
     assert results == ["ok", "ok", "ok"]
     with pytest.raises(InferenceServerException), tc.InferenceServerClient(handle.url) as c:
         c.is_server_live()
+
+
+def test_explicitly_named_model_that_fails_to_load_stops_start_up(tmp_path: Path) -> None:
+    from builders.errors import UnavailableError
+
+    broken = tmp_path / "repo" / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / "model.onnx").write_bytes(b"not onnx")
+    (broken / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 0\n')
+    with pytest.raises(UnavailableError, match="models named with --models did not load: broken"):
+        start_server(tmp_path / "repo", port=0, models=["broken"])
