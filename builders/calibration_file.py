@@ -25,7 +25,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 import builders
+from builders.atomic_file import write_atomic
 from builders.errors import InvalidInputError, NotFoundError
 
 FORMAT = "kiln-calibration"
@@ -352,17 +352,6 @@ def read_trt_cache(path: str | os.PathLike[str]) -> CalibrationTable:
 def _write_atomic(path: Path, payload: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        write_atomic(path, payload)
     except OSError as err:
-        raise InvalidInputError(
-            f"cannot write {str(path)!r}: {err}; choose a writable folder"
-        ) from err
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise InvalidInputError(f"cannot write {str(path)!r}: {err}") from err
+        raise InvalidInputError(f"cannot write {str(path)!r}: {err}; choose a writable folder") from err

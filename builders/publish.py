@@ -22,6 +22,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from builders.atomic_file import write_atomic
 from builders.errors import ConflictError, KilnError, RepositoryError
 from builders.manifest import MANIFEST_NAME, file_checksums
 from builders.model_config import config_tensors, config_text, parse_config
@@ -51,21 +52,6 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _prepare_model_dir(repo: Path, name: str) -> tuple[Path, bool]:
