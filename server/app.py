@@ -75,7 +75,10 @@ class _Server:
         try:
             self.port = self.grpc.add_insecure_port(address)
         except RuntimeError as err:
-            raise UnavailableError(f"cannot listen on {address} ({err}); pick another --port") from err
+            raise UnavailableError(
+                f"cannot listen on {address} ({err}): the port is in use or the address is not on this machine; "
+                "pick another --port or --host"
+            ) from err
         await self.grpc.start()
         await self._load_models()
         self.ready = True
