@@ -110,7 +110,13 @@ def verify_version(entry: ModelEntry, version: VersionInfo) -> list[str]:
     problems: list[str] = []
     where = f"{entry.name}/{version.version}"
     if version.manifest is None:
-        return [f"{where}: {MANIFEST_NAME} missing or unreadable"]
+        problems.append(
+            f"{where}: {MANIFEST_NAME} missing or unreadable (not published by Kiln, or damaged): "
+            "checksums cannot be verified"
+        )
+        artifact_name = (entry.config.default_model_filename if entry.config else "") or "model.onnx"
+        problems.extend(_config_vs_artifact(entry, version, artifact_name))
+        return problems
     recorded = version.manifest.get("files", {})
     actual = file_checksums(version.path)
     for rel, info in recorded.items():
@@ -123,10 +129,15 @@ def verify_version(entry: ModelEntry, version: VersionInfo) -> list[str]:
     for rel in actual:
         if rel not in recorded:
             problems.append(f"{where}: file {rel!r} is not listed in {MANIFEST_NAME}")
-    artifact = version.manifest.get("artifact", "model.onnx")
-    if entry.config is not None and artifact.endswith(".onnx") and (version.path / artifact).exists():
-        problems.extend(f"{where}: {p}" for p in _artifact_mismatches(entry.config, version.path / artifact))
+    problems.extend(_config_vs_artifact(entry, version, version.manifest.get("artifact", "model.onnx")))
     return problems
+
+
+def _config_vs_artifact(entry: ModelEntry, version: VersionInfo, artifact: str) -> list[str]:
+    if entry.config is None or not artifact.endswith(".onnx") or not (version.path / artifact).exists():
+        return []
+    where = f"{entry.name}/{version.version}"
+    return [f"{where}: {p}" for p in _artifact_mismatches(entry.config, version.path / artifact)]
 
 
 def _artifact_mismatches(config: mc.ModelConfig, artifact: Path) -> list[str]:

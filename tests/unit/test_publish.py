@@ -137,3 +137,14 @@ def test_verify_finds_config_artifact_mismatch(tmp_path: Path, linear_model: Pat
     assert any("'scores' is in config.pbtxt but not in the artifact" in p for p in problems)
     cfg.write_text("garbage {")
     assert any("does not parse" in p for p in verify_repository(repo))
+
+
+def test_verify_still_checks_config_against_artifact_without_a_manifest(tmp_path: Path, linear_model: Path) -> None:
+    repo = tmp_path / "repo"
+    published = _publish(repo, linear_model)
+    (published.path / "kiln.json").unlink()
+    cfg = repo / "lin-fp32-ort" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('name: "probs"', 'name: "scores"'))
+    problems = verify_repository(repo)
+    assert any("kiln.json missing or unreadable" in p for p in problems)
+    assert any("'scores' is in config.pbtxt but not in the artifact" in p for p in problems)
