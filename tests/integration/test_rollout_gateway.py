@@ -47,7 +47,10 @@ def plan(model: str, version: str = "", **changes: Any) -> RolloutPlan:
 
 def test_healthy_candidate_is_promoted_and_becomes_the_baseline(upstream: ServerHandle, tmp_path: Path) -> None:
     with start(upstream) as gw, Load(gw.address, "digits") as load:
-        run = run_rollout(gw, plan("next-fp32-ort"), timeout_s=40)
+        # the same model twice: p99 of a few dozen requests in 0.4 s windows is noise on a shared
+        # 2-core box, so this test judges the flow with a loose latency SLO (the slow test checks p99)
+        healthy = plan("next-fp32-ort", slos={"max_error_rate": 0.02, "max_p99_ratio": 10.0, "min_agreement": 0.95})
+        run = run_rollout(gw, healthy, timeout_s=40)
         load.stop()
         assert run.outcome == "promoted", [(e["kind"], e["message"], e["figures"]) for e in run.events]
         kinds = [e["kind"] for e in run.events]
