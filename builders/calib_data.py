@@ -184,11 +184,11 @@ def load_dataset(
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             raise InvalidInputError(f"{str(path)!r} is a single image; pass the folder that holds the images")
-        groups = [_group_from_arrays(_read_npz(path), specs, str(path))]
+        groups = [_group_from_arrays(read_npz(path), specs, str(path))]
     else:
         npz = sorted(p for p in path.rglob("*.npz") if p.is_file())
         if npz:
-            groups = [_group_from_arrays(_read_npz(p), specs, str(p)) for p in npz]
+            groups = [_group_from_arrays(read_npz(p), specs, str(p)) for p in npz]
         else:
             groups = _image_groups(path, specs, preprocess or ImagePreprocess())
     merged = _merge_by_shape(groups)
@@ -203,17 +203,21 @@ def load_dataset(
     return dataset
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    how = "save it with numpy.savez(path, **{input_name: batch_first_array})"
+NPZ_HOW = "save it with numpy.savez(path, **{input_name: batch_first_array})"
+
+
+def read_npz(path: Path, what: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz by key; ``what`` names the file in errors (default: its path)."""
+    what = what or repr(str(path))
     try:
         with open(path, "rb") as handle:  # numpy leaks its own handle when the zip is corrupt
             loaded = np.load(handle, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise InvalidInputError(f"{str(path)!r} is a single .npy array, not an .npz keyed by input name; {how}")
+                raise InvalidInputError(f"{what} is a single .npy array, not an .npz keyed by input name; {NPZ_HOW}")
             with loaded as data:
                 return {k: np.asarray(data[k]) for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise InvalidInputError(f"{str(path)!r} is not a readable .npz of numeric arrays ({err}); {how}") from err
+        raise InvalidInputError(f"{what} is not a readable .npz of numeric arrays ({err}); {NPZ_HOW}") from err
 
 
 def _group_from_arrays(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpec], where: str) -> ShapeGroup:

@@ -47,14 +47,7 @@ def render_config(
     config = mc.ModelConfig(name=name, platform=PLATFORMS[target], max_batch_size=options.max_batch_size)
     config.default_model_filename = ARTIFACTS[target]
     batched = options.max_batch_size > 0
-    for spec in inputs:
-        config.input.append(
-            mc.ModelInput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched))
-        )
-    for spec in outputs:
-        config.output.append(
-            mc.ModelOutput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched))
-        )
+    add_tensors(config, inputs, outputs)
     if batched and options.dynamic_batching:
         preferred = options.preferred_batch_sizes or _default_preferred(options.max_batch_size)
         config.dynamic_batching.preferred_batch_size.extend(preferred)
@@ -66,6 +59,17 @@ def render_config(
     for cc, filename in sorted(options.cc_model_filenames.items()):
         config.cc_model_filenames[cc] = filename
     return config
+
+
+def add_tensors(
+    config: mc.ModelConfig, inputs: tuple[TensorSpec, ...] = (), outputs: tuple[TensorSpec, ...] = ()
+) -> None:
+    """Append input/output sections; dims exclude the batch axis when ``config.max_batch_size`` > 0."""
+    batched = config.max_batch_size > 0
+    for spec in inputs:
+        config.input.append(mc.ModelInput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
+    for spec in outputs:
+        config.output.append(mc.ModelOutput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
 
 
 def _default_preferred(max_batch: int) -> list[int]:
@@ -172,11 +176,5 @@ def complete_io(
     """
     completed = mc.ModelConfig()
     completed.CopyFrom(config)
-    batched = config.max_batch_size > 0
-    if not completed.input:
-        for spec in inputs:
-            completed.input.append(mc.ModelInput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
-    if not completed.output:
-        for spec in outputs:
-            completed.output.append(mc.ModelOutput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
+    add_tensors(completed, () if completed.input else inputs, () if completed.output else outputs)
     return completed

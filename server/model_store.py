@@ -223,9 +223,7 @@ class ModelStore:
                 raise RepositoryError(
                     f"model {entry.name!r} version {version} fails verification: {'; '.join(problems)}"
                 )
-        filename = config.default_model_filename or DEFAULT_FILENAMES.get(
-            config.platform or config.backend, "model.onnx"
-        )
+        filename = artifact_name(config)
         platform = config.platform or ("onnxruntime_onnx" if config.backend == "onnxruntime" else config.backend)
         threads = _intra_op_threads(config, self.options.intra_op_threads)
         runners: list[Runner] = []
@@ -274,9 +272,14 @@ def _intra_op_threads(config: mc.ModelConfig, default: int) -> int:
     return default
 
 
+def artifact_name(config: mc.ModelConfig) -> str:
+    """The file a version directory holds for this config (Triton's defaults per platform)."""
+    return config.default_model_filename or DEFAULT_FILENAMES.get(config.platform or config.backend, "model.onnx")
+
+
 def _complete_io_from_artifact(entry: ModelEntry, config: mc.ModelConfig, version: int) -> mc.ModelConfig:
     """Triton auto-completes a config without input/output sections from the ONNX model; so do we."""
-    filename = config.default_model_filename or DEFAULT_FILENAMES.get(config.platform or config.backend, "model.onnx")
+    filename = artifact_name(config)
     artifact = entry.path / str(version) / filename
     if not filename.endswith(".onnx") or not artifact.exists():
         return config

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from builders.calib_data import NPZ_HOW, read_npz
 from builders.errors import InvalidInputError, NotFoundError, UnavailableError
 from builders.tensors import numpy_dtype_from_kserve
 from server.bench.stats import BenchResult, LoadPoint, make_point
@@ -293,21 +293,12 @@ def _load_data(path: Path, inputs: list[pb.ModelMetadataResponse.TensorMetadata]
     """The --data arrays, one per model input, checked against the model's metadata."""
     if not path.is_file():
         raise NotFoundError(f"--data {str(path)!r} does not exist; pass an .npz with one array per input name")
-    how = "save it with numpy.savez(path, **{input_name: batch_first_array})"
-    try:
-        with open(path, "rb") as handle:  # numpy leaks its own handle when the zip is corrupt
-            loaded = np.load(handle, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise InvalidInputError(f"--data {str(path)!r} is a single .npy array, not an .npz; {how}")
-            with loaded as npz:
-                data = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise InvalidInputError(f"--data {str(path)!r} is not a readable .npz file ({err}); {how}") from err
+    data = read_npz(path, f"--data {str(path)!r}")
     names = [t.name for t in inputs]
     missing = [n for n in names if n not in data]
     if missing:
         raise InvalidInputError(
-            f"--data {str(path)!r} has keys {sorted(data)}; the model needs inputs {missing}; {how}"
+            f"--data {str(path)!r} has keys {sorted(data)}; the model needs inputs {missing}; {NPZ_HOW}"
         )
     for tensor in inputs:
         _check_rows(path, tensor, data[tensor.name])

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from builders.errors import InvalidInputError, NotFoundError
 from server.gateway.client import DEFAULT_ADMIN_URL, DEFAULT_TOKEN_ENV, AdminClient, read_token
-from server.rollout.plan import yaml_error_text
+from server.gateway.config import yaml_error_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

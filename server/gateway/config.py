@@ -271,13 +271,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error as 'line L, column C: problem' (PyYAML's own text names '<unicode string>')."""
+def yaml_error_text(err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: where it is and what is wrong (no '<unicode string>')."""
     mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
-    if mark is None:
-        return str(problem)
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def load_config(path: Path) -> GatewayConfig:
@@ -294,7 +293,7 @@ def load_config(path: Path) -> GatewayConfig:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise InvalidInputError(f"gateway config {str(path)!r} is not valid YAML: {yaml_problem(err)}") from err
+        raise InvalidInputError(f"gateway config {str(path)!r} is not valid YAML: {yaml_error_text(err)}") from err
     if not isinstance(data, dict):
         raise InvalidInputError(f"gateway config {str(path)!r} must be a mapping, got {type(data).__name__}")
     return parse_config(data, f"gateway config {str(path)!r}")

@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from builders.errors import InvalidInputError, NotFoundError
+from server.gateway.config import yaml_error_text
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -163,14 +164,6 @@ def load_plan(path: Path) -> RolloutPlan:
             f"rollout plan {str(path)!r} is not valid YAML ({yaml_error_text(err)}); fix its syntax"
         ) from err
     return plan_from_mapping(data, repr(str(path)))
-
-
-def yaml_error_text(err: yaml.YAMLError) -> str:
-    """One line for a YAML syntax error: where it is and what is wrong (no '<unicode string>')."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{problem}"
 
 
 def parse_steps(text: str) -> tuple[float, ...]:

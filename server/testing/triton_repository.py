@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from builders.errors import InvalidInputError, NotFoundError
 from builders.inspection import external_data_files, graph_inputs, load_model, value_spec
+from builders.model_config import add_tensors
 from builders.tensors import TensorSpec
 from server.testing import triton_python_model
 
@@ -81,35 +82,20 @@ def python_backend_config(
     """The ModelConfig (without instance group) of a Python-backend model with these tensors."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
     batched = max_batch_size > 0
-    for spec in inputs:
-        config.input.append(mc.ModelInput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
-    for spec in outputs:
-        config.output.append(mc.ModelOutput(name=spec.name, data_type=_dtype(spec), dims=_dims(spec, batched)))
     if batched:
         for spec in inputs + outputs:
             _check_batch_axis(spec, max_batch_size)
+    add_tensors(config, inputs, outputs)
     if batched and dynamic_batching:
         config.dynamic_batching.SetInParent()
     return config
 
 
-def _dtype(spec: TensorSpec) -> int:
-    try:
-        return int(mc.DataType.Value(spec.triton_dtype))
-    except ValueError as err:
-        raise InvalidInputError(f"tensor {spec.name!r} has dtype {spec.dtype!r}: {err}") from err
-
-
-def _dims(spec: TensorSpec, batched: bool) -> list[int]:
-    dims = list(spec.numeric_shape)
-    if not dims and batched:
+def _check_batch_axis(spec: TensorSpec, max_batch_size: int) -> None:
+    if not spec.numeric_shape:
         raise InvalidInputError(
             f"tensor {spec.name!r} has no dimensions (scalar or unknown shape); use max_batch_size=0"
         )
-    return dims[1:] if batched else dims
-
-
-def _check_batch_axis(spec: TensorSpec, max_batch_size: int) -> None:
     first = spec.numeric_shape[0]
     if first != -1:
         raise InvalidInputError(
