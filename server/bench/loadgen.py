@@ -72,7 +72,7 @@ class BenchConfig:
         if self.requests is not None and self.requests < 1:
             raise InvalidInputError(f"--requests must be >= 1, got {self.requests}")
         if self.max_in_flight < 1:
-            raise InvalidInputError(f"max in flight must be >= 1, got {self.max_in_flight}")
+            raise InvalidInputError(f"--max-in-flight must be >= 1, got {self.max_in_flight}")
         if self.batch < 1:
             raise InvalidInputError(f"--batch must be >= 1, got {self.batch}")
         if self.warmup_s < 0:

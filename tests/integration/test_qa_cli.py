@@ -205,6 +205,12 @@ def _bench(server: ServerHandle, *extra: str) -> int:
                  "--warmup", "0", *extra])
 
 
+def test_bench_open_loop_needs_room_for_one_request(digits_server: ServerHandle, capsys) -> None:
+    assert _bench(digits_server, "--rate", "10", "--max-in-flight", "0") == 2
+    err = capsys.readouterr().err
+    assert "--max-in-flight must be >= 1, got 0" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("kind", ["npy", "truncated", "zero_rows", "scalar"])
 def test_bench_unusable_data_is_one_message(tmp_path: Path, digits_server: ServerHandle, digits_x: np.ndarray,
                                             kind: str, capsys) -> None:
