@@ -32,12 +32,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_harness import cnn_repo, digits_repo, kiln_serve, measure, mlp_repo, write_bars, write_results
-
-from server.backends.onnxruntime import OrtRunner
+from harness.serve_bench import cnn_repo, digits_repo, kiln_serve, measure, mlp_repo, write_bars, write_results
+from runtime.onnxruntime import OrtRunner
 
 
 def model_run_us(path: Path, name: str, shape: tuple[int, ...], runs: int) -> float:

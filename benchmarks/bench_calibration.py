@@ -36,9 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builders.errors import NotFoundError  # noqa: E402
 from builders.histogram import AbsHistogram  # noqa: E402
 from builders.thresholds import entropy_amax, entropy_amax_reference  # noqa: E402
+from core.errors import NotFoundError  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCH = 64

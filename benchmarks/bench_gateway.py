@@ -5,8 +5,8 @@ example digits model and a 224x224 CNN, the gateway (``server.gateway.app.start_
 server flavours, the floors (a bare grpc.aio pass-through; nghttpx and the C++ generic gRPC proxy
 prototype of ``native_proxy/`` on its two transports, when this machine has them) and this load
 generator (a grpc.aio closed loop sending pre-serialized ModelInferRequest bytes, the same client
-for every path). Helpers live in ``gateway_harness.py`` (models, load, measurement, profiles) and
-``gateway_roles.py`` (the child processes).
+for every path). Helpers live in ``harness/gateway_bench.py`` (models, load, measurement, profiles) and
+``harness/gateway_roles.py`` (the child processes).
 
 Regime (a), the issue's conditions (digits, ~0.1 ms of inference): throughput through the gateway /
 direct at concurrency 16 (goal >= 0.85), added p50 at concurrency 1 (goal <= 300 µs), the CPU-bound
@@ -35,10 +35,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import gateway_harness as h  # noqa: E402
-import gateway_roles as roles  # noqa: E402
+import harness.gateway_bench as h  # noqa: E402
+import harness.gateway_roles as roles  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LABELS = {

@@ -26,12 +26,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_harness import grpc_echo, identity_repo, kiln_serve, measure, write_results
-
-from server.backends.onnxruntime import OrtRunner
+from harness.serve_bench import grpc_echo, identity_repo, kiln_serve, measure, write_results
+from runtime.onnxruntime import OrtRunner
 
 
 def in_process_p50_us(model: Path, seconds: float) -> float:

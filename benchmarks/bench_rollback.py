@@ -22,13 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from builders.examples import example_model_path  # noqa: E402
-from builders.pipeline import BuildRequest, build_model  # noqa: E402
+from builders.pipeline import build_model  # noqa: E402
+from builders.request import BuildRequest  # noqa: E402
+from harness.rollout import Load  # noqa: E402
 from server.app import start_server  # noqa: E402
 from server.gateway.app import start_gateway  # noqa: E402
 from server.rollout.machine import Command  # noqa: E402
 from server.rollout.plan import plan_from_mapping  # noqa: E402
 from server.rollout.plugin import controller_for  # noqa: E402
-from tests.integration.rollout_support import Load  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

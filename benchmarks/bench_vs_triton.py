@@ -20,12 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_harness import cnn_repo, digits_repo, kiln_serve, measure, write_bars, write_results
-
-from builders.errors import KilnError
+from core.errors import KilnError
+from harness.serve_bench import cnn_repo, digits_repo, kiln_serve, measure, write_bars, write_results
 
 LEVELS = (1, 16)
 
@@ -47,7 +45,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     try:
-        from server.testing.triton import (
+        from harness.triton.cli import (
             default_venv_path,
             ensure_triton_venv,
             start_triton,
@@ -56,7 +54,7 @@ def main() -> None:
 
         install = ensure_triton_venv(default_venv_path())
     except (ImportError, KilnError) as err:
-        print(f"SKIPPED: the real Triton server is not available here ({err}); run benchmarks/triton_setup.sh")
+        print(f"SKIPPED: the real Triton server is not available here ({err}); run harness/triton_setup.sh")
         write_results("serve_vs_triton", {"skipped": str(err)})
         return
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:

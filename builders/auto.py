@@ -12,17 +12,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
 from builders.calib_data import Dataset
 from builders.calibrate import Calibration
+from builders.prepare import BuildData, PreparedOnnx, prepare_onnx
 from builders.qdq_placement import TRT_QUANTIZED_OPS
 from builders.quantize import prepare_model
+from builders.request import BuildRequest, Int8Options
 from builders.validate import (
     Validation,
+    choose_fastest,
     compare,
     latency_batches,
     make_session,
@@ -31,10 +34,6 @@ from builders.validate import (
     validate,
     with_speedup,
 )
-
-if TYPE_CHECKING:
-    from builders.int8_build import BuildData, Int8Options, PreparedOnnx
-    from builders.pipeline import BuildRequest
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +87,6 @@ def layer_sensitivity(
     request: BuildRequest, model: onnx.ModelProto, calibration: Calibration, data: Dataset, workdir: Path
 ) -> dict[str, float]:
     """Output MSE vs FP32 with only one layer quantized, per compute layer (higher = more sensitive)."""
-    from builders.int8_build import prepare_onnx
-
     all_nodes = [n.name for n in prepare_model(model).model.graph.node]
     reference, _ = predict(make_session(request.model), data, 256)
     scores: dict[str, float] = {}
@@ -113,8 +110,6 @@ def search_precision(
     workdir: Path,
 ) -> tuple[PreparedOnnx, Validation, dict[str, Path], dict[str, Any]]:
     """Run the search; returns the chosen candidate, its validation, files to publish, details."""
-    from builders.int8_build import prepare_onnx
-
     def evaluate(label: str, precision: str, excluded: tuple[str, ...] = ()) -> Candidate:
         prepared = prepare_onnx(
             request, model, precision, workdir, calibration=calibration if precision == "int8" else None,
@@ -137,8 +132,7 @@ def search_precision(
     candidates.append(evaluate("fp16", "fp16"))
     candidates.append(evaluate("fp32", "fp32"))
     candidates = time_together(request, candidates, data.evaluation, opts, batch)
-    passing = [c for c in candidates if c.validation.passed] or [candidates[-1]]
-    chosen = max(passing, key=lambda c: (c.row()["speedup_max_batch"], c.row()["speedup_batch1"]))
+    chosen = candidates[choose_fastest([c.validation for c in candidates])]
     rows = [c.row() for c in candidates]
     table = table_markdown(rows, chosen.label)
     files = {TABLE_FILE: workdir / TABLE_FILE, PLOT_FILE: workdir / PLOT_FILE}

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from builders.errors import InvalidInputError, NotFoundError
 from builders.tensors import TensorSpec
+from core.errors import InvalidInputError, NotFoundError
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from builders.calib_data import Dataset
 from builders.calibration_file import CalibrationTable, to_trt_cache, write_trt_cache
-from builders.errors import InvalidInputError, RepositoryError
 from builders.histogram import DEFAULT_NUM_BINS, AbsHistogram
 from builders.quantize import TensorRange, calibration_tensors, fold_constants, save_model
 from builders.thresholds import DEFAULT_PERCENTILE, METHODS, choose_amaxes
+from core.errors import InvalidInputError, RepositoryError
 
 logger = logging.getLogger(__name__)
 

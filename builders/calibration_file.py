@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 import builders
-from builders.atomic_file import write_atomic
-from builders.errors import InvalidInputError, NotFoundError
+from core.atomic_file import write_atomic
+from core.errors import InvalidInputError, NotFoundError
 
 FORMAT = "kiln-calibration"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from builders.errors import InvalidInputError
+from core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 

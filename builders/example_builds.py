@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from builders.examples import example_data_path, example_model_path
-from builders.pipeline import BuildRequest, BuildResult, build_model
+from builders.pipeline import build_model
+from builders.request import BuildRequest, BuildResult, Int8Options
 
 BAD_AMAX_SCALE = 0.05  # every threshold at 5% of its calibrated value: heavy clipping
 
@@ -17,7 +18,7 @@ def build_example_int8(repo: Path, *, name: str = "digits", cache_dir: Path | No
     (a disjoint 30% of the data is held out for validation). The Triton model is ``NAME-int8-ort``;
     ``result.published.path / "report.md"`` is the validation report.
     """
-    return build_model(_request(repo, name, cache_dir, {}))
+    return build_model(_request(repo, name, Int8Options(calib=example_data_path(), cache_dir=cache_dir)))
 
 
 def build_example_bad_int8(
@@ -29,11 +30,11 @@ def build_example_bad_int8(
     anyway as the next version of ``NAME-int8-ort``; kiln.json records ``validation.gate`` with
     ``passed: false, overridden: true``. This is the candidate a rollout should roll back.
     """
-    return build_model(_request(repo, name, cache_dir, {"amax_scale": amax_scale, "skip_gate": True}))
+    options = Int8Options(calib=example_data_path(), cache_dir=cache_dir, amax_scale=amax_scale, skip_gate=True)
+    return build_model(_request(repo, name, options))
 
 
-def _request(repo: Path, name: str, cache_dir: Path | None, extra: dict[str, object]) -> BuildRequest:
-    options: dict[str, object] = {"calib": example_data_path(), "cache_dir": cache_dir, **extra}
+def _request(repo: Path, name: str, options: Int8Options) -> BuildRequest:
     return BuildRequest(
-        model=example_model_path(), name=name, precision="int8", target="ort", repo=Path(repo), options=options
+        model=example_model_path(), name=name, precision="int8", target="ort", repo=Path(repo), int8=options
     )

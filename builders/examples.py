@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MODEL_FILE = "digits.onnx"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from builders.errors import InvalidInputError
+from core.errors import InvalidInputError
 
 DEFAULT_NUM_BINS = 2048
 # Values are processed in slices of this many elements so that the float64 copy of |x| made for

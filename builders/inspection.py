@@ -17,8 +17,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from builders.errors import InvalidInputError, NotFoundError
 from builders.tensors import Dim, TensorSpec, onnx_elem_to_numpy
+from core.errors import InvalidInputError, NotFoundError
 
 
 @dataclass(frozen=True)

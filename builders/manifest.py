@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from builders import __version__
-from builders.errors import RepositoryError
 from builders.inspection import file_sha256
+from core.errors import RepositoryError
+from runtime.layout import MANIFEST_NAME
 
-MANIFEST_NAME = "kiln.json"
 FORMAT_VERSION = 1
 
 

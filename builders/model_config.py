@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import InvalidInputError
 from builders.tensors import TensorSpec, triton_to_numpy
+from core.errors import InvalidInputError
 
 PLATFORMS = {"ort": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 ARTIFACTS = {"ort": "model.onnx", "tensorrt": "model.plan"}

@@ -16,29 +16,22 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.atomic_file import write_atomic
-from builders.errors import ConflictError, KilnError, RepositoryError
-from builders.manifest import MANIFEST_NAME, file_checksums
-from builders.model_config import config_tensors, config_text, parse_config
-from builders.repository import CONFIG_NAME, check_model_name, list_versions, repository_root
+from builders.inspection import ModelInfo
+from builders.manifest import MANIFEST_NAME, build_manifest, file_checksums
+from builders.model_config import ServingOptions, config_tensors, config_text, parse_config, render_config
+from builders.repository import CONFIG_NAME, Published, check_model_name, list_versions, repository_root
+from builders.request import BuildRequest
+from core.atomic_file import write_atomic
+from core.errors import ConflictError, KilnError, RepositoryError
 
 logger = logging.getLogger(__name__)
 
 StageHook = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Published:
-    model: str
-    version: int
-    path: Path
-    manifest: dict[str, Any]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -176,3 +169,40 @@ def _claim_version(model_dir: Path, stage: Path, manifest: dict[str, Any]) -> in
         _fsync_dir(model_dir)
         return version
     raise RepositoryError(f"could not allocate a version in {str(model_dir)!r} after 1000 attempts")
+
+
+def publish_artifact(
+    request: BuildRequest,
+    info: ModelInfo,
+    artifact: Path,
+    batch: int,
+    *,
+    build_extra: dict[str, Any],
+    calibration: dict[str, Any] | None = None,
+    validation: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
+    serving: ServingOptions | None = None,
+    tools: dict[str, str] | None = None,
+) -> Published:
+    """Render config and manifest for an artifact and publish it as a new version."""
+    serving = serving or ServingOptions(
+        max_batch_size=batch,
+        instances=request.instances,
+        kind="KIND_GPU" if request.target == "tensorrt" else "KIND_CPU",
+    )
+    config = render_config(request.triton_name, request.target, info.inputs, info.outputs, serving)
+    manifest = build_manifest(
+        model_name=request.triton_name,
+        source_path=request.model,
+        source_sha256=info.sha256,
+        precision=request.precision,
+        target=request.target,
+        artifact=artifact.name,
+        files={},
+        build={"max_batch_size": batch, "instances": request.instances, **build_extra},
+        calibration=calibration,
+        validation=validation,
+        tools=tools,
+    )
+    files = {artifact.name: artifact, **(extra_files or {})}
+    return publish_version(request.repo, request.triton_name, files, config, manifest)

@@ -26,9 +26,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from builders.errors import InvalidInputError
 from builders.inspection import model_opset
 from builders.qdq_placement import MIN_PER_CHANNEL_OPSET, TRT_QUANTIZED_OPS, Placement, place_tensorrt
+from core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 

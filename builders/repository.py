@@ -13,12 +13,22 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import InvalidInputError, KilnError, NotFoundError, RepositoryError
 from builders.manifest import MANIFEST_NAME, file_checksums, read_manifest
 from builders.model_config import mismatches, parse_config
+from core.errors import InvalidInputError, KilnError, NotFoundError, RepositoryError
 
 CONFIG_NAME = "config.pbtxt"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Published:
+    """One version as ``publish_version`` left it: visible, complete, checksummed."""
+
+    model: str
+    version: int
+    path: Path
+    manifest: dict[str, Any]
 
 
 def is_version_dir(path: Path) -> bool:

@@ -1,7 +1,8 @@
-"""Every decision about a TensorRT plan, made on the CPU: profiles, settings, manifest, compatibility.
+"""Every build decision about a TensorRT plan, made on the CPU: profiles, settings, file names, manifest.
 
-``builders/tensorrt/engine.py`` only translates a ``PlanSettings`` into TensorRT calls; the
-runner only loads what ``select_plan`` chose. Nothing here imports tensorrt.
+``runtime.tensorrt.engine`` only translates a ``PlanSettings`` into TensorRT calls; whether a
+published plan runs on a machine is ``runtime.tensorrt.plan.select_plan``. Nothing here imports
+tensorrt.
 """
 
 from __future__ import annotations
@@ -12,52 +13,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from builders.errors import IncompatibleEngineError, InvalidInputError, MissingDependencyError
-from builders.hardware import INSTALL_HINT, GpuInfo, MachineInfo
+from builders.request import TensorRTOptions
 from builders.tensors import TensorSpec
+from core.errors import InvalidInputError, MissingDependencyError
+from runtime.machine import GpuInfo
+from runtime.tensorrt.plan import PLAN_PRECISIONS, PlanSettings, ShapeProfile
 
-PLAN_PRECISIONS = ("fp32", "fp16", "int8")
-HARDWARE_COMPAT = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_cc": "SAME_COMPUTE_CAPABILITY"}
-INT8_MODES = ("qdq", "calibrator")  # explicit Q/DQ (TensorRT 10 and 11) or TensorRT 10's calibrator
-# (built major, runtime major) pairs TensorRT documents for version-compatible plans across majors.
-CROSS_MAJOR_COMPATIBLE = {(8, 10), (10, 11)}
 TIMING_CACHE = Path(".kiln-cache") / "trt-timing.cache"
 _CC = re.compile(r"^\d+\.\d+$")
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """One input's optimization profile: min <= opt <= max on every axis."""
-
-    name: str
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    def describe(self) -> str:
-        def dims(shape: tuple[int, ...]) -> str:
-            return "x".join(str(d) for d in shape)
-
-        return f"{self.name}:{dims(self.min)},{dims(self.opt)},{dims(self.max)}"
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """How to build one plan; validated by ``make_settings``."""
-
-    precision: str
-    profiles: tuple[ShapeProfile, ...]
-    workspace_mb: int = 1024
-    opt_level: int = 3
-    hardware_compat: str = "none"
-    version_compat: bool = False
-    int8_mode: str = "qdq"
-    timing_cache: Path | None = None
-
-    @property
-    def strongly_typed(self) -> bool:
-        """Precision comes from the ONNX graph, except in TensorRT 10's calibrator mode."""
-        return not (self.precision == "int8" and self.int8_mode == "calibrator")
 
 
 def parse_dims(text: str, where: str) -> tuple[int, ...]:
@@ -174,35 +137,31 @@ def _example(model: tuple[int, ...], max_batch: int) -> str:
 def make_settings(
     precision: str,
     profiles: tuple[ShapeProfile, ...],
+    options: TensorRTOptions,
     *,
-    workspace_mb: int = 1024,
-    opt_level: int = 3,
-    hardware_compat: str = "none",
-    version_compat: bool = False,
-    int8_mode: str = "qdq",
     timing_cache: Path | None = None,
     tensorrt_version: str | None = None,
 ) -> PlanSettings:
-    """Validated PlanSettings; each bad value is named with what to pass instead."""
+    """PlanSettings for one precision; ``options`` were checked when made, this checks what needs the
+    precision, the profiles or the TensorRT version."""
     if precision not in PLAN_PRECISIONS:
         raise InvalidInputError(f"a plan's precision must be one of {list(PLAN_PRECISIONS)}, got {precision!r}")
-    if workspace_mb < 16:
-        raise InvalidInputError(f"--workspace-mb must be >= 16, got {workspace_mb}")
-    if not 0 <= opt_level <= 5:
-        raise InvalidInputError(f"--opt-level must be 0..5 (TensorRT builder optimization level), got {opt_level}")
-    if hardware_compat not in HARDWARE_COMPAT:
-        raise InvalidInputError(f"--hardware-compat must be one of {list(HARDWARE_COMPAT)}, got {hardware_compat!r}")
-    if int8_mode not in INT8_MODES:
-        raise InvalidInputError(f"int8 mode must be one of {list(INT8_MODES)}, got {int8_mode!r}")
     major = _major(tensorrt_version)
-    if int8_mode == "calibrator" and major is not None and major >= 11:
+    if options.int8_mode == "calibrator" and major is not None and major >= 11:
         raise InvalidInputError(
             f"TensorRT {tensorrt_version} removed INT8 calibrators; use explicit Q/DQ (int8 mode 'qdq')"
         )
     if not profiles:
         raise InvalidInputError("a plan needs at least one input profile")
     return PlanSettings(
-        precision, profiles, workspace_mb, opt_level, hardware_compat, version_compat, int8_mode, timing_cache
+        precision,
+        profiles,
+        options.workspace_mb,
+        options.opt_level,
+        options.hardware_compat,
+        options.version_compat,
+        options.int8_mode,
+        timing_cache,
     )
 
 
@@ -289,78 +248,3 @@ def plan_tools(tensorrt_version: str, plans: Sequence[BuiltPlan]) -> dict[str, s
         "gpu": ", ".join(sorted({p.gpu for p in plans})),
         "compute_capability": ", ".join(sorted({p.compute_capability for p in plans})),
     }
-
-
-# ---------------------------------------------------------------- compatibility
-
-
-def _trt_section(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    section = (manifest.get("build") or {}).get("tensorrt")
-    if not isinstance(section, dict) or not section.get("plans") or not section.get("version"):
-        raise IncompatibleEngineError(
-            f"kiln.json of {manifest.get('model')!r} version {manifest.get('version')} has no TensorRT build "
-            "record (build.tensorrt.version and plans); rebuild it with kiln build --target tensorrt"
-        )
-    return section
-
-
-def versions_compatible(built: str, here: str, version_compat: bool) -> bool:
-    """Same TensorRT version, or a version-compatible plan on the same or a documented later major."""
-    if built == here:
-        return True
-    if not version_compat:
-        return False
-    b, h = _version_tuple(built), _version_tuple(here)
-    if b[0] == h[0]:
-        return h >= b
-    return (b[0], h[0]) in CROSS_MAJOR_COMPATIBLE
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:4]) or (0,)
-
-
-def _gpu_fits(plan: Mapping[str, Any], gpu: GpuInfo, hardware_compat: str) -> bool:
-    if hardware_compat == "ampere_plus":
-        return gpu.compute_capability is not None and gpu.compute_capability >= (8, 0)
-    if hardware_compat == "same_cc":
-        return plan.get("compute_capability") == gpu.cc
-    return plan.get("gpu") == gpu.name and plan.get("compute_capability") == gpu.cc
-
-
-def select_plan(manifest: Mapping[str, Any], machine: MachineInfo, device: int = 0) -> str:
-    """The plan file to load on GPU ``device`` here; IncompatibleEngineError naming built-for vs here."""
-    section = _trt_section(manifest)
-    if machine.tensorrt_version is None or not machine.gpus:
-        absent = (("TensorRT", machine.tensorrt_version is None), ("a GPU", not machine.gpus))
-        missing = [name for name, gone in absent if gone]
-        raise MissingDependencyError(
-            f"plan {manifest.get('model')!r} needs {' and '.join(missing)}, absent on this machine; {INSTALL_HINT}"
-        )
-    if not 0 <= device < len(machine.gpus):
-        raise InvalidInputError(f"GPU {device} does not exist; this machine has {len(machine.gpus)} GPU(s)")
-    gpu = machine.gpus[device]
-    built_version = str(section["version"])
-    plans = [p for p in section["plans"] if isinstance(p, dict)]
-    built_for = "; ".join(f"{p.get('gpu')} (cc {p.get('compute_capability')})" for p in plans)
-    here = f"TensorRT {machine.tensorrt_version} on {gpu.name} (cc {gpu.cc})"
-    if not versions_compatible(built_version, machine.tensorrt_version, bool(section.get("version_compat"))):
-        raise IncompatibleEngineError(
-            f"plan {manifest.get('model')!r} version {manifest.get('version')} was built with TensorRT "
-            f"{built_version} for {built_for}; this machine has {here}. Rebuild it here with "
-            "kiln build --target tensorrt (or build with version compatibility)"
-        )
-    hardware_compat = str(section.get("hardware_compat") or "none")
-    for plan in sorted(plans, key=lambda p: p.get("compute_capability") != gpu.cc):
-        if _gpu_fits(plan, gpu, hardware_compat):
-            return str(plan["file"])
-    raise IncompatibleEngineError(
-        f"plan {manifest.get('model')!r} version {manifest.get('version')} was built with TensorRT "
-        f"{built_version} for {built_for} (hardware compatibility {hardware_compat}); this machine has {here}. "
-        "Rebuild it on this GPU with kiln build --target tensorrt, or build with --hardware-compat ampere_plus"
-    )
-
-
-def check_plan_compatible(manifest: Mapping[str, Any], machine: MachineInfo, device: int = 0) -> None:
-    """Raise IncompatibleEngineError (or MissingDependencyError) unless a plan in ``manifest`` runs here."""
-    select_plan(manifest, machine, device)

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builders.errors import InvalidInputError
 from builders.histogram import AbsHistogram
+from core.errors import InvalidInputError
 
 METHODS = ("entropy", "minmax", "percentile")
 DEFAULT_PERCENTILE = 99.99

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from builders.calib_data import Batch, Dataset
-from builders.errors import AccuracyGateError, InvalidInputError
+from core.errors import AccuracyGateError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,30 @@ def with_speedup(reference_ms: float, candidate_ms: float) -> dict[str, float]:
     """A latency row: both medians and the candidate's speedup over the reference."""
     speedup = round(reference_ms / candidate_ms, 3) if candidate_ms > 0 else 0.0
     return {"reference": reference_ms, "candidate": candidate_ms, "speedup": speedup}
+
+
+def speed_key(validation: Validation | None) -> tuple[float, float]:
+    """How ``auto`` ranks candidates: speedup over FP32 at the max batch, then at batch 1.
+
+    Speedups come from interleaved timings against the same reference, so they compare across
+    candidates even when each was timed in its own run. A missing measurement ranks last.
+    """
+    rows = list(validation.latency_ms.values()) if validation is not None else []
+    if not rows:
+        return (0.0, 0.0)
+    return (float(rows[-1].get("speedup", 0.0)), float(rows[0].get("speedup", 0.0)))
+
+
+def choose_fastest(validations: Sequence[Validation | None]) -> int:
+    """Index of the fastest candidate within budget (``speed_key``); the last one when none passes.
+
+    Candidates are ordered by the caller with the safest (FP32) last, so "none within budget" falls
+    back to it.
+    """
+    passing = [i for i, v in enumerate(validations) if v is not None and v.passed]
+    if not passing:
+        return len(validations) - 1
+    return max(passing, key=lambda i: speed_key(validations[i]))
 
 
 def advice(calib_method: str | None, precision: str) -> list[str]:

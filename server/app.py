@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from builders.errors import InvalidInputError, KilnError, NotFoundError, UnavailableError
 from builders.repository import list_models
-from server.backends.runner import RunnerFactory, create_runner
+from core.errors import InvalidInputError, KilnError, NotFoundError, UnavailableError
+from runtime.runner import RunnerFactory, create_runner
 from server.model_store import ModelStore, StoreOptions
 from server.servicer import InferenceServicer
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import KilnError, UnavailableError
+from core.errors import KilnError, UnavailableError
 
 logger = logging.getLogger(__name__)
 

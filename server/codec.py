@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from builders.errors import InvalidInputError
 from builders.tensors import kserve_dtype, numpy_dtype_from_kserve
+from core.errors import InvalidInputError
 
 _TYPED_FIELDS = {
     "BOOL": "bool_contents",

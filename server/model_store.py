@@ -20,11 +20,12 @@ from pathlib import Path
 import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import KilnError, NotFoundError, RepositoryError, UnavailableError
 from builders.inspection import graph_inputs, value_spec
 from builders.model_config import complete_io, config_tensors
 from builders.repository import ModelEntry, check_model_name, read_model, repository_root, verify_version
-from server.backends.runner import DEFAULT_FILENAMES, Runner, RunnerFactory, RunnerSpec, create_runner
+from core.errors import KilnError, NotFoundError, RepositoryError, UnavailableError
+from runtime.layout import DEFAULT_FILENAMES
+from runtime.runner import Runner, RunnerFactory, RunnerSpec, create_runner
 from server.batching import Arrays, Batcher, BatchPolicy, Timing
 from server.statistics import VersionStats
 from server.validation import check_inputs

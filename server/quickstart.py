@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builders.errors import ConflictError, KilnError, RepositoryError
 from builders.example_builds import build_example_bad_int8, build_example_int8
 from builders.examples import example_data_path, example_model_path
-from builders.pipeline import BuildRequest, BuildResult, build_model
+from builders.pipeline import build_model
+from builders.request import BuildRequest, BuildResult
+from core.errors import ConflictError, KilnError, RepositoryError
 from server.app import ServerHandle, start_server
 from server.bench.loadgen import BenchConfig, run_bench
 from server.bench.stats import BenchResult

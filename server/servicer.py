@@ -15,8 +15,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from builders.errors import InvalidInputError, KilnError, NotFoundError
 from builders.repository import list_models
+from core.errors import InvalidInputError, KilnError, NotFoundError
 from server import __version__
 from server.codec import decode_inputs, encode_outputs
 from server.model_store import ModelState, ModelStore, ServedVersion

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from builders import errors
+from core import errors
 
 STATUS_CODES: dict[type[errors.KilnError], grpc.StatusCode] = {
     errors.KilnError: grpc.StatusCode.INTERNAL,

@@ -10,8 +10,8 @@ import functools
 
 import numpy as np
 
-from builders.errors import InvalidInputError
 from builders.tensors import TensorSpec, kserve_dtype
+from core.errors import InvalidInputError
 
 
 def check_inputs(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from builders.examples import example_data_path, example_model_path
-from tests.support import make_linear_model
+from harness.models import make_linear_model
 
 
 @pytest.fixture

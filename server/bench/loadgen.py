@@ -27,8 +27,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from builders.calib_data import NPZ_HOW, read_npz
-from builders.errors import InvalidInputError, NotFoundError, UnavailableError
 from builders.tensors import numpy_dtype_from_kserve
+from core.errors import InvalidInputError, NotFoundError, UnavailableError
 from server.bench.stats import BenchResult, LoadPoint, make_point
 from server.codec import to_raw
 

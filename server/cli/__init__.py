@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.markup import escape
 
-from builders import errors
+from core import errors
 
 # Each module exposes register(subparsers); order is the order of `kiln --help`.
 COMMAND_MODULES: tuple[str, ...] = (

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from builders.errors import InvalidInputError
+from core.errors import InvalidInputError
 from server.bench.loadgen import BenchConfig, run_bench
 from server.bench.plot import plot_result
 from server.bench.stats import PERCENTILES, BenchResult

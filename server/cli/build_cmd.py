@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from builders.pipeline import PRECISIONS, TARGETS, BuildRequest, BuildResult, build_model
+from builders.pipeline import build_model
+from builders.request import DEFAULT_REPO, PRECISIONS, TARGETS, BuildRequest, BuildResult
 from server.cli.int8_args import add_int8_arguments, int8_options
 from server.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
 
@@ -19,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", required=True, help="model name; the Triton model is NAME-PRECISION-TARGET")
     parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     parser.add_argument("--target", default="ort", help=f"one of {', '.join(TARGETS)} (default ort)")
-    parser.add_argument("--repo", type=Path, default=Path("model_repository"), help="Triton model repository")
+    parser.add_argument(
+        "--repo", type=Path, default=DEFAULT_REPO, help=f"Triton model repository (default {DEFAULT_REPO}/)"
+    )
     parser.add_argument("--max-batch", type=int, default=None, help="Triton max_batch_size (default 32)")
     parser.add_argument("--instances", type=int, default=1, help="instance_group count")
     add_int8_arguments(parser)
@@ -36,7 +39,8 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
         repo=args.repo,
         max_batch=args.max_batch,
         instances=args.instances,
-        options={**int8_options(args), **tensorrt_options(args)},
+        int8=int8_options(args),
+        tensorrt=tensorrt_options(args),
     )
 
 

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builders.hardware import SLOW, SUPPORTED, MachineInfo, Verdict, probe_machine, recommend, support_matrix
+from builders.hardware import SLOW, SUPPORTED, Verdict, recommend, support_matrix
+from runtime.machine import MachineInfo, probe_machine
 
 STYLES = {SUPPORTED: "green", SLOW: "yellow"}
 

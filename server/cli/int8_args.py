@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from builders.thresholds import DEFAULT_PERCENTILE, METHODS
-from builders.validate import DEFAULT_MAX_DROP, METRICS
+from builders.request import Int8Options
+from builders.thresholds import METHODS
+from builders.validate import METRICS
+
+DEFAULTS = Int8Options()
 
 
 def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,18 +19,21 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibration data: .npz (arrays keyed by input name, batch first, optional 'labels'), "
         "a directory of .npz files, or an image folder",
     )  # fmt: skip
-    group.add_argument("--calib-method", default="entropy", choices=METHODS, help="threshold rule (default entropy)")
     group.add_argument(
-        "--percentile", type=float, default=DEFAULT_PERCENTILE,
-        help=f"percentile for --calib-method percentile (default {DEFAULT_PERCENTILE})",
+        "--calib-method", default=DEFAULTS.calib_method, choices=METHODS,
+        help=f"threshold rule (default {DEFAULTS.calib_method})",
+    )  # fmt: skip
+    group.add_argument(
+        "--percentile", type=float, default=DEFAULTS.percentile,
+        help=f"percentile for --calib-method percentile (default {DEFAULTS.percentile})",
     )  # fmt: skip
     group.add_argument(
         "--eval", type=Path, default=None,
         help="held-out evaluation data (default: a disjoint 30%% split of --calib)",
     )  # fmt: skip
     group.add_argument(
-        "--max-accuracy-drop", type=float, default=DEFAULT_MAX_DROP,
-        help=f"accuracy gate: largest allowed absolute drop of --metric (default {DEFAULT_MAX_DROP})",
+        "--max-accuracy-drop", type=float, default=DEFAULTS.max_drop,
+        help=f"accuracy gate: largest allowed absolute drop of --metric (default {DEFAULTS.max_drop})",
     )  # fmt: skip
     group.add_argument(
         "--metric", default=None, choices=METRICS,
@@ -46,20 +51,21 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         "--calib-cache", type=Path, default=None,
         help="calibration cache directory (default .kiln-cache/calib beside --repo)",
     )  # fmt: skip
-    group.add_argument("--amax-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # gate demos only
+    # gate demos only:
+    group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
 
-def int8_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The INT8 entries of ``BuildRequest.options`` (read by builders.int8_build.Int8Options)."""
-    return {
-        "calib": getattr(args, "calib", None),
-        "calib_method": getattr(args, "calib_method", "entropy"),
-        "percentile": getattr(args, "percentile", DEFAULT_PERCENTILE),
-        "eval": getattr(args, "eval", None),
-        "max_drop": getattr(args, "max_accuracy_drop", DEFAULT_MAX_DROP),
-        "metric": getattr(args, "metric", None),
-        "skip_gate": bool(getattr(args, "skip_gate", False)),
-        "preprocess": getattr(args, "preprocess", None),
-        "cache_dir": getattr(args, "calib_cache", None),
-        "amax_scale": getattr(args, "amax_scale", 1.0),
-    }
+def int8_options(args: argparse.Namespace) -> Int8Options:
+    """The request's INT8 options from the parsed flags (checked as they are made)."""
+    return Int8Options(
+        calib=args.calib,
+        calib_method=args.calib_method,
+        percentile=args.percentile,
+        eval=args.eval,
+        max_drop=args.max_accuracy_drop,
+        metric=args.metric,
+        skip_gate=bool(args.skip_gate),
+        preprocess=args.preprocess,
+        cache_dir=args.calib_cache,
+        amax_scale=args.amax_scale,
+    )

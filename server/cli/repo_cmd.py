@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builders.errors import RepositoryError
 from builders.repository import check_model_name, list_models, read_model, repository_root, verify_repository
+from core.errors import RepositoryError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

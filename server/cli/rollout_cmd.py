@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from builders.errors import InvalidInputError, PermissionDeniedError
+from core.errors import InvalidInputError, PermissionDeniedError
 from server.cli.routes_cmd import _connection, check_admin_url, client
 from server.gateway.client import AdminClient, read_token
 from server.rollout.plan import load_plan, parse_candidate, parse_steps, plan_from_mapping

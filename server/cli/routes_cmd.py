@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 from server.gateway.client import DEFAULT_ADMIN_URL, DEFAULT_TOKEN_ENV, AdminClient, read_token
 from server.gateway.config import yaml_error_text
 

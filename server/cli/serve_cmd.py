@@ -7,8 +7,8 @@ import asyncio
 import os
 from pathlib import Path
 
-from builders.errors import InvalidInputError
 from builders.repository import repository_root
+from core.errors import InvalidInputError
 from server.app import DEFAULT_MAX_MESSAGE_MB, make_options, serve
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from builders.tensorrt_plan import HARDWARE_COMPAT, INT8_MODES
+from builders.request import TensorRTOptions
+from runtime.tensorrt.plan import HARDWARE_COMPAT, INT8_MODES
+
+DEFAULTS = TensorRTOptions()
 
 
 def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +20,17 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
         help="optimization profile per input, e.g. input:1x1x8x8,8x1x8x8,32x1x8x8 (repeatable; "
         "default: batch 1, max-batch/2, max-batch)",
     )
-    group.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace pool limit (default 1024)")
-    group.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
+    group.add_argument(
+        "--workspace-mb", type=int, default=DEFAULTS.workspace_mb,
+        help=f"builder workspace pool limit (default {DEFAULTS.workspace_mb})",
+    )  # fmt: skip
+    group.add_argument(
+        "--opt-level", type=int, default=DEFAULTS.opt_level,
+        help=f"builder optimization level 0..5 (default {DEFAULTS.opt_level})",
+    )  # fmt: skip
     group.add_argument(
         "--hardware-compat",
-        default="none",
+        default=DEFAULTS.hardware_compat,
         choices=sorted(HARDWARE_COMPAT),
         help="plans that also run on other GPUs: ampere_plus, same_cc (default none: this GPU model only)",
     )
@@ -31,19 +39,19 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--trt-int8",
-        default="qdq",
+        default=DEFAULTS.int8_mode,
         choices=INT8_MODES,
         help="INT8 as explicit Q/DQ (default; TensorRT 10 and 11) or TensorRT 10's calibrator reading Kiln's cache",
     )
 
 
-def tensorrt_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The TensorRT entries of ``BuildRequest.options``."""
-    return {
-        "shapes": tuple(getattr(args, "shapes", ()) or ()),
-        "workspace_mb": getattr(args, "workspace_mb", 1024),
-        "opt_level": getattr(args, "opt_level", 3),
-        "hardware_compat": getattr(args, "hardware_compat", "none"),
-        "version_compat": bool(getattr(args, "version_compat", False)),
-        "trt_int8": getattr(args, "trt_int8", "qdq"),
-    }
+def tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:
+    """The request's TensorRT options from the parsed flags (checked as they are made)."""
+    return TensorRTOptions(
+        shapes=tuple(args.shapes or ()),
+        workspace_mb=args.workspace_mb,
+        opt_level=args.opt_level,
+        hardware_compat=args.hardware_compat,
+        version_compat=bool(args.version_compat),
+        int8_mode=args.trt_int8,
+    )

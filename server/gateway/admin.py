@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from builders import errors
+from core import errors
 from server.gateway.config import ServerTls
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.resilience import OutlierDetector

@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from builders.errors import InvalidInputError, NotFoundError, PermissionDeniedError, UnavailableError
+from core.errors import InvalidInputError, NotFoundError, PermissionDeniedError, UnavailableError
 from server.gateway.admin import AdminApp, AdminServer, register_builtin
 from server.gateway.config import GatewayConfig, load_config, parse_config
 from server.gateway.forward import Forwarder

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from builders import errors
+from core import errors
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8080"
 DEFAULT_TOKEN_ENV = "KILN_ADMIN_TOKEN"

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2
 
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 from server.gateway.config import GatewayConfig
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.resilience import OutlierDetector

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from builders.errors import NotFoundError
+from core.errors import NotFoundError
 
 PIN_HEADER = "kiln-variant"
 _HASH_SCALE = float(2**64)

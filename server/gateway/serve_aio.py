@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from builders.errors import MissingDependencyError
+from core.errors import MissingDependencyError
 from server.gateway.config import GatewayConfig
 from server.gateway.forward import (
     LOCAL_METHODS,

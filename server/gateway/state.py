@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from builders.atomic_file import write_atomic
-from builders.errors import InvalidInputError, RepositoryError
+from core.atomic_file import write_atomic
+from core.errors import InvalidInputError, RepositoryError
 from server.gateway.config import Route, Upstream, parse_route, route_to_dict
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from builders.errors import ConflictError, InvalidInputError, NotFoundError
+from core.errors import ConflictError, InvalidInputError, NotFoundError
 from server.gateway.config import Route, Upstream, parse_route, route_to_dict
 from server.gateway.routing import WeightedSet
 from server.gateway.wire import encode_string_field, name_version_suffix

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from builders.errors import NotFoundError
+from core.errors import NotFoundError
 from server.gateway.config import ClientTls, ServerTls, Upstream
 
 SERVICE = "inference.GRPCInferenceService"

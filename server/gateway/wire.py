@@ -8,7 +8,7 @@ top-level fields only, jumping over length-delimited payloads (tensors) without 
 
 from __future__ import annotations
 
-from builders.errors import InvalidInputError
+from core.errors import InvalidInputError
 
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 

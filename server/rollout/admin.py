@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 from server.gateway.admin import AdminApp, AdminRequest, AdminResponse
 from server.rollout.controller import RolloutController
 from server.rollout.machine import Command

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from builders.errors import ConflictError, KilnError, NotFoundError, RepositoryError
+from core.errors import ConflictError, KilnError, NotFoundError, RepositoryError
 from server.rollout import machine
 from server.rollout.analysis import Measurements, reference_p99, shadow_checks, step_checks
 from server.rollout.machine import Command, Decision, Phase, RolloutState

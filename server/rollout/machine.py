@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from builders.errors import ConflictError
+from core.errors import ConflictError
 from server.rollout.analysis import (
     Measurements,
     SloCheck,

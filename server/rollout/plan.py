@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 from server.gateway.config import yaml_error_text
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from builders.errors import NotFoundError
+from core.errors import NotFoundError
 from server.gateway.app import GatewayHandle
 from server.gateway.config import route_to_dict
 from server.gateway.table import RouteTable

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from builders.errors import NotFoundError
+from core.errors import NotFoundError
 from server.rollout.analysis import Measurements
 from server.rollout.store import StoredRollout
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from builders.errors import NotFoundError
+from core.errors import NotFoundError
 from server.rollout.machine import RouteAction
 from server.rollout.plan import CandidateSpec
 

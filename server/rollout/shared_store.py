@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from builders.errors import ConflictError, InvalidInputError, KilnError, NotFoundError
+from core.errors import ConflictError, InvalidInputError, KilnError, NotFoundError
 from server.gateway.table import RouteChange, RouteTable
 from server.rollout.store import write_atomic
 

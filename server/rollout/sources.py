@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from builders.errors import UnavailableError
+from core.errors import UnavailableError
 from server.rollout.analysis import Measurements, VariantWindow
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builders.atomic_file import write_atomic
-from builders.errors import KilnError, NotFoundError, RepositoryError
+from core.atomic_file import write_atomic
+from core.errors import KilnError, NotFoundError, RepositoryError
 from server.rollout.machine import RolloutState
 from server.rollout.plan import RolloutPlan, plan_from_mapping
 

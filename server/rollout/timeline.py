@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builders.errors import KilnError
+from core.errors import KilnError
 from server.gateway.app import GatewayHandle
 from server.rollout.machine import Command
 from server.rollout.plan import RolloutPlan

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from builders.hardware import missing_for_tensorrt, probe_machine
+from runtime.machine import missing_for_tensorrt, probe_machine
 
 
 @functools.cache

@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from builders.errors import InvalidInputError
-from server.backends.tensorrt import TensorRTRunner
+from core.errors import InvalidInputError
+from runtime.tensorrt.runner import TensorRTRunner
 from server.cli import main
 
 pytestmark = pytest.mark.gpu

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from builders.errors import NotFoundError
 from builders.model_config import ServingOptions
+from core.errors import NotFoundError
+from harness.serve import PAIR_SPECS, DelayFactory, make_pair_model, write_model
 from server.app import ServerHandle, start_server
 from server.bench import BenchConfig, run_bench
 from server.cli import main
-from tests.serve_support import PAIR_SPECS, DelayFactory, make_pair_model, write_model
 
 pytestmark = pytest.mark.integration
 DELAY_S = 0.01

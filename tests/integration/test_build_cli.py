@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from harness.models import make_linear_model, tree_snapshot
 from server.cli import main
-from tests.support import make_linear_model, tree_snapshot
 
 pytestmark = pytest.mark.integration
 

@@ -17,12 +17,9 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from builders.errors import PermissionDeniedError
 from builders.examples import example_model_path
-from server.app import ServerHandle, start_server
-from server.gateway.app import GatewayHandle, start_gateway
-from server.testing.kserve_upstream import UpstreamServer, start_upstream
-from tests.gateway_support import (
+from core.errors import PermissionDeniedError
+from harness.gateway import (
     INFER,
     TOKEN,
     digits_input,
@@ -34,6 +31,9 @@ from tests.gateway_support import (
     served_variant,
     variant,
 )
+from harness.triton.kserve_upstream import UpstreamServer, start_upstream
+from server.app import ServerHandle, start_server
+from server.gateway.app import GatewayHandle, start_gateway
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from builders.errors import MissingDependencyError
 from builders.examples import example_model_path
-from builders.pipeline import BuildRequest, build_model
+from builders.pipeline import build_model
+from builders.request import BuildRequest
+from core.errors import MissingDependencyError
+from harness.gateway import TOKEN, digits_input, gateway_config, served_variant, variant
+from harness.triton.cli import default_venv_path, ensure_triton_venv, start_triton, write_python_backend_model
 from server.app import start_server
 from server.gateway.app import start_gateway
-from server.testing.triton import default_venv_path, ensure_triton_venv, start_triton, write_python_backend_model
-from tests.gateway_support import TOKEN, digits_input, gateway_config, served_variant, variant
 
 pytestmark = pytest.mark.integration
 

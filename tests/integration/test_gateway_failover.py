@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from builders.examples import example_model_path
+from harness.gateway import TOKEN, digits_models, gateway_config, publish_example, served_variant, variant
+from harness.triton.kserve_upstream import start_upstream
 from server.app import start_server
 from server.cli import main
 from server.gateway.app import start_gateway
-from server.testing.kserve_upstream import start_upstream
-from tests.gateway_support import TOKEN, digits_models, gateway_config, publish_example, served_variant, variant
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

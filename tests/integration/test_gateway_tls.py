@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from harness.gateway import TOKEN, digits_models, gateway_config, make_certificates, served_variant, variant
+from harness.triton.kserve_upstream import start_upstream
 from server.gateway.app import start_gateway
-from server.testing.kserve_upstream import start_upstream
-from tests.gateway_support import TOKEN, digits_models, gateway_config, make_certificates, served_variant, variant
 
 pytestmark = pytest.mark.integration
 

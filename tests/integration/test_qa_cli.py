@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from harness.models import make_linear_model, tree_snapshot
 from server.app import ServerHandle, start_server
 from server.cli import main
-from tests.support import make_linear_model, tree_snapshot
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.rollout import Load, gateway_config, serve_models
 from server.app import ServerHandle
 from server.cli import main
 from server.gateway.app import GatewayHandle, start_gateway
-from tests.integration.rollout_support import Load, gateway_config, serve_models
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from harness.rollout import SLOW_DELAY_S, Load, gateway_config, serve_models
 from server.app import ServerHandle
 from server.gateway.app import GatewayHandle, start_gateway
 from server.rollout.plan import RolloutPlan, plan_from_mapping
 from server.rollout.plugin import controller_for
 from server.rollout.timeline import plot_rollouts, run_rollout
-from tests.integration.rollout_support import SLOW_DELAY_S, Load, gateway_config, serve_models
 
 pytestmark = pytest.mark.integration
 PLUGINS = ("server.rollout.plugin",)

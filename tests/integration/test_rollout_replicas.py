@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from builders.errors import InvalidInputError, UnavailableError
+from core.errors import InvalidInputError, UnavailableError
 from server.cli import main
 from server.gateway.app import start_gateway
 from server.gateway.client import AdminClient

@@ -19,10 +19,11 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from builders.model_config import ServingOptions, parse_config
-from builders.pipeline import BuildRequest, build_model
+from builders.pipeline import build_model
+from builders.request import BuildRequest
 from builders.tensors import TensorSpec
+from harness.serve import PAIR_SPECS, make_pair_model, make_string_model, write_model
 from server.app import ServerHandle, start_server
-from tests.serve_support import PAIR_SPECS, make_pair_model, make_string_model, write_model
 
 pytestmark = pytest.mark.integration
 DIGITS = "digits-fp32-ort"
@@ -261,7 +262,7 @@ def test_aio_client_and_stream(server: ServerHandle, digits_x: np.ndarray) -> No
 
 
 def test_shutdown_drains_in_flight_requests(repo: Path) -> None:
-    from tests.serve_support import DelayFactory
+    from harness.serve import DelayFactory
 
     handle = start_server(repo, models=["pair"], runner_factory=DelayFactory(0.3))
     results: list[str] = []
@@ -289,7 +290,7 @@ def test_shutdown_drains_in_flight_requests(repo: Path) -> None:
 
 
 def test_explicitly_named_model_that_fails_to_load_stops_start_up(tmp_path: Path) -> None:
-    from builders.errors import UnavailableError
+    from core.errors import UnavailableError
 
     broken = tmp_path / "repo" / "broken"
     (broken / "1").mkdir(parents=True)

@@ -15,8 +15,8 @@ import tritonclient.grpc.aio as tca
 from tritonclient.utils import InferenceServerException
 
 from builders.model_config import ServingOptions
+from harness.serve import PAIR_SPECS, BlockingFactory, DelayFactory, make_pair_model, write_model
 from server.app import ServerHandle, start_server
-from tests.serve_support import PAIR_SPECS, BlockingFactory, DelayFactory, make_pair_model, write_model
 
 pytestmark = pytest.mark.integration
 

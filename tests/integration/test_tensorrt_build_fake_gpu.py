@@ -17,16 +17,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from builders.errors import AccuracyGateError, IncompatibleEngineError, KilnError, MissingDependencyError
-from builders.hardware import CpuInfo, GpuInfo, MachineInfo
 from builders.inspection import describe_model, load_model, max_batch_size
 from builders.model_config import parse_config
-from builders.pipeline import BuildRequest
-from builders.tensorrt.build import RunnerSession, build_tensorrt, candidate_precisions
-from builders.tensorrt.engine import EngineBuild
-from builders.tensorrt_plan import PlanSettings
-from server.backends.tensorrt import TensorRTRunner
-from tests.support import tree_snapshot
+from builders.request import BuildRequest, Int8Options, TensorRTOptions
+from builders.tensorrt_build import RunnerSession, build_tensorrt, candidate_precisions
+from core.errors import AccuracyGateError, IncompatibleEngineError, KilnError, MissingDependencyError
+from harness.models import tree_snapshot
+from runtime.machine import CpuInfo, GpuInfo, MachineInfo
+from runtime.tensorrt.engine import EngineBuild
+from runtime.tensorrt.plan import PlanSettings
+from runtime.tensorrt.runner import TensorRTRunner
 
 pytestmark = pytest.mark.integration
 
@@ -82,8 +82,17 @@ class FakeGpu:
         return OrtAsRunner()
 
 
+TRT_FIELDS = set(TensorRTOptions.__dataclass_fields__)
+
+
 def request(example: Path, repo: Path, precision: str, **options: Any) -> BuildRequest:
-    return BuildRequest(example, "digits", precision, "tensorrt", repo, max_batch=16, options=options)
+    """A TensorRT build request; each keyword goes to the options class that has the field."""
+    trt = {k: v for k, v in options.items() if k in TRT_FIELDS}
+    int8 = {k: Path(v) if k in ("calib", "eval") else v for k, v in options.items() if k not in TRT_FIELDS}
+    return BuildRequest(
+        example, "digits", precision, "tensorrt", repo, max_batch=16,
+        int8=Int8Options(**int8), tensorrt=TensorRTOptions(**trt),
+    )  # fmt: skip
 
 
 def run_build(req: BuildRequest, fake: FakeGpu, where: MachineInfo) -> Any:
@@ -153,7 +162,7 @@ def test_int8_qdq_is_calibrated_validated_and_gated(tmp_path: Path, example_mode
 
 def test_tensorrt_10_calibrator_mode_gets_kilns_cache(tmp_path: Path, example_model: Path, example_data: Path) -> None:
     fake = FakeGpu()
-    req = request(example_model, tmp_path / "repo", "int8", calib=str(example_data), repeats=3, trt_int8="calibrator")
+    req = request(example_model, tmp_path / "repo", "int8", calib=str(example_data), repeats=3, int8_mode="calibrator")
     run_build(req, fake, machine(A100))
     build = fake.builds[0]
     assert not build["settings"].strongly_typed

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from builders.hardware import missing_for_tensorrt, probe_machine
+from harness.models import tree_snapshot
+from runtime.machine import missing_for_tensorrt, probe_machine
 from server.cli import main
-from tests.support import tree_snapshot
 
 pytestmark = pytest.mark.integration
 

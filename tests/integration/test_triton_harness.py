@@ -22,9 +22,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aio_grpcclient
 from onnx import TensorProto, helper
 
-from builders.errors import MissingDependencyError, NotFoundError
 from builders.examples import example_model_path
-from server.testing.triton import (
+from core.errors import MissingDependencyError, NotFoundError
+from harness.triton.cli import (
     TritonInstall,
     TritonProcess,
     default_venv_path,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from builders.errors import InvalidInputError, UnavailableError
-from server.testing.triton import TritonInstall, start_triton
-from server.testing.triton_process import _stop
+from core.errors import InvalidInputError, UnavailableError
+from harness.triton.cli import TritonInstall, start_triton
+from harness.triton.process import _stop
 
 pytestmark = pytest.mark.integration
 

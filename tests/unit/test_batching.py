@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from builders.errors import InvalidInputError, KilnError, UnavailableError
+from core.errors import InvalidInputError, KilnError, UnavailableError
 from server.batching import Batcher, BatchPolicy
 
 Arrays = dict[str, np.ndarray]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from builders.calib_data import ImagePreprocess, load_dataset
-from builders.errors import InvalidInputError, NotFoundError
 from builders.tensors import TensorSpec
+from core.errors import InvalidInputError, NotFoundError
 
 IMAGE = (TensorSpec("input", "float32", ("batch", 1, 8, 8)),)
 TOKENS = (TensorSpec("ids", "int64", ("batch", "seq")), TensorSpec("mask", "float32", ("batch", "seq")))

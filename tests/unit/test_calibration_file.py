@@ -18,7 +18,7 @@ from builders.calibration_file import (
     to_trt_cache,
     write_trt_cache,
 )
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 
 # Shaped like caches TensorRT 10 writes: unordered names, names with ':' and spaces, a zero
 # scale written as '0' (hex without leading zeros), a newline after every line.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from builders.errors import InvalidInputError
+from core.errors import InvalidInputError
 from server.codec import decode_inputs, encode_outputs, to_raw
 
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from builders import examples
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builders.errors import ConflictError
+from core.errors import ConflictError
 from server.gateway.admin import AdminApp, AdminRequest, AdminResponse, http_status
 
 
@@ -46,7 +46,7 @@ def test_unknown_endpoint_and_bad_json() -> None:
 
 
 def test_routes_cli_weights_parsing_and_unreachable_admin(capsys: pytest.CaptureFixture[str]) -> None:
-    from builders.errors import InvalidInputError
+    from core.errors import InvalidInputError
     from server.cli import main
     from server.cli.routes_cmd import parse_weights
 

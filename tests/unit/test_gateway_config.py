@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 from server.gateway.config import load_config, parse_config, parse_route
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_event_loop_only_applies_to_aio_mode() -> None:
 
 
 def test_uvloop_loop_without_the_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from builders.errors import MissingDependencyError
+    from core.errors import MissingDependencyError
     from server.gateway.serve_aio import new_event_loop
 
     default = new_event_loop("asyncio")

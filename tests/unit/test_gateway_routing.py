@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from builders.errors import NotFoundError
+from core.errors import NotFoundError
 from server.gateway.routing import WeightedSet, choose_sticky, choose_variant, choose_weighted
 
 KEYS = [f"user-{i}".encode() for i in range(20_000)]

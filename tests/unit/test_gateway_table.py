@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from builders.errors import ConflictError, InvalidInputError, NotFoundError
+from core.errors import ConflictError, InvalidInputError, NotFoundError
 from server.gateway.config import parse_config
 from server.gateway.state import StateStore
 from server.gateway.table import RouteChange, RouteTable

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from builders.errors import InvalidInputError
+from core.errors import InvalidInputError
 from server.gateway.wire import encode_varint, name_version_suffix, read_model_name, read_string_field
 
 

@@ -7,22 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from builders.errors import InvalidInputError, MissingDependencyError
-from builders.hardware import (
-    SLOW,
-    SUPPORTED,
-    UNSUPPORTED,
+from builders.hardware import SLOW, SUPPORTED, UNSUPPORTED, check_build, recommend, support_matrix
+from core.errors import InvalidInputError, MissingDependencyError
+from runtime.machine import (
     CpuInfo,
     GpuInfo,
     MachineInfo,
-    check_build,
     parse_cc,
     parse_cpuinfo,
     parse_nvidia_smi,
     probe_gpus,
     probe_machine,
-    recommend,
-    support_matrix,
 )
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})

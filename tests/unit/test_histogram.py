@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from builders.errors import InvalidInputError
 from builders.histogram import AbsHistogram
+from core.errors import InvalidInputError
 
 
 def _direct(values: np.ndarray, upper: float, bins: int) -> np.ndarray:

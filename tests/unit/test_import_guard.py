@@ -35,9 +35,9 @@ SCRIPT = textwrap.dedent(
         else:
             raise SystemExit(f"{name} was importable despite the guard")
 
-    import builders, server
+    import builders, core, runtime, server
     imported = []
-    for package in (builders, server):
+    for package in (core, runtime, builders, server):
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
             importlib.import_module(info.name)
             imported.append(info.name)
@@ -66,8 +66,8 @@ def test_everything_imports_and_cli_works_without_tensorrt_and_pycuda() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     imported = set(result["imported"])
-    for module in ("builders.tensorrt.engine", "builders.tensorrt.build", "builders.hardware",
-                   "builders.tensorrt_plan", "server.backends.tensorrt", "server.cli.doctor_cmd"):  # fmt: skip
+    for module in ("runtime.tensorrt.engine", "builders.tensorrt_build", "builders.hardware",
+                   "builders.tensorrt_plan", "runtime.tensorrt.runner", "server.cli.doctor_cmd"):  # fmt: skip
         assert module in imported
     assert result["help_code"] == 0 and "doctor" in result["help"] and "build" in result["help"]
     assert result["doctor_code"] == 0 and result["trt"] is None

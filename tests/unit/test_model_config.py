@@ -4,7 +4,6 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import InvalidInputError
 from builders.model_config import (
     ServingOptions,
     config_tensors,
@@ -14,6 +13,7 @@ from builders.model_config import (
     render_config,
 )
 from builders.tensors import TensorSpec
+from core.errors import InvalidInputError
 
 INPUTS = (TensorSpec("input", "float32", ("batch", 1, 8, 8)),)
 OUTPUTS = (TensorSpec("logits", "float32", ("batch", 10)),)

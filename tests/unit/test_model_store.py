@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import NotFoundError
 from builders.model_config import ServingOptions, render_config
 from builders.repository import ModelEntry, VersionInfo
 from builders.tensors import TensorSpec
+from core.errors import NotFoundError
 from server.model_store import instance_count, select_versions
 
 SPECS = ((TensorSpec("x", "float32", (-1, 4)),), (TensorSpec("y", "float32", (-1, 4)),))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builders.errors import UnavailableError
+from core.errors import UnavailableError
 from server.rollout.sources import (
     measurements_from,
     parse_vector,

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from builders.errors import InvalidInputError, RepositoryError
 from builders.manifest import build_manifest, read_manifest
 from builders.model_config import ServingOptions, render_config
 from builders.publish import publish_version
 from builders.repository import check_model_name, list_models, list_versions, verify_repository
 from builders.tensors import TensorSpec
-from tests.support import tree_snapshot
+from core.errors import InvalidInputError, RepositoryError
+from harness.models import tree_snapshot
 
 SPECS = (TensorSpec("x", "float32", ("batch", 4)),)
 OUT = (TensorSpec("probs", "float32", ("batch", 3)),)

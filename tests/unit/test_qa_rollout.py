@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from builders.errors import ConflictError
+from core.errors import ConflictError
 from server.rollout.analysis import Measurements
 from server.rollout.controller import RolloutController
 from server.rollout.plan import RolloutPlan, plan_from_mapping

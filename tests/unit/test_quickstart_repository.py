@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from builders.errors import ConflictError
+from core.errors import ConflictError
 from server.quickstart import MARKER, prepare_repository
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builders.errors import ConflictError
+from core.errors import ConflictError
 from server.rollout.analysis import Measurements, VariantWindow
 from server.rollout.machine import Command, Decision, Phase, RolloutState, command, decide, recover, start, unreadable
 from server.rollout.plan import RolloutPlan, plan_from_mapping

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from builders.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 from server.rollout.plan import load_plan, parse_candidate, parse_steps, plan_from_mapping
 
 BASE = {

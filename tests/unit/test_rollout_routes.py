@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builders.errors import NotFoundError
+from core.errors import NotFoundError
 from server.gateway.config import Route
 from server.rollout.machine import RouteAction
 from server.rollout.plan import CandidateSpec

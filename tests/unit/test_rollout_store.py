@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from builders.errors import ConflictError, InvalidInputError, NotFoundError, RepositoryError, UnavailableError
+from core.errors import ConflictError, InvalidInputError, NotFoundError, RepositoryError, UnavailableError
 from server.rollout.analysis import Measurements, VariantWindow
 from server.rollout.controller import RolloutController
 from server.rollout.machine import Command

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from builders import errors
+from core import errors
 from server.status import STATUS_CODES, status_code
 
 

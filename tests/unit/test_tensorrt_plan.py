@@ -7,26 +7,24 @@ from typing import Any
 
 import pytest
 
-from builders.errors import IncompatibleEngineError, InvalidInputError, MissingDependencyError
-from builders.hardware import CpuInfo, GpuInfo, MachineInfo
 from builders.model_config import ServingOptions, config_text, render_config
+from builders.request import TensorRTOptions
 from builders.tensorrt_plan import (
     BuiltPlan,
-    ShapeProfile,
     build_targets,
     cc_model_filenames,
-    check_plan_compatible,
     derive_profiles,
     make_settings,
     parse_shapes,
     plan_filenames,
     plan_manifest,
     plan_tools,
-    select_plan,
     timing_cache_path,
-    versions_compatible,
 )
 from builders.tensors import TensorSpec
+from core.errors import IncompatibleEngineError, InvalidInputError, MissingDependencyError
+from runtime.machine import CpuInfo, GpuInfo, MachineInfo
+from runtime.tensorrt.plan import ShapeProfile, check_plan_compatible, select_plan, versions_compatible
 
 DIGITS = (TensorSpec("input", "float32", ("batch", 1, 8, 8)),)
 TOKENS = (TensorSpec("ids", "int64", ("batch", "seq")), TensorSpec("mask", "int64", (-1, "seq")))
@@ -101,22 +99,24 @@ def test_dynamic_non_batch_axes_need_shapes() -> None:
 
 def test_make_settings_validates_each_value() -> None:
     profiles = derive_profiles(DIGITS, 32)
-    settings = make_settings("int8", profiles, opt_level=5, hardware_compat="ampere_plus")
+    settings = make_settings("int8", profiles, TensorRTOptions(opt_level=5, hardware_compat="ampere_plus"))
     assert settings.strongly_typed and settings.opt_level == 5
-    assert not make_settings("int8", profiles, int8_mode="calibrator", tensorrt_version="10.3.0").strongly_typed
+    calibrator = TensorRTOptions(int8_mode="calibrator")
+    assert not make_settings("int8", profiles, calibrator, tensorrt_version="10.3.0").strongly_typed
     for kwargs, message in (
         ({"workspace_mb": 8}, "workspace-mb"),
         ({"opt_level": 6}, "opt-level"),
         ({"hardware_compat": "turing"}, "hardware-compat"),
         ({"int8_mode": "magic"}, "int8 mode"),
-        ({"int8_mode": "calibrator", "tensorrt_version": "11.0.0"}, "removed INT8 calibrators"),
     ):
         with pytest.raises(InvalidInputError, match=message):
-            make_settings("int8", profiles, **kwargs)
+            TensorRTOptions(**kwargs)
+    with pytest.raises(InvalidInputError, match="removed INT8 calibrators"):
+        make_settings("int8", profiles, calibrator, tensorrt_version="11.0.0")
     with pytest.raises(InvalidInputError, match="precision"):
-        make_settings("auto", profiles)
+        make_settings("auto", profiles, TensorRTOptions())
     with pytest.raises(InvalidInputError, match="at least one"):
-        make_settings("fp16", ())
+        make_settings("fp16", (), TensorRTOptions())
 
 
 def test_timing_cache_lives_beside_the_repository(tmp_path: Path) -> None:
@@ -148,9 +148,8 @@ def test_cc_model_filenames_for_several_gpus_render_into_config() -> None:
 def manifest_for(
     plans: list[BuiltPlan], version: str = "10.3.0", hardware_compat: str = "none", version_compat: bool = False
 ) -> dict[str, Any]:
-    settings = make_settings(
-        "fp16", derive_profiles(DIGITS, 32), hardware_compat=hardware_compat, version_compat=version_compat
-    )
+    options = TensorRTOptions(hardware_compat=hardware_compat, version_compat=version_compat)
+    settings = make_settings("fp16", derive_profiles(DIGITS, 32), options)
     return {
         "model": "digits-fp16-tensorrt",
         "version": 3,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builders.errors import InvalidInputError
 from builders.histogram import AbsHistogram
 from builders.thresholds import (
     choose_amax,
@@ -15,6 +14,7 @@ from builders.thresholds import (
     minmax_amax,
     percentile_amax,
 )
+from core.errors import InvalidInputError
 
 
 def _hist(values: np.ndarray, bins: int = 2048) -> AbsHistogram:

@@ -12,9 +12,9 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import InvalidInputError, MissingDependencyError, NotFoundError
 from builders.tensors import TensorSpec
-from server.testing.triton import (
+from core.errors import InvalidInputError, MissingDependencyError, NotFoundError
+from harness.triton.cli import (
     TritonInstall,
     ensure_triton_venv,
     main,
@@ -22,8 +22,8 @@ from server.testing.triton import (
     triton_env,
     write_python_backend_model,
 )
-from server.testing.triton_process import _choose_ports, triton_args
-from server.testing.triton_python_model import _stackable
+from harness.triton.process import _choose_ports, triton_args
+from harness.triton.python_model import _stackable
 
 
 def fake_install(root: Path) -> TritonInstall:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builders.errors import AccuracyGateError, InvalidInputError
 from builders.validate import GateSettings, Validation, check_gate, compare, measure_latency, metric_drop
+from core.errors import AccuracyGateError, InvalidInputError
 
 
 def _validation(drop: float, metrics: dict[str, float]) -> Validation:

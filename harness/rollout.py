@@ -16,9 +16,10 @@ from onnx import TensorProto, helper
 from tritonclient import grpc as triton
 
 from builders.examples import example_model_path
-from builders.pipeline import BuildRequest, build_model
+from builders.pipeline import build_model
+from builders.request import BuildRequest
+from runtime.runner import Runner, RunnerSpec, create_runner
 from server.app import ServerHandle, start_server
-from server.backends.runner import Runner, RunnerSpec, create_runner
 
 SLOW_DELAY_S = 0.04
 

@@ -13,7 +13,7 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2
 
 from builders.examples import example_model_path
-from server.testing.kserve_upstream import Model, onnx_model, reversed_model
+from harness.triton.kserve_upstream import Model, onnx_model, reversed_model
 
 TOKEN = "test-admin-token"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -106,7 +106,8 @@ def publish_example(repo: Path, name: str, onnx_path: Path, versions: int = 1) -
 
     from builders.inspection import describe_model, load_model
     from builders.model_config import ARTIFACTS, ServingOptions
-    from builders.pipeline import BuildRequest, publish_artifact
+    from builders.publish import publish_artifact
+    from builders.request import BuildRequest
 
     request = BuildRequest(model=onnx_path, name=name, precision="fp32", repo=repo)
     info = describe_model(load_model(onnx_path), onnx_path)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway_harness import METHOD, ROOT, Child, free_port, wait_for_term
+from harness.gateway_bench import METHOD, ROOT, Child, free_port, wait_for_term
 
 NATIVE_PROXY_DIR = ROOT / "benchmarks" / "native_proxy"
 NATIVE_PROXY_BINARY = NATIVE_PROXY_DIR / "build" / "kiln_native_proxy"

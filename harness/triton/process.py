@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builders.errors import InvalidInputError, UnavailableError
-from server.testing.triton_install import TritonInstall, triton_env
+from core.errors import InvalidInputError, UnavailableError
+from harness.triton.install import TritonInstall, triton_env
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Embedded TensorRT runner for ``kiln serve`` on a GPU host without Triton.
 
-The only server module importing tensorrt and pycuda, and only inside functions: this module
+With ``engine``, the only code importing tensorrt and pycuda, and only inside functions: this module
 imports on any machine, and constructing a runner without them raises MissingDependencyError.
 
 One runner = one model instance: a deserialized engine, its own execution context, CUDA stream,
@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from builders.errors import InvalidInputError, KilnError, MissingDependencyError, RepositoryError
-from builders.hardware import INSTALL_HINT, MachineInfo, probe_machine
-from builders.manifest import MANIFEST_NAME, read_manifest
-from builders.tensorrt_plan import select_plan
+from core.errors import InvalidInputError, KilnError, MissingDependencyError, RepositoryError
+from runtime.machine import INSTALL_HINT, MachineInfo, probe_machine
+from runtime.tensorrt.plan import plan_for_here
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class TensorRTRunner:
         probe: Callable[[], MachineInfo] = probe_machine,
     ) -> None:
         self.model = model or path.parent.parent.name
-        plan_path = self._checked_plan(path, machine or probe(), device) if check_manifest else path
+        plan_path = plan_for_here(path, machine or probe(), device) if check_manifest else path
         trt, cuda = _import_gpu_stack()
         self._trt, self._cuda = trt, cuda
         cuda.init()
@@ -79,14 +78,6 @@ class TensorRTRunner:
             self._load(plan_path, cuda_graphs)
         finally:
             self._context_gpu.pop()
-
-    def _checked_plan(self, path: Path, machine: MachineInfo, device: int) -> Path:
-        """The plan file for this GPU, after refusing a plan built for another TensorRT or GPU."""
-        if not (path.parent / MANIFEST_NAME).is_file():
-            logger.warning("%s has no %s: cannot check TensorRT version and GPU before loading", path, MANIFEST_NAME)
-            return path
-        manifest = read_manifest(path.parent)
-        return path.parent / select_plan(manifest, machine, device)
 
     def _load(self, plan_path: Path, cuda_graphs: bool) -> None:
         trt = self._trt

@@ -8,7 +8,7 @@ Three steps, each usable alone::
         client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
 
 The model runs ONNX Runtime inside Triton's Python backend (``triton_python_model``).
-CI pre-creates the venv with ``python -m server.testing.triton --setup [DIR]``.
+CI pre-creates the venv with ``python -m harness.triton.cli --setup [DIR]``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from builders.errors import KilnError, MissingDependencyError
-from server.testing.triton_install import (
+from core.errors import KilnError, MissingDependencyError
+from harness.triton.install import (
     REQUIREMENTS,
     TritonInstall,
     default_venv_path,
@@ -29,8 +29,8 @@ from server.testing.triton_install import (
     ensure_triton_venv,
     triton_env,
 )
-from server.testing.triton_process import TritonProcess, free_port, start_triton
-from server.testing.triton_repository import python_backend_config, write_python_backend_model
+from harness.triton.process import TritonProcess, free_port, start_triton
+from harness.triton.repository import python_backend_config, write_python_backend_model
 
 __all__ = [
     "REQUIREMENTS",
@@ -49,9 +49,9 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.testing.triton --setup [DIR]``: create or reuse the venv, print a summary."""
+    """``python -m harness.triton.cli --setup [DIR]``: create or reuse the venv, print a summary."""
     parser = argparse.ArgumentParser(
-        prog="python -m server.testing.triton", description="Prepare the real Triton server used by tests."
+        prog="python -m harness.triton.cli", description="Prepare the real Triton server used by tests."
     )
     parser.add_argument(
         "--setup",

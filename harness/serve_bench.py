@@ -211,7 +211,8 @@ def cnn_repo(root: Path, max_batch_size: int = 16) -> tuple[Path, str]:
 def digits_repo(root: Path) -> tuple[Path, str]:
     """The example model built as ``digits-fp32-ort`` (max_batch 32, dynamic batching on)."""
     from builders.examples import example_model_path
-    from builders.pipeline import BuildRequest, build_model
+    from builders.pipeline import build_model
+    from builders.request import BuildRequest
 
     build_model(BuildRequest(model=example_model_path(), name="digits", precision="fp32", repo=root))
     return root, "digits-fp32-ort"

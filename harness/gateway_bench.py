@@ -2,7 +2,7 @@
 
 Every server under test runs in its own process (as users run them) and the load generator is the
 same grpc.aio client for every path, so the paths differ only by what sits between client and
-upstream. The processes themselves (roles and floors) are in ``gateway_roles.py``.
+upstream. The processes themselves (roles and floors) are in ``harness/gateway_roles.py``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def cnn_model(path: Path, seed: int = 0) -> Path:
 def build_repository(repo: Path, tmp: Path) -> None:
     """Publish the example digits model and the CNN into ``repo`` with Kiln's own pipeline."""
     from builders.examples import example_model_path
-    from builders.pipeline import BuildRequest, build_model
+    from builders.pipeline import build_model
+    from builders.request import BuildRequest
 
     build_model(BuildRequest(model=example_model_path(), name="digits", precision="fp32", repo=repo))
     build_model(BuildRequest(model=cnn_model(tmp / "cnn.onnx"), name="cnn", precision="fp32", repo=repo))

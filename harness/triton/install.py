@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from builders.errors import InvalidInputError, MissingDependencyError
+from core.errors import InvalidInputError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 

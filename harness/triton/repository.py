@@ -17,11 +17,11 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builders.errors import InvalidInputError, NotFoundError
 from builders.inspection import external_data_files, graph_inputs, load_model, value_spec
 from builders.model_config import add_tensors
 from builders.tensors import TensorSpec
-from server.testing import triton_python_model
+from core.errors import InvalidInputError, NotFoundError
+from harness.triton import python_model as triton_python_model
 
 VERSION = "1"
 

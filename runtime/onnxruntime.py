@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from builders.errors import InvalidInputError, KilnError, RepositoryError
+from core.errors import InvalidInputError, KilnError, RepositoryError
 
 logger = logging.getLogger(__name__)
 

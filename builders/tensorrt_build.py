@@ -1,10 +1,11 @@
 """``kiln build --target tensorrt``: prepare ONNX on the CPU, build plans on the GPU, validate, publish.
 
-CPU steps come from the INT8 issue (``builders/int8_build.py``: calibration, Q/DQ with TensorRT
-placement, FP16 conversion); decisions from ``builders/tensorrt_plan.py``; the GPU step from
-``engine.build_engine``. Validation reuses ``builders/validate.py`` with the embedded TensorRT
-runner in place of an ONNX Runtime session, so gates and latency work identically on a GPU.
-One plan is built per distinct compute capability present (``cc_model_filenames``).
+CPU steps come from ``builders/prepare.py`` (calibration, Q/DQ with TensorRT placement, FP16
+conversion); decisions from ``builders/tensorrt_plan.py``; the GPU step from
+``runtime.tensorrt.engine.build_engine``. Validation reuses ``builders/validate.py`` with the
+runtime's TensorRT runner (the one serving uses) in place of an ONNX Runtime session, so gates and
+latency work identically on a GPU. One plan is built per distinct compute capability present
+(``cc_model_filenames``). Nothing here imports TensorRT.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,11 +24,13 @@ import onnx
 from builders.calib_data import ImagePreprocess, load_dataset
 from builders.calibrate import Calibration, calibration_table
 from builders.calibration_file import to_trt_cache
-from builders.errors import InvalidInputError, KilnError
-from builders.hardware import UNSUPPORTED, MachineInfo, support_matrix
+from builders.hardware import UNSUPPORTED, support_matrix
 from builders.inspection import ModelInfo
-from builders.int8_build import BuildData, Int8Options, PreparedOnnx, load_build_data, prepare_onnx, run_calibration
 from builders.model_config import ServingOptions
+from builders.prepare import BuildData, PreparedOnnx, load_build_data, prepare_onnx, run_calibration
+from builders.publish import publish_artifact
+from builders.repository import Published
+from builders.request import BuildRequest, BuildResult, Int8Options
 from builders.tensorrt_plan import (
     BuiltPlan,
     PlanSettings,
@@ -44,6 +47,7 @@ from builders.tensorrt_plan import (
 from builders.validate import (
     Validation,
     check_gate,
+    choose_fastest,
     compare,
     latency_batches,
     make_session,
@@ -52,9 +56,8 @@ from builders.validate import (
     predict,
     with_speedup,
 )
-
-if TYPE_CHECKING:
-    from builders.pipeline import BuildRequest, BuildResult
+from core.errors import InvalidInputError, KilnError
+from runtime.machine import MachineInfo
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ EngineBuilder = Callable[..., Any]  # engine.build_engine's signature, returning
 
 
 @dataclass(frozen=True)
-class Candidate:
+class PlanCandidate:
+    """The plans built for one precision, and their validation once run."""
+
     precision: str
     plans: tuple[BuiltPlan, ...]
     directory: Path
@@ -76,16 +81,11 @@ def plan_settings(
     request: BuildRequest, info: ModelInfo, batch: int, precision: str, machine: MachineInfo
 ) -> PlanSettings:
     """The PlanSettings for one precision from the request's TensorRT options (checked, no I/O)."""
-    opts = request.options
-    profiles = derive_profiles(info.inputs, batch, parse_shapes(opts.get("shapes") or ()))
+    profiles = derive_profiles(info.inputs, batch, parse_shapes(request.tensorrt.shapes))
     return make_settings(
         precision,
         profiles,
-        workspace_mb=int(opts.get("workspace_mb", 1024)),
-        opt_level=int(opts.get("opt_level", 3)),
-        hardware_compat=str(opts.get("hardware_compat", "none")),
-        version_compat=bool(opts.get("version_compat", False)),
-        int8_mode=str(opts.get("trt_int8", "qdq")),
+        request.tensorrt,
         timing_cache=timing_cache_path(request.repo),
         tensorrt_version=machine.tensorrt_version,
     )
@@ -115,14 +115,12 @@ def build_tensorrt(
     ``runner_factory`` and ``engine_builder`` default to the real TensorRT ones; tests pass fakes
     (the only fakes Kiln's tests use are for the GPU).
     """
-    from builders.pipeline import BuildResult
-
     precisions = candidate_precisions(request, machine)
     for precision in precisions:  # every flag checked before any work
         plan_settings(request, info, batch, precision, machine)
     targets = build_targets(machine.gpus)
-    int8 = Int8Options.from_options(request.options)
-    needs_data = request.precision in ("int8", "auto") or int8.calib is not None or int8.eval is not None
+    int8 = request.int8
+    needs_data = request.precision in ("int8", "auto") or int8.has_data
     data = _build_data(request, info, int8) if needs_data else None
     notes = list(warnings)
     if data is None:
@@ -145,7 +143,7 @@ def build_tensorrt(
                 if request.precision != "auto" or (precision == precisions[-1] and not candidates):
                     raise
                 notes.append(f"--precision auto: the {precision} candidate failed and was skipped: {err}")
-        chosen = _choose(candidates, request.precision, str(batch))
+        chosen = _choose(candidates, request.precision)
         if chosen.validation is not None and not chosen.validation.passed:
             if not int8.skip_gate:
                 check_gate(chosen.validation, request.precision, int8.calib_method if calibration else None)
@@ -175,8 +173,8 @@ def _build_candidate(
     machine: MachineInfo,
     workdir: Path,
     engine_builder: EngineBuilder | None,
-) -> Candidate:
-    from builders.tensorrt.engine import build_engine
+) -> PlanCandidate:
+    from runtime.tensorrt.engine import build_engine  # imports nothing of TensorRT until called
 
     make_plan = engine_builder or build_engine
     directory = workdir / precision
@@ -195,7 +193,7 @@ def _build_candidate(
             prepared.path, settings, directory, plan_name=filename, device=gpu.index, calibration_cache=cache
         )
         plans.append(BuiltPlan(filename, gpu.name, gpu.cc, round(built.seconds, 3), built.layers.name))
-    return Candidate(precision, tuple(plans), directory, settings, prepared, None)
+    return PlanCandidate(precision, tuple(plans), directory, settings, prepared, None)
 
 
 class RunnerSession:
@@ -213,13 +211,13 @@ class RunnerSession:
 
 
 def _validated(
-    candidate: Candidate,
+    candidate: PlanCandidate,
     request: BuildRequest,
     data: BuildData | None,
     int8: Int8Options,
     batch: int,
     factory: RunnerFactory,
-) -> Candidate:
+) -> PlanCandidate:
     """Run the device-0 plan against ONNX Runtime FP32 on held-out data (metrics and latency)."""
     if data is None:
         return candidate
@@ -242,35 +240,24 @@ def _validated(
         metric, gate.max_drop, metric_drop(metrics, metric), metrics, latency, len(data.evaluation),
         data.evaluation.sha256, {"eval_source": data.eval_source, "runner": "tensorrt"},
     )  # fmt: skip
-    return Candidate(**{**candidate.__dict__, "validation": validation})
+    return replace(candidate, validation=validation)
 
 
-def _choose(candidates: Sequence[Candidate], requested: str, max_batch: str) -> Candidate:
-    """The asked precision; for ``auto`` the fastest candidate within budget (else the last, FP32)."""
+def _choose(candidates: Sequence[PlanCandidate], requested: str) -> PlanCandidate:
+    """The asked precision; for ``auto`` the fastest within budget (``validate.choose_fastest``)."""
     if requested != "auto" or len(candidates) == 1:
         return candidates[0]
-    passing = [c for c in candidates if c.validation is not None and c.validation.passed]
-    if not passing:
-        return candidates[-1]
-
-    def latency(c: Candidate) -> float:
-        rows = c.validation.latency_ms if c.validation else {}
-        row = rows.get(max_batch) or rows.get("1") or {}
-        return float(row.get("candidate", float("inf")))
-
-    return min(passing, key=latency)
+    return candidates[choose_fastest([c.validation for c in candidates])]
 
 
 def _publish(
     request: BuildRequest,
     info: ModelInfo,
     batch: int,
-    chosen: Candidate,
-    candidates: Sequence[Candidate],
+    chosen: PlanCandidate,
+    candidates: Sequence[PlanCandidate],
     machine: MachineInfo,
-) -> Any:
-    from builders.pipeline import publish_artifact
-
+) -> Published:
     version = machine.tensorrt_version or "unknown"
     files = {p.file: chosen.directory / p.file for p in chosen.plans[1:]}
     files.update({p.layers_file: chosen.directory / p.layers_file for p in chosen.plans if p.layers_file})
@@ -307,7 +294,7 @@ def _publish(
 
 def _default_runner(machine: MachineInfo) -> RunnerFactory:
     def factory(plan: Path) -> Any:
-        from server.backends.tensorrt import TensorRTRunner
+        from runtime.tensorrt.runner import TensorRTRunner
 
         return TensorRTRunner(plan, machine=machine, check_manifest=False)
 

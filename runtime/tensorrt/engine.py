@@ -23,9 +23,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from builders.errors import InvalidInputError, KilnError, MissingDependencyError
-from builders.hardware import INSTALL_HINT
-from builders.tensorrt_plan import HARDWARE_COMPAT, PlanSettings
+from core.errors import InvalidInputError, KilnError, MissingDependencyError
+from runtime.machine import INSTALL_HINT
+from runtime.tensorrt.plan import HARDWARE_COMPAT, PlanSettings
 
 logger = logging.getLogger(__name__)
 

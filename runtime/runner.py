@@ -13,11 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from builders.errors import InvalidInputError, MissingDependencyError
-
-ORT_PLATFORM = "onnxruntime_onnx"
-TENSORRT_PLATFORM = "tensorrt_plan"
-DEFAULT_FILENAMES = {ORT_PLATFORM: "model.onnx", TENSORRT_PLATFORM: "model.plan"}
+from core.errors import InvalidInputError, MissingDependencyError
+from runtime.layout import ORT_PLATFORM, TENSORRT_PLATFORM
 
 
 class Runner(Protocol):
@@ -46,7 +43,7 @@ RunnerFactory = Callable[[RunnerSpec], Runner]
 def create_runner(spec: RunnerSpec) -> Runner:
     """The backend for ``spec.platform``: ONNX Runtime, or TensorRT when it is installed."""
     if spec.platform == ORT_PLATFORM:
-        from server.backends.onnxruntime import OrtRunner
+        from runtime.onnxruntime import OrtRunner
 
         return OrtRunner(spec.artifact, intra_op_threads=spec.intra_op_threads, model=spec.model)
     if spec.platform == TENSORRT_PLATFORM:
@@ -59,7 +56,7 @@ def create_runner(spec: RunnerSpec) -> Runner:
 
 def _tensorrt_runner(spec: RunnerSpec) -> Runner:
     try:
-        from server.backends import tensorrt as trt_backend
+        from runtime.tensorrt import runner as trt_backend
     except ImportError as err:
         raise MissingDependencyError(
             f"model {spec.model!r} version {spec.version} is a TensorRT plan and this Kiln has no TensorRT "

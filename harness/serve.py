@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from builders.errors import InvalidInputError
 from builders.model_config import ServingOptions, config_text, render_config
 from builders.tensors import TensorSpec
-from server.backends.runner import Runner, RunnerSpec, create_runner
+from core.errors import InvalidInputError
+from runtime.runner import Runner, RunnerSpec, create_runner
 
 PAIR_SPECS = (
     (TensorSpec("x", "float32", (-1, 4)),),

@@ -1,0 +1,121 @@
+"""The shared preparation step of every target: data, calibration, and the ONNX to build from.
+
+``prepare_onnx`` returns the ONNX model an engine is built from: the Q/DQ ONNX with the target's
+placement for INT8, the FP16 or FP32 ONNX otherwise. For ``--target ort`` that ONNX is the
+artifact (``builders.int8_build``); the TensorRT builder (``builders.tensorrt_build``) turns it
+into a plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from builders.calib_data import Dataset, ImagePreprocess, load_dataset
+from builders.calibrate import Calibration, CalibrationSettings, calibrate, scale_ranges, write_calibration
+from builders.convert import convert_fp16, optimize_fp32
+from builders.inspection import ModelInfo
+from builders.quantize import choose_ort_format, cpu_flags, quantize_model, save_model
+from builders.request import BuildRequest, Int8Options
+from core.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildData:
+    calibration: Dataset
+    evaluation: Dataset
+    eval_source: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PreparedOnnx:
+    """The ONNX an engine is built from, and how it was made."""
+
+    path: Path
+    precision: str
+    target: str
+    calibration: Calibration | None = None
+    notes: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def load_build_data(request: BuildRequest, info: ModelInfo, opts: Int8Options) -> BuildData:
+    """Calibration data and held-out evaluation data (a disjoint split when --eval is absent)."""
+    if opts.calib is None:
+        raise InvalidInputError(
+            f"--precision {request.precision} needs calibration data: pass --calib DATA.npz "
+            "(arrays keyed by input name, batch first) or a directory of .npz files or images"
+        )
+    prep = ImagePreprocess.parse(opts.preprocess)
+    calib = load_dataset(opts.calib, info.inputs, preprocess=prep)
+    if opts.eval is not None:
+        evaluation = load_dataset(opts.eval, info.inputs, preprocess=prep)
+        same = (
+            ("--eval holds the same samples as --calib: the accuracy gate is optimistic; use held-out data",)
+            if evaluation.sha256 == calib.sha256
+            else ()
+        )
+        return BuildData(calib, evaluation, str(opts.eval), same)
+    calib_part, eval_part = calib.split(opts.eval_fraction)
+    return BuildData(calib_part, eval_part, f"held-out {opts.eval_fraction:.0%} of {opts.calib}")
+
+
+def cache_root(request: BuildRequest, opts: Int8Options) -> Path:
+    """Where calibrations are cached: --cache-dir, else .kiln-cache/calib beside the repository."""
+    if opts.cache_dir is not None:
+        return opts.cache_dir
+    return request.repo.resolve().parent / ".kiln-cache" / "calib"
+
+
+def run_calibration(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, opts: Int8Options,
+                    data: Dataset) -> Calibration:  # fmt: skip
+    settings = CalibrationSettings(opts.calib_method, opts.percentile, opts.calib_batch)
+    result = calibrate(model, info.sha256, data, settings, cache_root(request, opts))
+    if opts.amax_scale != 1.0:
+        logger.warning("every calibrated amax is scaled by %g: this calibration is deliberately wrong", opts.amax_scale)
+        extra = {**result.extra, "amax_scale": opts.amax_scale}
+        directory = result.directory.with_name(f"{result.directory.name}-amax-x{opts.amax_scale:g}")
+        ranges = scale_ranges(result.ranges, opts.amax_scale)
+        result = replace(result, ranges=ranges, extra=extra, directory=directory, reused=False)
+        write_calibration(result)  # the published calibration files show the amax actually used
+    return result
+
+
+def prepare_onnx(
+    request: BuildRequest,
+    model: onnx.ModelProto,
+    precision: str,
+    workdir: Path,
+    *,
+    calibration: Calibration | None = None,
+    exclude_nodes: Sequence[str] = (),
+) -> PreparedOnnx:
+    """The ONNX to build from for ``request.target`` at ``precision`` ("int8", "fp16" or "fp32")."""
+    dest = workdir / f"{precision}-{len(exclude_nodes)}-{request.target}.onnx"
+    if precision == "fp32":
+        return PreparedOnnx(optimize_fp32(request.model, dest), precision, request.target)
+    if precision == "fp16":
+        fp32 = optimize_fp32(request.model, workdir / "fp32-for-fp16.onnx")
+        return PreparedOnnx(save_model(convert_fp16(onnx.load(str(fp32))), dest), precision, request.target)
+    if precision != "int8" or calibration is None:
+        raise InvalidInputError(f"cannot prepare {precision!r} ONNX (int8 needs a calibration)")
+    fmt = choose_ort_format(cpu_flags())
+    quantized = quantize_model(model, calibration.ranges, request.target, exclude_nodes=exclude_nodes, ort_format=fmt)
+    for name, reason in quantized.skipped.items():
+        logger.info("tensor %r stays in float: %s", name, reason)
+    return PreparedOnnx(
+        save_model(quantized.model, dest),
+        precision,
+        request.target,
+        calibration,
+        quantized.notes,
+        {**quantized.details, "float_tensors": sorted({**calibration.skipped, **quantized.skipped})},
+    )

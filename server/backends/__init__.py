@@ -1,1 +1,0 @@
-"""Serving backends: ONNX Runtime (CPU, always) and TensorRT (GPU, optional; imported lazily)."""
