@@ -18,6 +18,9 @@ from prometheus_client import CollectorRegistry
 from core.errors import InvalidInputError, NotFoundError, PermissionDeniedError, UnavailableError
 from server.gateway.admin import AdminApp, AdminServer, register_builtin
 from server.gateway.config import GatewayConfig, load_config, parse_config
+from server.gateway.envoy.access_log import EnvoyMetrics
+from server.gateway.envoy.choice import choose_data_plane
+from server.gateway.envoy.plane import EnvoyOptions, EnvoyPlane
 from server.gateway.forward import Forwarder
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
 from server.gateway.resilience import OutlierDetector
@@ -51,6 +54,8 @@ class GatewayHandle:
     registry: CollectorRegistry
     state_path: Path | None
     _stops: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    data_plane: str = "python"  # "envoy" or "python": what carries the requests
+    envoy: EnvoyPlane | None = None  # the Envoy data plane's controller, when data_plane == "envoy"
 
     @property
     def address(self) -> str:
@@ -117,9 +122,19 @@ def start_gateway(
     insecure_admin: bool = False,
     admin_token_value: str | None = None,
     plugins: Sequence[str] | None = None,
+    data_plane: str = "python",
+    envoy_binary: Path | None = None,
+    envoy_workers: int = 1,
 ) -> GatewayHandle:
-    """Start the gateway; ports 0 pick free ones. Routes come from ``state_path`` when it exists."""
+    """Start the gateway; ports 0 pick free ones. Routes come from ``state_path`` when it exists.
+
+    ``data_plane``: "envoy" (Envoy carries requests, Kiln configures it), "python" (Kiln's own gRPC
+    data plane) or "auto" (Envoy where its binary works, else python; the reason is logged).
+    """
     cfg = resolve_config(config)
+    plane, binary, why = choose_data_plane(data_plane, envoy_binary)
+    if data_plane == "auto":
+        logger.warning("gateway data plane: %s (%s)", plane, why)
     token = admin_token_value or admin_token(cfg)
     if token is None and not (insecure_admin and admin_host == LOOPBACK):
         raise PermissionDeniedError(
@@ -132,7 +147,7 @@ def start_gateway(
                        persist=store.save if store else None)  # fmt: skip
     if store is not None and restored is None:
         store.save(cfg.routes)
-    metrics = GatewayMetrics(cfg.metrics.window_s, cfg.metrics.max_samples)
+    metrics = (EnvoyMetrics if plane == "envoy" else GatewayMetrics)(cfg.metrics.window_s, cfg.metrics.max_samples)
     res = cfg.resilience
     health = OutlierDetector(list(cfg.upstreams), res.failures_to_eject, res.base_ejection_s, res.max_ejection_s)
     pool = UpstreamPool(cfg.upstreams, cfg.server.max_message_bytes)  # sync: thread mode and shadows
@@ -140,8 +155,14 @@ def start_gateway(
     forwarder = Forwarder(cfg, table, metrics, health, shadow, pool)
     stops: list[Callable[[], None]] = [pool.close, shadow.close]
     try:
-        stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port)
-        stops.append(stop_grpc)
+        envoy = None
+        if binary is not None and isinstance(metrics, EnvoyMetrics):
+            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port)
+            stops.append(envoy.stop)
+            bound = envoy.start()
+        else:
+            stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port)
+            stops.append(stop_grpc)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GatewayCollector(metrics))
         app = AdminApp(token)
@@ -153,12 +174,12 @@ def start_gateway(
             stop()
         raise
     handle = GatewayHandle(cfg, host, bound, admin_host, admin.port, table, metrics, health, app, registry,
-                           Path(state_path) if state_path else None, stops)  # fmt: skip
+                           Path(state_path) if state_path else None, stops, plane, envoy)  # fmt: skip
     for module in PLUGIN_MODULES if plugins is None else plugins:
         stop = importlib.import_module(module).attach(handle)
         if stop is not None:
             stops.append(stop)
-    logger.info("gateway serving gRPC on %s:%d, admin on %s", host, bound, handle.admin_url)
+    logger.info("gateway serving gRPC on %s:%d (%s data plane), admin on %s", host, bound, plane, handle.admin_url)
     return handle
 
 
