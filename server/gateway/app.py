@@ -25,7 +25,7 @@ from server.gateway.forward import Forwarder
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
 from server.gateway.resilience import OutlierDetector
 from server.gateway.serve_aio import serve_aio
-from server.gateway.serve_threads import serve_threads
+from server.gateway.serve_threads import ThreadHandlers, serve_threads
 from server.gateway.shadow import ShadowSender
 from server.gateway.state import StateStore
 from server.gateway.table import RouteTable
@@ -56,6 +56,7 @@ class GatewayHandle:
     _stops: list[Callable[[], None]] = field(default_factory=list, repr=False)
     data_plane: str = "python"  # "envoy" or "python": what carries the requests
     envoy: EnvoyPlane | None = None  # the Envoy data plane's controller, when data_plane == "envoy"
+    data_plane_note: str = ""  # why this data plane (e.g. the reason "auto" fell back to python)
 
     @property
     def address(self) -> str:
@@ -133,8 +134,10 @@ def start_gateway(
     """
     cfg = resolve_config(config)
     plane, binary, why = choose_data_plane(data_plane, envoy_binary)
-    if data_plane == "auto":
-        logger.warning("gateway data plane: %s (%s)", plane, why)
+    if data_plane == "auto" and plane == "python":
+        logger.warning("%s", why)
+    if envoy_workers < 1:
+        raise InvalidInputError(f"envoy_workers must be >= 1, got {envoy_workers}")
     token = admin_token_value or admin_token(cfg)
     if token is None and not (insecure_admin and admin_host == LOOPBACK):
         raise PermissionDeniedError(
@@ -157,7 +160,8 @@ def start_gateway(
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
-            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port)
+            streams = ThreadHandlers(forwarder, pool).model_stream_infer  # streams Envoy cannot rewrite
+            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port, streams)
             stops.append(envoy.stop)
             bound = envoy.start()
         else:
@@ -174,7 +178,7 @@ def start_gateway(
             stop()
         raise
     handle = GatewayHandle(cfg, host, bound, admin_host, admin.port, table, metrics, health, app, registry,
-                           Path(state_path) if state_path else None, stops, plane, envoy)  # fmt: skip
+                           Path(state_path) if state_path else None, stops, plane, envoy, why)  # fmt: skip
     for module in PLUGIN_MODULES if plugins is None else plugins:
         stop = importlib.import_module(module).attach(handle)
         if stop is not None:

@@ -3,7 +3,8 @@
 Envoy's own latency histograms record whole milliseconds, too coarse for a model answering in
 0.2 ms, so each request's line carries microsecond durations (``COMMON_DURATION(...:us)``): the
 cluster (``route/variant``), the gRPC status, the time in Envoy from first request byte to last
-response byte, and the upstream's share. A reader thread tails the file (Envoy flushes it every
+response byte, and the upstream's share (first byte sent upstream to last byte back, or to the end
+of the downstream response when the upstream never answered). A reader thread tails the file (Envoy flushes it every
 ``file_flush_ms``) and records each line, so ``/stats``, ``/metrics`` and the rollout controller read
 the same ``GatewayMetrics`` on both data planes. ``sync()`` waits until every request Envoy has
 completed is recorded (read-your-writes for tests and rollout decisions).
@@ -32,9 +33,11 @@ _CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 def parse_line(line: str) -> tuple[str, str, str, int, int] | None:
     """(route, variant, code, upstream_ns, total_ns) of one access-log line; None when not a routed call."""
     parts = line.split()
-    if len(parts) < 5 or not parts[4].endswith("Infer"):
+    if len(parts) < 6 or not parts[5].endswith("Infer"):
         return None
     cluster, status, total, upstream = parts[0], parts[1], parts[2], parts[3]
+    if not upstream.isdigit():  # no answer from the upstream (deadline, reset): until Envoy gave up
+        upstream = parts[4]
     if cluster.startswith("upstream:"):
         route, variant = PASSTHROUGH_ROUTE, cluster.removeprefix("upstream:")
     else:

@@ -9,12 +9,15 @@
   Extra load per mirrored request: one more baseline inference, one shadow inference, and one
   Python gRPC server leg plus two client legs, all off the client's path (the mirror is
   fire-and-forget for Envoy). Copies beyond ``shadow.max_in_flight`` are dropped and counted.
+* **Streams whose model name must change**: ``ModelStreamInfer`` of such a route is served here by
+  the Python data plane's stream proxy (Envoy cannot rewrite a stream's messages; ``render``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +28,7 @@ from server.gateway.envoy.lua import MODEL_HEADER
 from server.gateway.forward import local_answer
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.shadow import ShadowSender
-from server.gateway.table import RouteTable
+from server.gateway.table import LiveRoute, RouteTable
 from server.gateway.upstreams import SERVICE, UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -34,19 +37,32 @@ logger = logging.getLogger(__name__)
 class Comparator:
     """Receives mirrored requests (public model name in ``x-kiln-model``) and compares answers."""
 
-    def __init__(self, table: RouteTable, pool: UpstreamPool, shadow: ShadowSender, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, table: RouteTable, pool: UpstreamPool, shadow: ShadowSender, metrics: GatewayMetrics, max_in_flight: int
+    ) -> None:
         self._table = table
         self._pool = pool
         self._shadow = shadow
         self._metrics = metrics
+        self._slots = threading.BoundedSemaphore(max_in_flight)
 
     def mirrored(self, request: bytes, metadata: Sequence[tuple[str, Any]]) -> None:
         public = next((str(v) for k, v in metadata if k == MODEL_HEADER), None)
         live = self._table.snapshot.routes.get(public) if public else None
         if live is None or live.shadow_index is None or live.route.shadow is None:
             return
+        if not self._slots.acquire(blocking=False):
+            self._metrics.record_shadow_dropped(live.public, live.route.variants[live.shadow_index].name)
+            return
+        try:
+            self._compare(live, live.shadow_index, request)
+        finally:
+            self._slots.release()
+
+    def _compare(self, live: LiveRoute, shadow_index: int, request: bytes) -> None:
+        public = live.public
         baseline = live.route.variants[0]
-        shadow = live.route.variants[live.shadow_index]
+        shadow = live.route.variants[shadow_index]
         if shadow.name == baseline.name:
             return
         try:
@@ -55,12 +71,15 @@ class Comparator:
             logger.debug("baseline call for the shadow comparison of %s failed: %s", public, err)
             self._metrics.record_shadow(live.public, shadow.name, None)
             return
-        body = request + live.request_suffixes[live.shadow_index]
+        body = request + live.request_suffixes[shadow_index]
         call = self._pool[shadow.upstream].unary("ModelInfer")
         self._shadow.submit(live.public, shadow.name, lambda: call(body, timeout=30.0), served)
 
 
-def _handlers(comparator: Comparator) -> grpc.GenericRpcHandler:
+StreamHandler = Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
+
+
+def _handlers(comparator: Comparator, streams: StreamHandler | None) -> grpc.GenericRpcHandler:
     def answer(method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         payload = local_answer(method)
         return lambda request, context: payload
@@ -73,15 +92,18 @@ def _handlers(comparator: Comparator) -> grpc.GenericRpcHandler:
     methods = {m: grpc.unary_unary_rpc_method_handler(answer(m), **identity)
                for m in ("ServerLive", "ServerReady", "ServerMetadata")}  # fmt: skip
     methods["ModelInfer"] = grpc.unary_unary_rpc_method_handler(mirrored, **identity)
+    if streams is not None:
+        methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(streams, **identity)
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
-def start_local_server(comparator: Comparator, workers: int, max_in_flight: int) -> tuple[Callable[[], None], str]:
-    """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT")."""
+def start_local_server(
+    comparator: Comparator, streams: StreamHandler | None, threads: int
+) -> tuple[Callable[[], None], str]:
+    """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT"). An open stream holds a thread."""
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="kiln-envoy-local"),
-        handlers=[_handlers(comparator)],
-        maximum_concurrent_rpcs=max(4, max_in_flight),
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiln-envoy-local"),
+        handlers=[_handlers(comparator, streams)],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 * 2**20)],
     )
     port = server.add_insecure_port("127.0.0.1:0")

@@ -34,7 +34,7 @@ from server.gateway.envoy.access_log import AccessLogReader, EnvoyMetrics
 from server.gateway.envoy.admin import EnvoyAdmin
 from server.gateway.envoy.binary import EnvoyBinary
 from server.gateway.envoy.descriptor import descriptor_set
-from server.gateway.envoy.local import Comparator, start_local_server
+from server.gateway.envoy.local import Comparator, StreamHandler, start_local_server
 from server.gateway.envoy.process import EnvoyProcess, ProcessSettings
 from server.gateway.shadow import ShadowSender
 from server.gateway.table import RouteChange, RoutesSnapshot, RouteTable
@@ -89,9 +89,11 @@ def validate_config(binary: EnvoyBinary, bootstrap: dict[str, Any], directory: P
 class EnvoyPlane:
     def __init__(
         self, config: GatewayConfig, table: RouteTable, metrics: EnvoyMetrics, options: EnvoyOptions,
-        host: str, port: int,
+        host: str, port: int, streams: StreamHandler | None = None,
     ) -> None:  # fmt: skip
+        """``streams``: the Python stream proxy for routes whose streams Envoy cannot rewrite."""
         self._config = config
+        self._streams = streams
         self._table = table
         self._metrics = metrics
         self._options = options
@@ -124,13 +126,13 @@ class EnvoyPlane:
         self._stops += [self._pool.close, self._shadow.close]
         try:
             self.layout.descriptor_path.write_bytes(descriptor_set())
-            comparator = Comparator(self._table, self._pool, self._shadow, self._metrics)
-            stop_local, self._local_address = start_local_server(
-                comparator, self._config.shadow.workers, self._config.shadow.max_in_flight
-            )
+            comparator = Comparator(self._table, self._pool, self._shadow, self._metrics,
+                                    self._config.shadow.max_in_flight)  # fmt: skip
+            stop_local, self._local_address = start_local_server(comparator, self._streams, self._config.server.threads)
             self._stops.append(stop_local)
             routes = self._routes()
             self._refuse_if_invalid(routes, changed=sorted(routes))
+            _say_how_streams_run(routes, sorted(routes))
             self.process.start()
             self._stops.append(self.process.stop)
             self._reader.start()
@@ -187,6 +189,7 @@ class EnvoyPlane:
         current = self._routes()
         changed = sorted(p for p, r in routes.items() if p not in current or current[p] != r)
         self._refuse_if_invalid(routes, changed)
+        _say_how_streams_run(routes, changed)
 
     def apply(self, snapshot: RoutesSnapshot, change: RouteChange) -> None:
         """Table listener after a change: runtime weights, then (if needed) new xDS files."""
@@ -278,6 +281,16 @@ class EnvoyPlane:
     def _reopen_logs(self) -> None:
         if self.process.admin is not None:
             self.process.admin.post("/reopen_logs")
+
+
+def _say_how_streams_run(routes: Mapping[str, Route], names: list[str]) -> None:
+    for public in names:
+        if render.streams_via_kiln(public, routes[public]):
+            logger.info(
+                "route %r: ModelStreamInfer runs on Kiln's Python stream proxy beside Envoy (a variant's model "
+                "name or version differs from the public name, and Envoy cannot rewrite stream messages); "
+                "unary calls run on Envoy", public,
+            )  # fmt: skip
 
 
 def _with_port(layout: render.Layout, port: int) -> render.Layout:

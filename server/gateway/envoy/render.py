@@ -43,7 +43,7 @@ STAT_PREFIX = "kiln"
 WEIGHT_UNITS = 100  # Envoy weights are integers: 1 % = 100 units, so 0.01 % steps survive
 ACCESS_LOG_FORMAT = (
     "%UPSTREAM_CLUSTER% %GRPC_STATUS_NUMBER% %COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)% "
-    "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)% %REQ(:PATH)%\n"
+    "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)% %COMMON_DURATION(US_TX_BEG:DS_TX_END:us)% %REQ(:PATH)%\n"
 )
 # Envoy histogram buckets (ms) for its own per-cluster stats (the access log carries microseconds).
 HISTOGRAM_BUCKETS_MS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 5000)
@@ -275,10 +275,23 @@ def _grpc_route_action(cluster: Any) -> dict[str, Any]:
     return action
 
 
+def streams_via_kiln(public: str, route: Route) -> bool:
+    """True when a variant's upstream model name/version differs from the public name: Envoy's Lua
+    cannot rewrite the messages of a bidirectional stream, so Kiln's Python stream proxy beside
+    Envoy serves ModelStreamInfer for that route (unary calls stay on Envoy)."""
+    return any(v.model != public or v.version for v in route.variants)
+
+
 def public_routes(public: str, route: Route) -> list[dict[str, Any]]:
     """The route entries of one public model, most specific first."""
     model = _header(MODEL_HEADER, public)
     entries: list[dict[str, Any]] = []
+    if streams_via_kiln(public, route):
+        entries.append({
+            "name": f"{public}:{STREAM_METHOD}",
+            "match": {"path": PREFIX + STREAM_METHOD, "headers": [model]},
+            "route": _grpc_route_action({"cluster": LOCAL_CLUSTER}),
+        })  # fmt: skip
     for v in route.variants:
         entries.append({
             "name": f"{public}:pin:{v.name}",
