@@ -145,3 +145,4 @@ def plane_options(mode: str) -> dict[str, Any]:
 
 
 MODES = ("threads", "aio", "envoy")  # Python data plane (two server flavours) and Envoy
+PLANES = ("python", "envoy")

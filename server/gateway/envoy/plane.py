@@ -55,17 +55,35 @@ class EnvoyOptions:
     directory: Path | None = None  # config, xDS files and logs; default: a fresh temporary directory
 
 
+def route_shape(route: Route) -> dict[str, Any]:
+    """A route without its weights and shadow fraction (those go through Envoy's runtime layer)."""
+    data = route_to_dict(route)
+    for variant in data["variants"]:
+        variant.pop("weight", None)
+    if data.get("shadow"):
+        data["shadow"].pop("percent", None)
+    return data
+
+
 def structure(routes: Mapping[str, Route]) -> str:
     """What needs new Envoy config when it changes: everything but weights and shadow fractions."""
-    shape = {}
-    for public, route in sorted(routes.items()):
-        data = route_to_dict(route)
-        for variant in data["variants"]:
-            variant.pop("weight", None)
-        if data.get("shadow"):
-            data["shadow"].pop("percent", None)
-        shape[public] = data
-    return json.dumps(shape, sort_keys=True)
+    return json.dumps({public: route_shape(route) for public, route in sorted(routes.items())}, sort_keys=True)
+
+
+def only_removes(current: Mapping[str, Route], routes: Mapping[str, Route]) -> bool:
+    """True when ``routes`` only drops routes, variants or shadows of ``current`` (e.g. a rollback or
+    promotion): the config keeps a subset of what Envoy already runs, so it needs no new validation."""
+    for public, route in routes.items():
+        if public not in current:
+            return False
+        old, new = route_shape(current[public]), route_shape(route)
+        if old == new:
+            continue
+        if any(v not in old["variants"] for v in new["variants"]) or new.get("sticky") != old.get("sticky"):
+            return False
+        if new.get("shadow") and new.get("shadow") != old.get("shadow"):
+            return False
+    return True
 
 
 def validate_config(binary: EnvoyBinary, bootstrap: dict[str, Any], directory: Path) -> str | None:
@@ -107,6 +125,7 @@ class EnvoyPlane:
         self._structure = ""
         self._cluster_names: set[str] = set()
         self._xds_version = 0
+        self._runtime_keys: set[str] = set()
         self._log_base = 0
         self.port = port
         self._stops: list[Callable[[], None]] = []
@@ -188,7 +207,8 @@ class EnvoyPlane:
             return
         current = self._routes()
         changed = sorted(p for p, r in routes.items() if p not in current or current[p] != r)
-        self._refuse_if_invalid(routes, changed)
+        if not only_removes(current, routes):
+            self._refuse_if_invalid(routes, changed)
         _say_how_streams_run(routes, changed)
 
     def apply(self, snapshot: RoutesSnapshot, change: RouteChange) -> None:
@@ -207,7 +227,12 @@ class EnvoyPlane:
                                snapshot.version, err)  # fmt: skip
 
     def _runtime(self, routes: Mapping[str, Route]) -> dict[str, int]:
-        return {**render.runtime_weights(routes), **render.shadow_runtime(routes)}
+        """Every runtime key: current weights and shadow fractions, and 0 for keys no longer in use
+        (a removed candidate gets no traffic from the next request on, before its route is rewritten)."""
+        values = {**render.runtime_weights(routes), **render.shadow_runtime(routes)}
+        stale = dict.fromkeys(self._runtime_keys - set(values), 0)
+        self._runtime_keys = set(values)
+        return {**stale, **values}
 
     def _push_structure(self, routes: Mapping[str, Route]) -> None:
         clusters = render.render_clusters(self._config, routes, self.layout.max_message_bytes, self._local_address)
