@@ -161,7 +161,8 @@ def start_gateway(
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
             streams = ThreadHandlers(forwarder, pool).model_stream_infer  # streams Envoy cannot rewrite
-            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port, streams)
+            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port, streams,
+                                health)  # fmt: skip
             stops.append(envoy.stop)
             bound = envoy.start()
         else:

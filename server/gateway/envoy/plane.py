@@ -26,16 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from core.atomic_file import write_atomic
-from core.errors import InvalidInputError, UnavailableError
+from core.errors import InvalidInputError, KilnError, UnavailableError
 from server.gateway.config import GatewayConfig, Route, route_to_dict
 from server.gateway.envoy import render
-from server.gateway.envoy.access_log import AccessLogReader, EnvoyMetrics
+from server.gateway.envoy.access_log import AccessLogReader, EnvoyMetrics, Record
 from server.gateway.envoy.admin import EnvoyAdmin
 from server.gateway.envoy.binary import EnvoyBinary
 from server.gateway.envoy.descriptor import descriptor_set
 from server.gateway.envoy.local import Comparator, StreamHandler, start_local_server
 from server.gateway.envoy.process import EnvoyProcess, ProcessSettings
+from server.gateway.resilience import OutlierDetector
 from server.gateway.shadow import ShadowSender
 from server.gateway.table import RouteChange, RoutesSnapshot, RouteTable
 from server.gateway.upstreams import UpstreamPool
@@ -107,7 +110,7 @@ def validate_config(binary: EnvoyBinary, bootstrap: dict[str, Any], directory: P
 class EnvoyPlane:
     def __init__(
         self, config: GatewayConfig, table: RouteTable, metrics: EnvoyMetrics, options: EnvoyOptions,
-        host: str, port: int, streams: StreamHandler | None = None,
+        host: str, port: int, streams: StreamHandler | None = None, health: OutlierDetector | None = None,
     ) -> None:  # fmt: skip
         """``streams``: the Python stream proxy for routes whose streams Envoy cannot rewrite."""
         self._config = config
@@ -126,9 +129,13 @@ class EnvoyPlane:
         self._cluster_names: set[str] = set()
         self._xds_version = 0
         self._runtime_keys: set[str] = set()
+        self._ejected: frozenset[str] = frozenset()  # upstreams whose variants get no traffic right now
         self._log_base = 0
         self.port = port
         self._stops: list[Callable[[], None]] = []
+        self._stopped = threading.Event()
+        self._behind = threading.Event()  # route removals not yet written to Envoy's files
+        self._applied: dict[str, Route] = {}  # the routes Envoy's files hold
         self._pool = UpstreamPool(config.upstreams, config.server.max_message_bytes)
         self._shadow = ShadowSender(metrics, config.shadow.max_in_flight, config.shadow.workers)
         self._local_address = ""
@@ -138,7 +145,8 @@ class EnvoyPlane:
                             workers=options.workers),
             prepare=self._prepare, started=self._started,
         )  # fmt: skip
-        self._reader = AccessLogReader(self.layout.access_log_path, metrics, self._reopen_logs)
+        self._health = health
+        self._reader = AccessLogReader(self.layout.access_log_path, metrics, self._reopen_logs, self._observe)
 
     # ---- start / stop ----------------------------------------------------------------------
     def start(self) -> int:
@@ -156,6 +164,10 @@ class EnvoyPlane:
             self._stops.append(self.process.stop)
             self._reader.start()
             self._stops.append(self._reader.close)
+            ejections = threading.Thread(target=self._watch_ejections, name="kiln-envoy-ejections", daemon=True)
+            ejections.start()
+            threading.Thread(target=self._catch_up_structure, name="kiln-envoy-xds", daemon=True).start()
+            self._stops.append(self._stopped.set)
             self._metrics.catch_up = self.catch_up
             self._table.add_check(self.check)
             self._table.add_listener(self.apply)
@@ -185,6 +197,7 @@ class EnvoyPlane:
                                                    self._local_address), "cds")  # fmt: skip
             self._write_xds([render.render_route_config(self._config, routes)], "rds")
             self._structure = structure(routes)
+            self._applied = dict(routes)
             layout = self.layout if self.port == 0 else _with_port(self.layout, self.port)
             write_atomic(self.process_bootstrap_path, json.dumps(render.render_bootstrap(layout)).encode())
             self._reader.read()
@@ -220,7 +233,11 @@ class EnvoyPlane:
             routes = self._routes()  # the latest, whichever writer's listener runs last
             try:
                 admin.set_runtime(self._runtime(routes))
-                if structure(routes) != self._structure:
+                if structure(routes) == self._structure:
+                    return
+                if only_removes(self._applied, routes):
+                    self._behind.set()  # traffic already left (weight 0): rewrite the files off this thread
+                else:
                     self._push_structure(routes)
             except UnavailableError as err:  # Envoy is restarting: _prepare writes the current routes
                 logger.warning("could not push routes v%d to Envoy (%s); they apply when it is back",
@@ -229,7 +246,10 @@ class EnvoyPlane:
     def _runtime(self, routes: Mapping[str, Route]) -> dict[str, int]:
         """Every runtime key: current weights and shadow fractions, and 0 for keys no longer in use
         (a removed candidate gets no traffic from the next request on, before its route is rewritten)."""
-        values = {**render.runtime_weights(routes), **render.shadow_runtime(routes)}
+        values = {
+            **render.runtime_weights(routes, self._ejected),
+            **render.shadow_runtime(routes),
+        }
         stale = dict.fromkeys(self._runtime_keys - set(values), 0)
         self._runtime_keys = set(values)
         return {**stale, **values}
@@ -244,6 +264,23 @@ class EnvoyPlane:
         if kept:  # unused clusters after no route uses them
             self._wait(_CDS_VERSION, self._write_xds(clusters, "cds"))
         self._structure = structure(routes)
+        self._applied = dict(routes)
+
+    def _catch_up_structure(self) -> None:
+        """Background: push removals (rollbacks, promotions) that ``apply`` left for later."""
+        while not self._stopped.is_set():
+            if not self._behind.wait(0.2):
+                continue
+            self._behind.clear()
+            with self._lock:
+                routes = self._routes()
+                if self.process.admin is None or structure(routes) == self._structure:
+                    continue
+                try:
+                    self._push_structure(routes)
+                except UnavailableError as err:
+                    logger.warning("could not push route removals to Envoy (%s); retrying", err)
+                    self._behind.set()
 
     def _write_xds(self, resources: list[dict[str, Any]], kind: str) -> str:
         self._xds_version += 1
@@ -302,6 +339,53 @@ class EnvoyPlane:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.005)
+
+    def _observe(self, record: Record) -> None:
+        """Mirror Envoy's outcomes into the upstream health the admin API reports (/stats)."""
+        if self._health is None:
+            return
+        live = self._table.snapshot.routes.get(record[0])
+        if live is None:
+            return
+        try:
+            upstream = live.route.variant(record[1]).upstream
+        except KilnError:
+            return
+        if record[2] == "OK":
+            self._health.record_success(upstream)
+        elif record[2] == "UNAVAILABLE" and self._health.record_failure(upstream, "UNAVAILABLE through Envoy"):
+            self._reweigh()
+
+    def _reweigh(self) -> None:
+        """Ejections changed: move ejected variants' shares to their baselines (runtime, next request)."""
+        if self._health is None:
+            return
+        ejected = self._health.ejected_set()
+        for upstream in sorted(self._ejected - ejected):  # ejection over: probe before traffic returns
+            if not self._probe(upstream):
+                self._health.record_failure(upstream, "still unavailable (ServerReady probe)")
+        ejected = self._health.ejected_set()
+        if ejected == self._ejected:
+            return
+        with self._lock:
+            self._ejected = ejected
+            admin = self.process.admin
+            if admin is not None:
+                try:
+                    admin.set_runtime(self._runtime(self._routes()))
+                except UnavailableError as err:
+                    logger.warning("could not move traffic off ejected upstreams %s: %s", sorted(ejected), err)
+
+    def _probe(self, upstream: str) -> bool:
+        try:
+            self._pool[upstream].unary("ServerReady")(b"", timeout=0.5)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def _watch_ejections(self) -> None:
+        while not self._stopped.wait(0.1):
+            self._reweigh()
 
     def _reopen_logs(self) -> None:
         if self.process.admin is not None:

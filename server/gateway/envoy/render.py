@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.gateway.config import ClientTls, GatewayConfig, Route, ServerTls, Upstream
+from server.gateway.config import ClientTls, GatewayConfig, ResilienceSettings, Route, ServerTls, Upstream
 from server.gateway.envoy.lua import EXTRACTION_NAMESPACE, MODEL_HEADER, ROUTE_SCRIPT, rewrite_script
 from server.gateway.routing import PIN_HEADER
 
@@ -43,7 +43,8 @@ STAT_PREFIX = "kiln"
 WEIGHT_UNITS = 100  # Envoy weights are integers: 1 % = 100 units, so 0.01 % steps survive
 ACCESS_LOG_FORMAT = (
     "%UPSTREAM_CLUSTER% %GRPC_STATUS_NUMBER% %COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)% "
-    "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)% %COMMON_DURATION(US_TX_BEG:DS_TX_END:us)% %REQ(:PATH)%\n"
+    "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)% %COMMON_DURATION(US_TX_BEG:DS_TX_END:us)% %REQ(:PATH)% "
+    "%UPSTREAM_REQUEST_ATTEMPT_COUNT% %TRAILER(KILN-VARIANT)% %RESP(KILN-VARIANT)%\n"
 )
 # Envoy histogram buckets (ms) for its own per-cluster stats (the access log carries microseconds).
 HISTOGRAM_BUCKETS_MS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 5000)
@@ -97,12 +98,22 @@ def runtime_prefix(route: str) -> str:
     return f"kiln.weights.{route}"
 
 
-def runtime_weights(routes: Mapping[str, Route]) -> dict[str, int]:
-    """Runtime key -> integer weight for every variant (each route's weights sum to 10,000)."""
+def runtime_weights(routes: Mapping[str, Route], ejected: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Runtime key -> integer weight for every variant (each route's weights sum to 10,000). A
+    variant whose upstream is ``ejected`` gets 0 and its share goes to the baseline (or, when the
+    baseline is the one ejected, the heaviest healthy variant); all ejected: weights unchanged."""
     out: dict[str, int] = {}
     for public, route in routes.items():
-        for name, units in zip((v.name for v in route.variants), weight_units(route), strict=True):
-            out[f"{runtime_prefix(public)}.{cluster_name(public, name)}"] = units
+        units = weight_units(route)
+        healthy = [v.upstream not in ejected for v in route.variants]
+        if not all(healthy) and any(healthy):
+            heir = 0 if healthy[0] else max((i for i, ok in enumerate(healthy) if ok), key=lambda i: units[i])
+            for index, ok in enumerate(healthy):
+                if not ok:
+                    units[heir] += units[index]
+                    units[index] = 0
+        for variant, weight in zip(route.variants, units, strict=True):
+            out[f"{runtime_prefix(public)}.{cluster_name(public, variant.name)}"] = weight
     return out
 
 
@@ -214,6 +225,29 @@ def _cluster(
     return cluster
 
 
+def outlier_detection(resilience: ResilienceSettings) -> dict[str, Any]:
+    """Eject a variant's upstream after ``failures_to_eject`` consecutive failures, for a growing time."""
+    failures = resilience.failures_to_eject
+    return {
+        "consecutive_5xx": failures,
+        "consecutive_gateway_failure": failures,
+        "consecutive_local_origin_failure": failures,
+        "split_external_local_origin_errors": True,
+        "enforcing_consecutive_5xx": 100,
+        "enforcing_consecutive_gateway_failure": 100,
+        "enforcing_consecutive_local_origin_failure": 100,
+        "enforcing_success_rate": 0,
+        "interval": _duration(min(resilience.base_ejection_s, 1.0)),
+        "base_ejection_time": _duration(resilience.base_ejection_s),
+        "max_ejection_time": _duration(resilience.max_ejection_s),
+        "max_ejection_percent": 100,
+    }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
 def variant_cluster(public: str, route: Route, variant: str, upstreams: Mapping[str, Upstream],
                     max_message_bytes: int) -> dict[str, Any]:  # fmt: skip
     v = route.variant(variant)
@@ -232,11 +266,12 @@ def render_clusters(
     config: GatewayConfig, routes: Mapping[str, Route], max_message_bytes: int, local_address: str
 ) -> list[dict[str, Any]]:
     """Every cluster: one per (route, variant), one per upstream, and Kiln's local server."""
-    clusters = [
-        variant_cluster(public, route, v.name, config.upstreams, max_message_bytes)
-        for public, route in sorted(routes.items())
-        for v in route.variants
-    ]
+    clusters = []
+    for public, route in sorted(routes.items()):
+        for v in route.variants:
+            cluster = variant_cluster(public, route, v.name, config.upstreams, max_message_bytes)
+            cluster["outlier_detection"] = outlier_detection(config.resilience)
+            clusters.append(cluster)
     clusters += [
         _cluster(upstream_cluster_name(name), upstream, max_message_bytes, None)
         for name, upstream in sorted(config.upstreams.items())
