@@ -1,0 +1,117 @@
+"""What only the Envoy data plane has: config validation, supervision, runtime weights, bad input at Envoy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from core.errors import InvalidInputError, MissingDependencyError
+from harness.gateway import (
+    INFER,
+    TOKEN,
+    digits_models,
+    envoy_unusable,
+    gateway_config,
+    request_bytes,
+    served_variant,
+    variant,
+)
+from harness.triton.kserve_upstream import UpstreamServer, start_upstream
+from server.gateway.app import GatewayHandle, start_gateway
+from server.gateway.envoy.choice import choose_data_plane
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(envoy_unusable() is not None, reason=f"Envoy data plane unavailable: {envoy_unusable()}"),
+]
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[UpstreamServer]:
+    with start_upstream(digits_models()) as server:
+        yield server
+
+
+def start(stub: UpstreamServer, routes: dict[str, Any] | None = None) -> GatewayHandle:
+    routes = routes or {"digits": {"variants": [variant("a", "digits", 100), variant("b", "digits-v2", 0)]}}
+    config = gateway_config({"up": stub.address}, routes)
+    return start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=(), data_plane="envoy")
+
+
+def test_a_weight_change_is_in_effect_for_the_next_request(stub: UpstreamServer) -> None:
+    with start(stub) as gw, grpc.insecure_channel(gw.address) as channel:
+        for flip in range(10):
+            target = "b" if flip % 2 == 0 else "a"
+            gw.routes.set_weights("digits", {"a": 0 if target == "b" else 100, "b": 100 if target == "b" else 0})
+            assert served_variant(channel, "digits")[0] == target
+
+
+def test_envoy_killed_is_restarted_with_the_current_routes(stub: UpstreamServer) -> None:
+    with start(stub) as gw, grpc.insecure_channel(gw.address) as channel:
+        gw.routes.set_weights("digits", {"a": 0, "b": 100})
+        gw.routes.replace_route("added", {"variants": [variant("x", "digits", 100)]})
+        assert gw.envoy is not None
+        gw.envoy.process.kill_for_test()
+        deadline = time.monotonic() + 20
+        while gw.envoy.process.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gw.envoy.process.restarts == 1
+        assert served_variant(channel, "digits") == ("b", "digits")  # weights survived the restart
+        assert served_variant(channel, "added") == ("x", "added")  # so did the route added at run time
+
+
+def test_unknown_model_and_unreadable_body_are_answered_by_envoy(stub: UpstreamServer) -> None:
+    with start(stub) as gw, grpc.insecure_channel(gw.address) as channel:
+        call = channel.unary_unary(INFER)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as unknown:
+            call(request_bytes("nope"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "model 'nope' is not routed by this gateway; routed models are ['digits']" in unknown.value.details()
+        assert time.monotonic() - started < 5  # an answer, not a hang until the deadline
+        for garbage in (b"\xff\xff\xff\xff\xff\xff", b""):
+            with pytest.raises(grpc.RpcError) as bad:
+                call(garbage, timeout=10)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage
+            assert "could not read model_name" in bad.value.details()
+        assert served_variant(channel, "digits")[0] == "a"  # Envoy stayed up
+
+
+def test_a_route_envoy_refuses_is_refused_whole_and_named(stub: UpstreamServer) -> None:
+    with start(stub) as gw, grpc.insecure_channel(gw.address) as channel:
+        before = gw.routes.snapshot.version
+        bad = {"variants": [variant("a", "digits", 100)], "sticky": "header:x\nuser"}  # Kiln lets it through
+        refused = r"Envoy refused the config for route\(s\) \[.broken.\].*HeaderName"
+        with pytest.raises(InvalidInputError, match=refused):
+            gw.routes.replace_route("broken", bad)
+        assert gw.routes.snapshot.version == before and "broken" not in gw.routes.snapshot.routes
+        assert served_variant(channel, "digits")[0] == "a"  # the running config is untouched
+
+
+def test_explicit_envoy_without_its_binary_is_a_clear_error_and_auto_falls_back(tmp_path: Path) -> None:
+    missing = tmp_path / "envoy"
+    with pytest.raises(MissingDependencyError, match=r"--data-plane envoy: Envoy binary .* does not exist"):
+        choose_data_plane("envoy", missing)
+    plane, binary, why = choose_data_plane("auto", missing)
+    assert (plane, binary) == ("python", None) and "serving on the Python data plane" in why
+    old = tmp_path / "old-envoy"
+    old.write_text("#!/bin/sh\necho 'envoy  version: abc/1.39.2/Clean/RELEASE/BoringSSL'\n", encoding="utf-8")
+    old.chmod(0o755)
+    with pytest.raises(MissingDependencyError, match=r"is version 1\.39\.2; Kiln's generated config needs 1\.40\.x"):
+        choose_data_plane("envoy", old)
+
+
+def test_stop_drains_and_ends_envoy(stub: UpstreamServer) -> None:
+    gw = start(stub)
+    assert gw.envoy is not None and gw.envoy.process.pid is not None
+    pid = gw.envoy.process.pid
+    gw.stop()
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(pid, 0)
