@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from server.gateway.envoy.admin import EnvoyAdmin
 from server.gateway.envoy.binary import EnvoyBinary
 from server.gateway.envoy.descriptor import descriptor_set
 from server.gateway.envoy.local import Comparator, StreamHandler, start_local_server
-from server.gateway.envoy.process import EnvoyProcess, ProcessSettings
+from server.gateway.envoy.process import EnvoyProcess, ExternalEnvoy, ProcessSettings
 from server.gateway.resilience import OutlierDetector
 from server.gateway.shadow import ShadowSender
 from server.gateway.table import RouteChange, RoutesSnapshot, RouteTable
@@ -56,6 +56,7 @@ class EnvoyOptions:
     binary: EnvoyBinary
     workers: int = 1  # Envoy worker threads
     directory: Path | None = None  # config, xDS files and logs; default: a fresh temporary directory
+    external_admin: str | None = None  # "127.0.0.1:9901": Envoy runs beside Kiln (deploy/), not started by it
 
 
 def route_shape(route: Route) -> dict[str, Any]:
@@ -139,12 +140,20 @@ class EnvoyPlane:
         self._pool = UpstreamPool(config.upstreams, config.server.max_message_bytes)
         self._shadow = ShadowSender(metrics, config.shadow.max_in_flight, config.shadow.workers)
         self._local_address = ""
-        self.process = EnvoyProcess(
-            options.binary,
-            ProcessSettings(directory / "bootstrap.json", self.layout.admin_address_path, directory / "envoy.log",
-                            workers=options.workers),
-            prepare=self._prepare, started=self._started,
-        )  # fmt: skip
+        self.process: EnvoyProcess | ExternalEnvoy
+        if options.external_admin is not None:
+            admin_port = options.external_admin.rpartition(":")[2]
+            if port == 0 or options.directory is None or not admin_port.isdigit():
+                raise InvalidInputError(
+                    f"an external Envoy needs a fixed --port (got {port}), a shared --envoy-dir and --envoy-admin "
+                    f"HOST:PORT (got {options.external_admin!r})"
+                )
+            self.layout = replace(self.layout, admin_port=int(admin_port))
+            self.process = ExternalEnvoy(options.external_admin, prepare=self._prepare, started=self._started)
+        else:
+            settings = ProcessSettings(directory / "bootstrap.json", self.layout.admin_address_path,
+                                       directory / "envoy.log", workers=options.workers)  # fmt: skip
+            self.process = EnvoyProcess(options.binary, settings, prepare=self._prepare, started=self._started)
         self._health = health
         self._reader = AccessLogReader(self.layout.access_log_path, metrics, self._reopen_logs, self._observe)
 
@@ -198,7 +207,7 @@ class EnvoyPlane:
             self._write_xds([render.render_route_config(self._config, routes)], "rds")
             self._structure = structure(routes)
             self._applied = dict(routes)
-            layout = self.layout if self.port == 0 else _with_port(self.layout, self.port)
+            layout = self.layout if self.port == 0 else replace(self.layout, port=self.port)
             write_atomic(self.process_bootstrap_path, json.dumps(render.render_bootstrap(layout)).encode())
             self._reader.read()
             self._log_base = self._reader.lines
@@ -400,10 +409,6 @@ def _say_how_streams_run(routes: Mapping[str, Route], names: list[str]) -> None:
                 "name or version differs from the public name, and Envoy cannot rewrite stream messages); "
                 "unary calls run on Envoy", public,
             )  # fmt: skip
-
-
-def _with_port(layout: render.Layout, port: int) -> render.Layout:
-    return render.Layout(layout.host, port, layout.admin_port, layout.directory, layout.tls, layout.max_message_bytes)
 
 
 def _listener_port(admin: EnvoyAdmin) -> int:
