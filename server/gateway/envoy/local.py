@@ -1,6 +1,7 @@
 """Kiln's own small gRPC server beside Envoy: health answers and the shadow comparator.
 
-* ``ServerLive``/``ServerReady``/``ServerMetadata`` are answered by the gateway itself (as on the
+* ``grpc.health.v1.Health`` (the data-plane port's readiness for Kubernetes probes) and
+  ``ServerLive``/``ServerReady``/``ServerMetadata`` are answered by the gateway itself (as on the
   Python data plane) when no ``default_upstream`` is configured; Envoy routes them here.
 * **Shadow comparator**: Envoy mirrors a fraction of a route's ModelInfer calls here and discards
   what comes back, so agreement is measured on Kiln's side: for each mirrored request the
@@ -22,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from core.errors import UnavailableError
 from server.gateway.envoy.lua import MODEL_HEADER
@@ -106,6 +109,9 @@ def start_local_server(
         handlers=[_handlers(comparator, streams)],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 * 2**20)],
     )
+    health = HealthServicer()  # grpc.health.v1 for the data-plane port (Kubernetes gRPC probes)
+    health.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
         raise UnavailableError("the gateway's local gRPC server could not bind a port on 127.0.0.1")

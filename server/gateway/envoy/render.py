@@ -398,6 +398,8 @@ def render_route_config(config: GatewayConfig, routes: Mapping[str, Route]) -> d
                 "the gateway could not read model_name from the request body (not a serialized "
                 "ModelInferRequest, or a compressed message); send a KServe v2 ModelInferRequest")),
         })  # fmt: skip
+    entries.append({"name": "health", "match": {"prefix": "/grpc.health.v1.Health/"},
+                    "route": _grpc_route_action({"cluster": LOCAL_CLUSTER})})  # fmt: skip
     if config.default_upstream is not None:
         default = {"cluster": upstream_cluster_name(config.default_upstream)}
         entries.append({"name": "default-upstream", "match": {"prefix": PREFIX}, "route": _grpc_route_action(default)})
