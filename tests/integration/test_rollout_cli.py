@@ -42,7 +42,9 @@ def test_start_watch_until_promoted(gateway: GatewayHandle, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     admin = connection(gateway, tmp_path)
     with Load(gateway.address, "digits"):
-        code = main(["rollout", "start", *admin, *FLAGS, "--interval", "0.3", "--max-p99-ratio", "4",
+        # the CLI flow is under test, not latency: a candidate's first 0.3 s window holds a few dozen
+        # requests, whose p99 on a shared 2-core box swings by 5x on either data plane
+        code = main(["rollout", "start", *admin, *FLAGS, "--interval", "0.3", "--max-p99-ratio", "10",
                      "--watch", "--every", "0.2", "--refreshes", "150"])
     out = capsys.readouterr().out
     assert code == 0 and "promoted" in out

@@ -39,9 +39,11 @@ from server.gateway.envoy.descriptor import descriptor_set
 from server.gateway.envoy.local import Comparator, StreamHandler, start_local_server
 from server.gateway.envoy.process import EnvoyProcess, ExternalEnvoy, ProcessSettings
 from server.gateway.resilience import OutlierDetector
+from server.gateway.routing import PIN_HEADER
 from server.gateway.shadow import ShadowSender
 from server.gateway.table import RouteChange, RoutesSnapshot, RouteTable
 from server.gateway.upstreams import UpstreamPool
+from server.gateway.wire import encode_string_field
 
 logger = logging.getLogger(__name__)
 
@@ -272,8 +274,26 @@ class EnvoyPlane:
         self._wait(_RDS_VERSION, self._write_xds([render.render_route_config(self._config, routes)], "rds"))
         if kept:  # unused clusters after no route uses them
             self._wait(_CDS_VERSION, self._write_xds(clusters, "cds"))
+        self._warm(routes, names - {c["name"] for c in previous})
         self._structure = structure(routes)
         self._applied = dict(routes)
+
+    def _warm(self, routes: Mapping[str, Route], new_clusters: set[str]) -> None:
+        """Open the connections of new variant clusters with one pinned ModelReady each, so a canary's
+        first requests do not pay the connection set-up (its p99 would otherwise show it)."""
+        if self.layout.tls is not None or not new_clusters:
+            return
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            ready = channel.unary_unary(f"/{render.SERVICE}/ModelReady")
+            for public, route in routes.items():
+                for variant in route.variants:
+                    if render.cluster_name(public, variant.name) not in new_clusters:
+                        continue
+                    request = encode_string_field(1, public)
+                    try:
+                        ready(request, metadata=((PIN_HEADER, variant.name),), timeout=2.0)
+                    except grpc.RpcError as err:
+                        logger.info("warming %s/%s: %s", public, variant.name, err.code())
 
     def _catch_up_structure(self) -> None:
         """Background: push removals (rollbacks, promotions) that ``apply`` left for later."""
