@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -191,10 +192,11 @@ def run(args: argparse.Namespace) -> int:
             result["split"] = split_and_sticky(address, info["admin"], h.DIGITS.request(), args.split_requests)
             result["routing_movement"] = routing_movement()
             if "envoy" in gateways:
-                envoy_info = gateways["envoy"][1]
+                envoy_child, envoy_info = gateways["envoy"]
                 result["envoy_control"] = weight_changes_and_rollback(
                     f"127.0.0.1:{envoy_info['port']}", envoy_info["admin"], h.DIGITS.request()
                 )
+                result["shadow_cost"] = shadow_cost(envoy_child, envoy_info, upstream, args.seconds * 2)
             for extra in children[1:]:
                 extra.stop()
             children = children[:1]
@@ -223,6 +225,39 @@ def envoy_unusable() -> str | None:
     from harness.gateway import envoy_unusable as why
 
     return why()
+
+
+def _own_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def shadow_cost(child: h.Child, info: dict[str, Any], upstream: h.Child, seconds: float) -> dict[str, Any]:
+    """Envoy data plane: what a 100 % shadow costs, per served request, in Kiln's process (the
+    comparator: one server leg, two client calls, the comparison) and in the upstream (two more
+    inferences), against the same load without a shadow."""
+    model, address = h.DIGITS.model, f"127.0.0.1:{info['port']}"
+    out: dict[str, Any] = {}
+    for label, shadow in (("no_shadow", None), ("shadow_100", {"variant": "b", "percent": 100})):
+        route = {"variants": [{"name": "a", "upstream": "embedded", "model": model, "weight": 100},
+                              {"name": "b", "upstream": "embedded", "model": model, "weight": 0}]}  # fmt: skip
+        if shadow:
+            route["shadow"] = shadow
+        request = urllib.request.Request(info["admin"] + f"/routes/{model}", data=json.dumps(route).encode(),
+                                         method="PUT")  # fmt: skip
+        urllib.request.urlopen(request, timeout=30).read()
+        kiln0, all0, up0 = _own_cpu_s(child.process.pid), child.cpu_s(), upstream.cpu_s()
+        run = h.closed_loop(address, h.DIGITS.request(), 8, seconds)
+        kiln1, all1, up1 = _own_cpu_s(child.process.pid), child.cpu_s(), upstream.cpu_s()
+        n = max(1, run["requests"])
+        out[label] = {"requests": run["requests"], "rps": run["throughput_rps"],
+                      "kiln_cpu_us_per_request": (kiln1 - kiln0) / n * 1e6,
+                      "envoy_cpu_us_per_request": ((all1 - all0) - (kiln1 - kiln0)) / n * 1e6,
+                      "upstream_cpu_us_per_request": (up1 - up0) / n * 1e6}  # fmt: skip
+    compared = h.admin_get(info["admin"], "/stats")["routes"][model]["variants"]["b"]["cumulative"].get("shadow") or {}
+    out["compared"] = compared.get("compared", 0)
+    out["dropped"] = compared.get("dropped", 0)
+    return out
 
 
 def weight_changes_and_rollback(address: str, admin_url: str, body: bytes, flips: int = 40) -> dict[str, Any]:
@@ -410,6 +445,14 @@ def report(result: dict[str, Any]) -> None:
               f"100/0 under 8-way load: {control['rollback_errors']} of {control['rollback_requests']} requests "
               f"failed, {control['b_after_rollback']} served by the rolled-back variant >50 ms after the change "
               f"(applied in {control['rollback_apply_ms']:.1f} ms)")  # fmt: skip
+    cost = result.get("shadow_cost")
+    if cost:
+        base, shadow = cost["no_shadow"], cost["shadow_100"]
+        print(f"Envoy shadow comparator (100 % mirrored, c8, digits): Kiln process CPU/request "
+              f"{base['kiln_cpu_us_per_request']:.0f} -> {shadow['kiln_cpu_us_per_request']:.0f} µs, upstream "
+              f"{base['upstream_cpu_us_per_request']:.0f} -> {shadow['upstream_cpu_us_per_request']:.0f} µs, Envoy "
+              f"{base['envoy_cpu_us_per_request']:.0f} -> {shadow['envoy_cpu_us_per_request']:.0f} µs, throughput "
+              f"{base['rps']:.0f} -> {shadow['rps']:.0f} rps; compared {cost['compared']}, dropped {cost['dropped']}")
     move = result["routing_movement"]
     print(f"weights 90/10 -> 80/20 moved {move['moved_90_10_to_80_20'] * 100:.1f} % of keys (minimum 10 %); "
           f"unchanged weights moved {move['moved_unchanged']}")  # fmt: skip

@@ -34,12 +34,11 @@ _REWRITE_BODY = """
 local function reframe(body, extra)
   local n = body:length()
   if n < 5 then return end
-  local s = body:getBytes(0, n)
-  local f, b1, b2, b3, b4 = s:byte(1, 5)
+  local f, b1, b2, b3, b4 = body:getBytes(0, 5):byte(1, 5)
   if f ~= 0 or ((b1 * 256 + b2) * 256 + b3) * 256 + b4 ~= n - 5 then return end
   local m = n - 5 + #extra
   body:setBytes(string.char(0, math.floor(m / 16777216) % 256, math.floor(m / 65536) % 256,
-    math.floor(m / 256) % 256, m % 256) .. s:sub(6) .. extra)
+    math.floor(m / 256) % 256, m % 256) .. body:getBytes(5, n - 5) .. extra)
 end
 local RESPONSE = {
   ["/inference.GRPCInferenceService/ModelInfer"] = NAME_FIELD,
