@@ -19,6 +19,7 @@ from harness.rollout import Load
 from server.app import ServerHandle, start_server
 from server.cli import main
 from server.gateway.app import GatewayHandle, start_gateway
+from server.rollout.machine import Command
 from server.rollout.plan import RolloutPlan, plan_from_mapping
 from server.rollout.plugin import controller_for
 from server.rollout.timeline import run_rollout
@@ -108,3 +109,22 @@ def test_an_upstream_that_cannot_load_it_fails_the_start_after_the_timeout(serve
         with pytest.raises(UnavailableError, match=r"upstream 'up0' .* not ready after 0.5 s; it refuses to load"):
             controller_for(gw).start(plan)
         assert [v.name for v in gw.routes.route("digits").variants] == ["v2"]
+
+
+def test_retire_is_refused_while_a_route_points_at_the_version(server: ServerHandle,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    client = tc.InferenceServerClient(server.url)
+    with gateway(server) as gw:
+        controller = controller_for(gw)
+        controller.start(version_plan(retire_previous=False))
+        assert controller.command("digits", Command.PROMOTE)["phase"] == "promoted"  # as `kiln rollout promote`
+        gw.routes.replace_route("pinned", {"variants": [
+            {"name": "old", "upstream": "up0", "model": MODEL, "version": "1", "weight": 100}]})
+        retire = ["rollout", "retire", "digits", "--admin", gw.admin_url]
+        assert main(retire) == 11
+        assert "still pointed at by ['pinned/old']" in " ".join(capsys.readouterr().err.split())
+        assert client.is_model_ready(MODEL, "1")  # refused: nothing changed
+        gw.routes.remove_route("pinned")
+        assert main(retire) == 0
+        assert client.is_model_ready(MODEL, "2") and not client.is_model_ready(MODEL, "1")
+    client.close()
