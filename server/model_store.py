@@ -25,7 +25,7 @@ from builders.model_config import complete_io, config_tensors
 from builders.repository import ModelEntry, check_model_name, read_model, repository_root, verify_version
 from core.errors import KilnError, NotFoundError, RepositoryError, UnavailableError
 from runtime.layout import DEFAULT_FILENAMES
-from runtime.runner import Runner, RunnerFactory, RunnerSpec, create_runner
+from runtime.runner import DEFAULT_INTRA_OP_THREADS, Runner, RunnerFactory, RunnerSpec, create_runner
 from server.batching import Arrays, Batcher, BatchPolicy, Timing
 from server.statistics import VersionStats
 from server.validation import check_inputs
@@ -42,7 +42,7 @@ class ModelState(enum.Enum):
 
 @dataclass(frozen=True)
 class StoreOptions:
-    intra_op_threads: int = 1
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
     dynamic_batching: bool | None = None  # None: as config.pbtxt says
     runner_factory: RunnerFactory = create_runner
 
