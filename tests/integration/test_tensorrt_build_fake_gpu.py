@@ -40,7 +40,7 @@ def machine(*gpus: GpuInfo, trt: str = "10.3.0") -> MachineInfo:
         onnxruntime_version=ort.__version__,
         gpus=gpus,
         tensorrt_version=trt,
-        pycuda_version="2024.1",
+        polygraphy_version="0.49.9",
     )
 
 
