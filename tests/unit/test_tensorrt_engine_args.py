@@ -22,7 +22,7 @@ INPUT = TensorSpec("input", "float32", ("batch", 1, 8, 8))
 
 
 class FakeProfile(dict):
-    def add(self, name: str, min: Any, opt: Any, max: Any) -> FakeProfile:  # noqa: A002 - Polygraphy's names
+    def add(self, name: str, min: Any, opt: Any, max: Any) -> FakeProfile:
         self[name] = (tuple(min), tuple(opt), tuple(max))
         return self
 
