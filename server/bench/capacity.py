@@ -7,17 +7,23 @@ drives a real endpoint with it, the unit tests drive a simulated one.
 
 The search (open loop over the arrival rate, or closed loop over concurrency):
 
-1. **explore**: from ``start``, multiply the level by ``growth`` (by ``fast_growth`` while p99 is
-   under a quarter of the SLO) until a level fails;
-2. **bisect** between the highest level that met the SLO and the lowest that failed, at the
-   geometric midpoint (rate) or the integer midpoint (concurrency), until they are within
-   ``precision`` of each other; a failed open-loop level that could not keep up also bounds the
-   answer by the throughput it managed;
+0. **probe** (rate search): a short closed-loop run; the search starts at half the throughput it
+   reached (or at ``start`` when it failed);
+1. **explore**: multiply the level by ``growth`` (by ``fast_growth`` while p99 is under a quarter
+   of the SLO) until a level fails; if the very first level fails, divide by ``fast_growth``
+   down to ``start``, and if even ``start`` fails, no level meets the SLO;
+2. **bisect** between the highest level that met the SLO and the lowest that failed until they
+   are within ``precision`` of each other: for rates, where 1/p99 (linear in the rate for an
+   M/M/1 queue) reaches 1/SLO, interpolated from the passing level and the failing one (or zero
+   at the throughput ceiling a saturated level showed), with a geometric-midpoint fallback;
+   for concurrency, the integer midpoint;
 3. **confirm**: run the final level ``repeats`` more times. A level counts as meeting the SLO only
    if every run of it did, so a failed repeat moves the boundary down and the search goes on.
 
 A level fails when p99 or the error rate is over the SLO, and is marked as the *client's* limit
-when the load generator itself could not offer the load (its sends fell behind schedule).
+when the load generator itself could not offer the load (its sends fell behind schedule). A level
+that has certainly failed (more than 1 % of its expected requests already over the SLO, or too
+many errors) stops early (``stop_rule``), so overloaded levels cost little time.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ class SearchSettings:
     min_duration_s: float = 2.0
     max_duration_s: float = 15.0
     warmup_s: float = 1.0  # per level, not measured
-    client_lag_share: float = 0.25  # the client's own send lag p99 over this share of the SLO ...
+    client_lag_share: float = 0.25  # the client's median send lag over this share of the SLO ...
     client_lag_floor_ms: float = 2.0  # ... and over this many ms marks the level as client-limited
     client_rate_share: float = 0.9  # open loop: sending below this share of the offered rate, too
     probe_concurrency: int = 16  # rate mode: a short closed-loop run first; the search starts at half its throughput
@@ -215,7 +221,7 @@ def judge(point: LoadPoint, slo: Slo, settings: SearchSettings) -> Judgement:
 
 def client_note(point: LoadPoint, slo: Slo, settings: SearchSettings) -> str:
     """Why the load generator, not the endpoint, limited this level ("" when it did not)."""
-    lag_ms = (point.send_lag_us_p99 if point.mode == "rate" else point.loop_lag_us_p99) / 1e3
+    lag_ms = (point.send_lag_us_p50 if point.mode == "rate" else point.loop_lag_us_p50) / 1e3
     lag_limit = max(settings.client_lag_floor_ms, settings.client_lag_share * slo.p99_ms)
     if point.mode == "rate" and point.sent_rps and point.sent_rps < settings.client_rate_share * point.load:
         return (
@@ -225,7 +231,7 @@ def client_note(point: LoadPoint, slo: Slo, settings: SearchSettings) -> str:
     if lag_ms > lag_limit:
         what = "sends fell behind schedule" if point.mode == "rate" else "its event loop stalled"
         return (
-            f"the load generator's {what} by p99 {lag_ms:.1f} ms (> {lag_limit:.1f} ms): "
+            f"the load generator's {what} by a median {lag_ms:.1f} ms (> {lag_limit:.1f} ms): "
             "the figure is the client's limit, not the endpoint's"
         )
     return ""
@@ -266,7 +272,12 @@ def next_step(runs: Sequence[Run], slo: Slo, settings: SearchSettings) -> Step:
         grown = min(settings.max_load, _round(top * factor, settings))
         return _step(max(grown, _next_int(top, settings)), "explore", runs, slo, settings)
     if lo is None:
-        return Step(None, "none")
+        lowest = min(r.load for r in levels)
+        floor = _round(settings.start, settings)
+        if lowest <= floor:
+            return Step(None, "none")
+        # the first level (half the probe's throughput) was too high: go down, as far as --start
+        return _step(max(floor, _round(lowest / settings.fast_growth, settings)), "explore", runs, slo, settings)
     if not _close(lo, hi, settings):
         return _step(_candidate(levels, lo, hi, upper, slo, settings), "bisect", runs, slo, settings)
     if sum(1 for r in levels if r.load == lo) < 1 + settings.repeats:

@@ -239,8 +239,9 @@ async def open_loop(
         code, variant, detail = await _timed_call(send, payload)
         tally.add(code, variant, time.perf_counter_ns() - due, detail)
 
+    last_due = start
     while (count < requests) if requests is not None else (scheduled < horizon):
-        due = int(scheduled)
+        due = last_due = int(scheduled)
         delay = due - time.perf_counter_ns()
         if delay > 0:
             await asyncio.sleep(delay / 1e9)
@@ -257,7 +258,8 @@ async def open_loop(
         task.add_done_callback(lambda done: tasks.pop(done, None))
         count += 1
         scheduled += rng.exponential(1e9 / rate)
-    sent_rps = count / max(time.perf_counter_ns() - start, 1) * 1e9
+    # how fast the client got through its schedule: the offered rate when it kept up, less when it fell behind
+    sent_rps = rate * max(last_due - start, 0) / max(time.perf_counter_ns() - start, 1)
     if tasks:
         await asyncio.gather(*tasks)
     return tally.point("rate", rate, time.perf_counter_ns() - start, lags, sent_rps=sent_rps)

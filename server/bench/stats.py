@@ -32,8 +32,9 @@ class LoadPoint:
     send_lag_us_p50: float = 0.0  # open loop: lateness of sends vs their schedule (client timers)
     send_lag_us_max: float = 0.0
     send_lag_us_p99: float = 0.0
-    sent_rps: float = 0.0  # open loop: arrivals the client handled per second of its send loop (vs ``load``)
-    loop_lag_us_p99: float = 0.0  # closed loop: how late the client's event loop woke up (its own load)
+    sent_rps: float = 0.0  # open loop: the rate the client kept (offered rate x schedule covered / time it took)
+    loop_lag_us_p50: float = 0.0  # closed loop: how late the client's event loop woke up (its own load)
+    loop_lag_us_p99: float = 0.0
     stopped_early: str = ""  # why the level stopped before its time (a StopRule fired), "" if it ran out
     variants: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> ok count and latencies
     error_examples: dict[str, str] = field(default_factory=dict)  # status code -> first message seen
@@ -127,6 +128,7 @@ def make_point(
         send_lag_us_max=max(send_lags_ns) / 1e3 if send_lags_ns else 0.0,
         send_lag_us_p99=float(np.percentile(send_lags_ns, 99)) / 1e3 if send_lags_ns else 0.0,
         sent_rps=sent_rps,
+        loop_lag_us_p50=float(np.percentile(loop_lags_ns, 50)) / 1e3 if loop_lags_ns else 0.0,
         loop_lag_us_p99=float(np.percentile(loop_lags_ns, 99)) / 1e3 if loop_lags_ns else 0.0,
         stopped_early=stopped_early,
         variants={

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--level-seconds", default="2,15",
                        help="MIN,MAX seconds per measured level (default 2,15)")
     group.add_argument("--max-levels", type=int, default=30, help="stop after this many levels (default 30)")
+    group.add_argument("--probe-concurrency", type=int, default=16,
+                       help="rate search: a 1 s closed-loop run at this concurrency first, to start near the "
+                            "endpoint's throughput (0: off, start at --start)")
     group.add_argument("--record", action="store_true",
                        help="write the capacity into the served version's kiln.json in --repo")
     group.add_argument("--repo", type=Path, default=Path("model_repository"),
@@ -72,6 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Slo, SearchSettings]:
         min_duration_s=low,
         max_duration_s=high,
         warmup_s=args.warmup,
+        probe_concurrency=args.probe_concurrency if rate else 0,
     )
     slo = Slo(args.slo_p99_ms, args.slo_error_rate)
     slo.check()
@@ -122,11 +126,11 @@ def run_capacity(args: argparse.Namespace, config: BenchConfig, console: Console
 def print_capacity(result: CapacityResult, console: Console) -> None:
     unit = "rate (req/s)" if result.mode == "rate" else "concurrency"
     table = Table(title=f"capacity search at {result.slo.describe()}")
-    for name in ("#", "phase", unit, "ok", "ok/s", "p50 ms", "p99 ms", "errors %", "client lag p99 ms", "verdict"):
+    for name in ("#", "phase", unit, "ok", "ok/s", "p50 ms", "p99 ms", "errors %", "client lag p50 ms", "verdict"):
         table.add_column(name, justify="left" if name in ("phase", "verdict") else "right")
     for index, run in enumerate(result.runs, 1):
         point, judgement = run.point, run.judgement
-        lag = (point.send_lag_us_p99 if point.mode == "rate" else point.loop_lag_us_p99) / 1e3
+        lag = (point.send_lag_us_p50 if point.mode == "rate" else point.loop_lag_us_p50) / 1e3
         verdict = "[green]meets[/]" if judgement.meets else f"[red]{escape(judgement.cause)}[/]"
         table.add_row(str(index), run.phase, f"{run.load:g}", str(point.ok), f"{point.throughput_rps:.1f}",
                       f"{point.latency_us.get('p50', math.nan) / 1e3:.2f}", f"{judgement.p99_ms:.2f}",
@@ -134,9 +138,9 @@ def print_capacity(result: CapacityResult, console: Console) -> None:
     console.print(table)
     for run in result.runs:
         if not run.judgement.meets:
-            console.print(f"  {run.load:g}: {escape(run.judgement.reason)}")
+            console.print(f"  {run.load:g}: {escape(run.judgement.reason)}", soft_wrap=True)
     style = "green" if result.ok and result.limited_by == "server" else "yellow" if result.ok else "red"
-    console.print(f"[{style}]{escape(result.message)}[/]")
+    console.print(f"[{style}]{escape(result.message)}[/]", soft_wrap=True)
     seconds = sum(r.elapsed_s for r in result.runs)
     console.print(f"{len(result.runs)} level runs in {seconds:.1f} s (warm-up included)")
 

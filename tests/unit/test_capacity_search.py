@@ -114,7 +114,7 @@ def test_a_rate_the_client_cannot_send_is_the_clients_limit() -> None:
             return point
         load = point.load
         return LoadPoint(**{**point.__dict__, "sent_rps": min(load, 3000.0),
-                            "send_lag_us_p99": 0 if load <= 3000 else 40000.0})
+                            "send_lag_us_p50": 0 if load <= 3000 else 40000.0})
 
     result = find_capacity(measure, SLO, SearchSettings(start=100, max_load=50000, probe_concurrency=0))
     assert result.outcome == "found" and result.limited_by == "client"
@@ -179,6 +179,19 @@ def test_the_probe_sets_the_first_level_at_half_its_throughput() -> None:
     probe = mm1(first, 1000.0)  # closed loop at 16: 941 requests/s
     step = next_step([Run(16, "probe", probe, judge(probe, SLO, settings))], SLO, settings)
     assert (step.phase, step.mode, step.load) == ("explore", "rate", 470)
+
+
+def test_a_first_level_that_fails_leads_down_to_start() -> None:
+    settings = SearchSettings(start=10, probe_concurrency=16)
+    result = find_capacity(lambda step: mm1(step, 1000.0), Slo(p99_ms=5.0), settings)
+    levels = [r for r in result.runs if r.phase != "probe"]
+    assert levels[0].load == 470 and not levels[0].judgement.meets  # p99 8.7 ms
+    assert levels[1].load == pytest.approx(470 / 4, abs=1)
+    assert result.outcome == "found" and result.capacity is not None
+    assert 0.9 * true_knee(1000.0, 5.0) <= result.capacity <= true_knee(1000.0, 5.0)
+    none = find_capacity(lambda step: mm1(step, 1000.0), Slo(p99_ms=0.5), settings)
+    assert none.outcome == "none" and min(r.load for r in none.runs if r.phase != "probe") == 10
+    assert "the lowest level, 10 requests/s" in none.message
 
 
 def test_a_level_that_has_certainly_failed_may_stop_early() -> None:
