@@ -15,6 +15,7 @@ from core.errors import InvalidInputError
 from server.bench.loadgen import BenchConfig, run_bench
 from server.bench.plot import plot_result
 from server.bench.stats import PERCENTILES, BenchResult
+from server.cli.bench_stream import add_stream_arguments, run_stream, stream_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--csv", type=Path, default=None, help="write one CSV row per load level")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of latency percentiles vs load")
+    add_stream_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.check()
     check_outputs(args)
+    if args.stream:
+        return run_stream(args, stream_config(args, config.concurrency if not config.rates else (1,), config.rates))
     levels = config.rates or config.concurrency
     with Progress(
         TextColumn("[bold]bench[/] {task.description}"),
