@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from collections.abc import Iterator
@@ -225,3 +226,18 @@ def test_fp16_and_int8_decoders_build_and_stream(precision: str, tmp_path: Path,
         client.stop_stream()
         client.close()
     assert count == 64  # the default max_tokens
+
+
+def test_bench_stream_reports_ttft_itl_and_tokens(server: ServerHandle, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = ["bench", "--url", server.url, "--model", MODEL, "--stream", "--concurrency", "1,2", "--requests", "6"]
+    argv += ["--max-tokens", "7", "--json", str(out / "r.json"), "--csv", str(out / "r.csv")]
+    assert main([*argv, "--plot", str(out / "r.png")]) == 0
+    result = json.loads((out / "r.json").read_text())
+    assert [p["load"] for p in result["points"]] == [1, 2]
+    for point in result["points"]:
+        assert point["ok"] == 6 and point["mean_tokens"] == 7 and not point["errors"]
+        assert 0 < point["ttft_ms"]["p50"] <= point["e2e_ms"]["p50"] and point["itl_ms"]["p50"] > 0
+    assert (out / "r.png").stat().st_size > 0 and len((out / "r.csv").read_text().splitlines()) == 3
+    bad = ["bench", "--url", server.url, "--model", MODEL, "--stream", "--requests", "2", "--max-tokens", "999"]
+    assert main(bad) == 1  # every request refused: INVALID_ARGUMENT counted, exit code 1
