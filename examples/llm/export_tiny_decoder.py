@@ -1,6 +1,6 @@
 """Dev-only: write the tiny random-weight llama-style decoder that Kiln's tests and demo use.
 
-    PYTHONPATH=. .venv/bin/python examples/llm/export_tiny_decoder.py [--out PATH] [--seed 16]
+    .venv/bin/python examples/llm/export_tiny_decoder.py [--out PATH] [--seed 16]
 
 Two layers, hidden 64, 4 query heads over 2 KV heads (grouped-query attention), SwiGLU, RoPE,
 vocabulary 260 (the 256 byte values of Kiln's byte tokenizer, then BOS 256 and EOS 257), context
@@ -12,9 +12,12 @@ layout; the same builder writes the real SmolLM2 model (examples/llm/convert_smo
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from harness.llama import TINY_SHAPE, build_decoder, random_weights
 

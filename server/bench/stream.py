@@ -303,6 +303,24 @@ async def stream_bench(
     return StreamBenchResult(config.url, config.model, tuple(points), settings)
 
 
+def time_each_request(config: StreamBenchConfig) -> list[StreamTiming]:
+    """Send each prompt once, one at a time, and return every request's timing (for benchmarks that
+    compare against an in-process floor); a refused request raises with its message."""
+
+    async def run() -> list[StreamTiming]:
+        level = _Level()
+        async with grpc.aio.insecure_channel(config.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for request in make_requests(config):
+                await one_stream(stub, request, time.perf_counter_ns(), config.timeout_s, level)
+        if level.errors:
+            raise UnavailableError(f"stream requests to {config.model!r} failed: {level.examples}")
+        return level.timings
+
+    config.check()
+    return asyncio.run(run())
+
+
 def run_stream_bench(
     config: StreamBenchConfig, on_point: Callable[[StreamPoint], None] | None = None
 ) -> StreamBenchResult:
