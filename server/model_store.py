@@ -20,9 +20,11 @@ import enum
 import logging
 import queue
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import onnx
 from google.protobuf import json_format
@@ -33,13 +35,15 @@ from builders.model_config import complete_io, config_tensors
 from builders.repository import ModelEntry, check_model_name, read_model, repository_root, verify_version
 from core.errors import ConflictError, InvalidInputError, KilnError, NotFoundError, RepositoryError, UnavailableError
 from runtime.layout import DEFAULT_FILENAMES
-from runtime.runner import Runner, RunnerFactory, RunnerSpec, create_runner
+from runtime.runner import DEFAULT_INTRA_OP_THREADS, Runner, RunnerFactory, RunnerSpec, create_runner
 from server.batching import Arrays, Batcher, BatchPolicy, Timing
+from server.llm.endpoint import DecoderEndpoint, is_decoupled, load_endpoint
 from server.repository_watch import Fingerprint, version_fingerprint
 from server.statistics import VersionStats
 from server.validation import check_inputs
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ModelState(enum.Enum):
@@ -54,7 +58,7 @@ CONTROL_MODES = ("none", "poll", "explicit")
 
 @dataclass(frozen=True)
 class StoreOptions:
-    intra_op_threads: int = 1
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
     dynamic_batching: bool | None = None  # None: as config.pbtxt says
     runner_factory: RunnerFactory = create_runner
     model_control_mode: str = "none"  # Triton's --model-control-mode
@@ -64,8 +68,17 @@ class StoreOptions:
 class ServedVersion:
     """One loaded version: its runners (one per instance), worker threads and batcher."""
 
-    def __init__(self, name: str, version: int, config: mc.ModelConfig, runners: list[Runner], dynamic: bool | None):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: mc.ModelConfig,
+        runners: list[Runner],
+        dynamic: bool | None,
+        decoder: DecoderEndpoint | None = None,
+    ):
         self.name, self.version, self.config = name, version, config
+        self.decoder = decoder  # a decoupled decoder: answered token by token on ModelStreamInfer
         self.inputs, self.outputs = config_tensors(config)
         self.stats = VersionStats()
         self._runners: list[Runner] = runners
@@ -101,6 +114,14 @@ class ServedVersion:
             ok=True, samples=samples, total_ns=_now() - start, queue_ns=timing.queue_ns, compute_ns=timing.compute_ns
         )
         return outputs, timing
+
+    async def call_in_worker(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on this version's worker threads, outside the batcher (a decoder's steps)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def run_unbatched(self, inputs: Arrays) -> Arrays:
+        """One run on an idle instance, on the calling (worker) thread."""
+        return self._run(inputs)
 
     def _run(self, inputs: Arrays) -> Arrays:
         runner = self._idle.get()
@@ -319,11 +340,12 @@ class ModelStore:
             for version in wanted:
                 try:
                     runners = await loop.run_in_executor(None, self._create_runners, entry, config, version)
+                    decoder = await loop.run_in_executor(None, self._decoder, entry, config, version, runners)
                 except KilnError as err:
                     failed[version] = f"version {version}: {err}"
                     logger.warning("model %s version %d did not load: %s", entry.name, version, err)
                     continue
-                served = ServedVersion(entry.name, version, config, runners, self.options.dynamic_batching)
+                served = ServedVersion(entry.name, version, config, runners, self.options.dynamic_batching, decoder)
                 served.fingerprint = prints[version]
                 built[version] = served
         except BaseException:
@@ -331,6 +353,18 @@ class ModelStore:
                 await served.close()
             raise
         return built, failed
+
+    def _decoder(
+        self, entry: ModelEntry, config: mc.ModelConfig, version: int, runners: list[Runner]
+    ) -> DecoderEndpoint | None:
+        if not is_decoupled(config):
+            return None
+        try:
+            return load_endpoint(entry.name, config, entry.path / str(version) / artifact_name(config))
+        except BaseException:
+            for runner in runners:
+                runner.close()
+            raise
 
     def _create_runners(self, entry: ModelEntry, config: mc.ModelConfig, version: int) -> list[Runner]:
         info = next(v for v in entry.versions if v.version == version)

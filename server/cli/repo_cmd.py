@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -11,7 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builders.repository import check_model_name, list_models, read_model, repository_root, verify_repository
+from builders.repository import (
+    VersionInfo,
+    check_model_name,
+    list_models,
+    read_model,
+    repository_root,
+    verify_repository,
+)
 from builders.version_policy import change_policy, read_policy
 from core.errors import RepositoryError
 
@@ -77,7 +85,32 @@ def run_show(args: argparse.Namespace) -> int:
         "versions": {str(v.version): v.manifest for v in entry.versions},
     }
     print(json.dumps(data, indent=2, default=str))
+    if not args.json:
+        print_capacity(entry.versions)
     return 0
+
+
+def print_capacity(versions: Sequence[VersionInfo]) -> None:
+    """A table of the capacities ``kiln bench --find-capacity --record`` stored, if any."""
+    rows = [(v.version, c) for v in versions for c in ((v.manifest or {}).get("capacity") or [])]
+    if not rows:
+        return
+    table = Table("version", "capacity", "SLO", "limited by", "precision", "batch", "hardware", "measured",
+                  title="capacity (kiln bench --find-capacity --record)")
+    for version, c in rows:
+        slo = c.get("slo", {})
+        batch = c.get("batch", {})
+        table.add_row(
+            str(version),
+            escape(f"{c.get('capacity'):g} {c.get('unit', '')}" if c.get("capacity") else "-"),
+            escape(f"p99 <= {slo.get('p99_ms'):g} ms, errors <= {float(slo.get('error_rate', 0)) * 100:g} %"),
+            escape(str(c.get("limited_by", "?"))),
+            escape(str(c.get("precision", "?"))),
+            escape(f"request {batch.get('request_batch')}, max {batch.get('max_batch_size')}"),
+            escape(str(c.get("hardware", {}).get("label", "?"))),
+            escape(str(c.get("measured", "?"))),
+        )
+    Console(highlight=False, width=160).print(table)
 
 
 def run_verify(args: argparse.Namespace) -> int:
