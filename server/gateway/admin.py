@@ -219,7 +219,11 @@ def _request_handler(app: AdminApp, quiet: QuietLog) -> type[BaseHTTPRequestHand
             try:
                 handler = app.route(self.command, path, headers)  # token and endpoint before the body
                 length = content_length(self.headers)
-                body = self.rfile.read(length) if length else b""
+                try:
+                    body = self.rfile.read(length) if length else b""
+                except OSError:  # the body stalled past the socket timeout, or the client left
+                    self.close_connection = True
+                    return
                 if len(body) != length:
                     raise errors.InvalidInputError(f"body ended after {len(body)} of {length} bytes")
                 request = AdminRequest(self.command, path, dict(parse_qsl(url.query)), headers, body)
