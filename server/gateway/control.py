@@ -83,7 +83,7 @@ def control_upstream(
     token: bytes | None,
 ) -> str:
     """The upstream a control RPC may go to, or RpcAbort saying why not."""
-    named = next((str(m[1]) for m in metadata if m[0] == UPSTREAM_HEADER), None)
+    named = next((str(m[1])[:200] for m in metadata if m[0] == UPSTREAM_HEADER), None)
     upstream = named or default
     if upstream is None:
         raise RpcAbort(
@@ -95,7 +95,7 @@ def control_upstream(
     if settings is None:
         raise RpcAbort(
             grpc.StatusCode.NOT_FOUND,
-            f"{UPSTREAM_HEADER} {upstream!r} is not an upstream; upstreams are {sorted(upstreams)}",
+            f"{UPSTREAM_HEADER} {shown(upstream)} is not an upstream; upstreams are {sorted(upstreams)}",
         )
     if method not in settings.control_rpcs:
         raise RpcAbort(
@@ -105,6 +105,11 @@ def control_upstream(
         )
     check_credential(metadata, token, method)
     return upstream
+
+
+def shown(value: str, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a client's value quoted back, never 5 KB of it."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
 
 
 def client_details(details: str | None) -> str:

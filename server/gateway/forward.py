@@ -32,6 +32,7 @@ from server.gateway.control import (
     client_details,
     control_upstream,
     is_admin,
+    shown,
 )
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.resilience import OutlierDetector
@@ -138,18 +139,18 @@ class Forwarder:
                 raise RpcAbort(grpc.StatusCode.NOT_FOUND, str(err)) from err
             if version and variants[index].version != version:
                 raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"{PIN_HEADER} pins {pin!r}, which serves model_version "
+                               f"{PIN_HEADER} pins {shown(pin)}, which serves model_version "
                                f"{variants[index].version or '(the upstream default)'!r}, but the request asks for "
-                               f"model_version {version!r}; send one or the other")  # fmt: skip
-            self._check_pinnable(live, [index], metadata, f"{PIN_HEADER} {pin!r}")
+                               f"model_version {shown(version)}; send one or the other")  # fmt: skip
+            self._check_pinnable(live, [index], metadata, f"{PIN_HEADER} {shown(pin)}")
             return index
         matching = [i for i, v in enumerate(variants) if v.version == version]
         if not matching:
             offered = sorted({v.version for v in variants if v.version})
             raise RpcAbort(grpc.StatusCode.NOT_FOUND,
-                           f"route {live.public!r} does not serve model_version {version!r} (its variants pin "
+                           f"route {live.public!r} does not serve model_version {shown(version)} (its variants pin "
                            f"versions {offered}); send an empty model_version to let the gateway choose")  # fmt: skip
-        self._check_pinnable(live, matching, metadata, f"model_version {version!r}")
+        self._check_pinnable(live, matching, metadata, f"model_version {shown(version)}")
         open_ = [i for i in matching if variants[i].weight > 0] or matching
         mask = [i in open_ and (allowed is None or allowed[i]) for i in range(len(variants))]
         if not any(mask):  # every one of them is ejected: try them anyway
@@ -178,9 +179,8 @@ class Forwarder:
         upstream = self._config.default_upstream
         if self._config.unknown_models != "passthrough" or upstream is None:
             routed = sorted(self._table.snapshot.routes)
-            raise RpcAbort(
-                grpc.StatusCode.NOT_FOUND, f"model {public!r} is not routed by this gateway; routed models are {routed}"
-            )
+            raise RpcAbort(grpc.StatusCode.NOT_FOUND,
+                           f"model {shown(public)} is not routed by this gateway; routed models are {routed}")
         return upstream
 
     def succeeded(self, decision: Decision, sent: int, request: bytes, response: bytes) -> tuple[Metadata, bytes]:
@@ -265,7 +265,7 @@ class Forwarder:
             upstream = None
         if upstream is None:
             code = grpc.StatusCode.NOT_FOUND if public else grpc.StatusCode.UNIMPLEMENTED
-            what = f"model {public!r} is not routed by this gateway" if public else f"{method} has no default_upstream"
+            what = f"model {shown(public)} is not routed by this gateway" if public else f"{method} has no upstream"
             raise RpcAbort(code, f"{what}; routed models are {sorted(self._table.snapshot.routes)}")
         return upstream
 

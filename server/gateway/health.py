@@ -55,7 +55,7 @@ class HealthReport:
 
     def unknown(self, service: str) -> str:
         routed = sorted(self._table.snapshot.routes)
-        return f"health service {service!r} is unknown; ask '' (the gateway) or a routed model {routed}"
+        return f"health service {service[:60]!r} is unknown; ask '' (the gateway) or a routed model {routed}"
 
 
 class ThreadHealth(health_pb2_grpc.HealthServicer):
