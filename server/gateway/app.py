@@ -19,6 +19,8 @@ from core.errors import InvalidInputError, NotFoundError, PermissionDeniedError,
 from server.gateway.admin import AdminApp, AdminServer, register_builtin
 from server.gateway.config import GatewayConfig, load_config, parse_config
 from server.gateway.forward import Forwarder
+from server.gateway.guard import QuietLog
+from server.gateway.health import HealthReport
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
 from server.gateway.resilience import OutlierDetector
 from server.gateway.serve_aio import serve_aio
@@ -137,10 +139,11 @@ def start_gateway(
     health = OutlierDetector(list(cfg.upstreams), res.failures_to_eject, res.base_ejection_s, res.max_ejection_s)
     pool = UpstreamPool(cfg.upstreams, cfg.server.max_message_bytes)  # sync: thread mode and shadows
     shadow = ShadowSender(metrics, cfg.shadow.max_in_flight, cfg.shadow.workers)
-    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool)
+    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, admin_token=token)
+    report = HealthReport(table, health)
     stops: list[Callable[[], None]] = [pool.close, shadow.close]
     try:
-        stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port)
+        stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port, report)
         stops.append(stop_grpc)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GatewayCollector(metrics))
@@ -163,16 +166,17 @@ def start_gateway(
 
 
 def _serve_grpc(
-    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, host: str, port: int
+    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, host: str, port: int, report: HealthReport
 ) -> tuple[Callable[[], None], int]:
     address = f"{host}:{port}"
     credentials = server_credentials(cfg.server.tls) if cfg.server.tls is not None else None
     options = [*channel_options(cfg.server.max_message_bytes), ("grpc.so_reuseport", 0)]
+    quiet = QuietLog(logging.getLogger("server.gateway.data_plane"))
     try:
         if cfg.server.mode == "aio":
-            stop, bound = serve_aio(cfg, core, address, credentials, options)
+            stop, bound = serve_aio(cfg, core, address, credentials, options, report, quiet)
         else:
-            stop, bound = serve_threads(cfg, core, pool, address, credentials, options)
+            stop, bound = serve_threads(cfg, core, pool, address, credentials, options, report, quiet)
     except RuntimeError as err:
         raise UnavailableError(f"gateway cannot listen on {address}: {err}; pick another --port") from err
     if bound == 0:
