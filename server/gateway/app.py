@@ -22,6 +22,8 @@ from server.gateway.envoy.access_log import EnvoyMetrics
 from server.gateway.envoy.choice import choose_data_plane
 from server.gateway.envoy.plane import EnvoyOptions, EnvoyPlane
 from server.gateway.forward import Forwarder
+from server.gateway.guard import Admission, IdleReaper, QuietLog
+from server.gateway.health import HealthReport
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
 from server.gateway.resilience import OutlierDetector
 from server.gateway.serve_aio import serve_aio
@@ -160,18 +162,19 @@ def start_gateway(
     health = OutlierDetector(list(cfg.upstreams), res.failures_to_eject, res.base_ejection_s, res.max_ejection_s)
     pool = UpstreamPool(cfg.upstreams, cfg.server.max_message_bytes)  # sync: thread mode and shadows
     shadow = ShadowSender(metrics, cfg.shadow.max_in_flight, cfg.shadow.workers)
-    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool)
+    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, admin_token=token)
+    report = HealthReport(table, health)
     stops: list[Callable[[], None]] = [pool.close, shadow.close]
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
-            streams = ThreadHandlers(forwarder, pool).model_stream_infer  # streams Envoy cannot rewrite
+            streams = _stream_handlers(cfg, forwarder, pool, stops).model_stream_infer  # streams Envoy cannot rewrite
             options = EnvoyOptions(binary, envoy_workers, envoy_dir, envoy_admin)
             envoy = EnvoyPlane(cfg, table, metrics, options, host, port, streams, health)
             stops.append(envoy.stop)
             bound = envoy.start()
         else:
-            stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port)
+            stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port, report)
             stops.append(stop_grpc)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GatewayCollector(metrics))
@@ -193,17 +196,31 @@ def start_gateway(
     return handle
 
 
+def _stream_handlers(
+    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, stops: list[Callable[[], None]]
+) -> ThreadHandlers:
+    """The Python plane's stream handler, behind its own admission limits and idle reaper, for the
+    streams the Envoy plane hands over (Envoy cannot rewrite a stream's body)."""
+    settings = cfg.server
+    reaper = IdleReaper(settings.stream_idle_timeout_s)
+    stops.append(reaper.stop)
+    admission = Admission(settings.threads, settings.max_streams)
+    quiet = QuietLog(logging.getLogger("server.gateway.data_plane"))
+    return ThreadHandlers(core, pool, cfg, admission, reaper, quiet)
+
+
 def _serve_grpc(
-    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, host: str, port: int
+    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, host: str, port: int, report: HealthReport
 ) -> tuple[Callable[[], None], int]:
     address = f"{host}:{port}"
     credentials = server_credentials(cfg.server.tls) if cfg.server.tls is not None else None
     options = [*channel_options(cfg.server.max_message_bytes), ("grpc.so_reuseport", 0)]
+    quiet = QuietLog(logging.getLogger("server.gateway.data_plane"))
     try:
         if cfg.server.mode == "aio":
-            stop, bound = serve_aio(cfg, core, address, credentials, options)
+            stop, bound = serve_aio(cfg, core, address, credentials, options, report, quiet)
         else:
-            stop, bound = serve_threads(cfg, core, pool, address, credentials, options)
+            stop, bound = serve_threads(cfg, core, pool, address, credentials, options, report, quiet)
     except RuntimeError as err:
         raise UnavailableError(f"gateway cannot listen on {address}: {err}; pick another --port") from err
     if bound == 0:

@@ -171,6 +171,9 @@ def _reweighted(public: str, route: Route, weights: Mapping[str, float], upstrea
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise InvalidInputError(f"route {public!r} has no variants {unknown}; its variants are {names}")
+    bad = {name: weight for name, weight in weights.items() if isinstance(weight, bool)}
+    if bad:
+        raise InvalidInputError(f"route {public!r}: weights must be numbers, got {bad}")
     data = route_to_dict(route)
     for variant in data["variants"]:
         if variant["name"] in weights:

@@ -255,7 +255,7 @@ def test_admin_refuses_without_or_with_wrong_token(gateway: GatewayHandle) -> No
     for token in (None, "wrong"):
         with pytest.raises(urllib.error.HTTPError) as caught:
             admin(gateway, "GET", "/routes", token=token)
-        assert caught.value.code == 403
+        assert caught.value.code == 401 and caught.value.headers["WWW-Authenticate"].startswith("Bearer")
     with pytest.raises(urllib.error.HTTPError) as caught:
         admin(gateway, "POST", "/routes/digits/weights", {"weights": {"a": 50}})
     assert caught.value.code == 400 and "add up to 75" in json.loads(caught.value.read())["error"]

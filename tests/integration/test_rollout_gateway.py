@@ -156,7 +156,7 @@ def test_admin_api_and_token(plane: str, upstream: ServerHandle, tmp_path: Path)
             except urllib.error.HTTPError as err:
                 return err.code, json.loads(err.read())
 
-        assert call("GET", "/rollouts", token="wrong")[0] == 403
+        assert call("GET", "/rollouts", token="wrong")[0] == 401
         p = plan("next-fp32-ort", interval_s=30, max_wait_s=60, shadow=None)
         code, status = call("POST", "/rollouts", p.to_dict())
         assert code == 201 and status["phase"] == "stepping" and status["weights"]["cand"] == 25.0
