@@ -143,6 +143,8 @@ def test_structure_ignores_weights_and_removals_need_no_validation() -> None:
     rolled_back = {"digits": route(v("a", "m", 100))}
     assert structure(rolled_back) != structure(current) and only_removes(current, rolled_back)
     assert only_removes(current, {})
+    promoted = {"digits": route(v("b", "n", 100))}  # the baseline changes: not a mere removal
+    assert not only_removes(current, promoted)
     candidate = {"digits": route(v("a", "m", 90), v("c", "other-model", 10))}
     assert not only_removes(current, candidate)
     assert not only_removes(current, {**current, "new": route(v("a", "m", 100))})
