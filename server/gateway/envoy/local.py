@@ -5,7 +5,8 @@
   Python data plane) when no ``default_upstream`` is configured; Envoy routes them here.
 * **Shadow comparator**: Envoy mirrors a fraction of a route's ModelInfer calls here and discards
   what comes back, so agreement is measured on Kiln's side: for each mirrored request the
-  comparator asks the route's baseline and its shadow variant (on the ShadowSender's bounded
+  comparator asks the route's baseline (the candidate when the baseline is the shadow, as in a canary
+  step's sampling) and its shadow variant (on the ShadowSender's bounded
   pool) and records the comparison under the shadow variant, exactly like the Python data plane.
   Extra load per mirrored request: one more baseline inference, one shadow inference, and one
   Python gRPC server leg plus two client legs, all off the client's path (the mirror is
@@ -63,20 +64,25 @@ class Comparator:
             self._slots.release()
 
     def _compare(self, live: LiveRoute, shadow_index: int, request: bytes) -> None:
-        public = live.public
-        baseline = live.route.variants[0]
-        shadow = live.route.variants[shadow_index]
-        if shadow.name == baseline.name:
+        """The shadow variant's answer against the reference's: the baseline, or when the baseline is
+        the shadow (a canary step samples the baseline against the served candidate), the heaviest
+        other variant. Recorded under the shadow variant, as on the Python data plane."""
+        variants = live.route.variants
+        others = [i for i in range(len(variants)) if i != shadow_index]
+        if not others:
             return
+        reference = 0 if shadow_index != 0 else max(others, key=lambda i: variants[i].weight)
+        shadow = variants[shadow_index]
         try:
-            served = self._pool[baseline.upstream].unary("ModelInfer")(request + live.request_suffixes[0], timeout=30.0)
+            call = self._pool[variants[reference].upstream].unary("ModelInfer")
+            served = call(request + live.request_suffixes[reference], timeout=30.0)
         except grpc.RpcError as err:
-            logger.debug("baseline call for the shadow comparison of %s failed: %s", public, err)
+            logger.debug("reference call for the shadow comparison of %s failed: %s", live.public, err)
             self._metrics.record_shadow(live.public, shadow.name, None)
             return
         body = request + live.request_suffixes[shadow_index]
-        call = self._pool[shadow.upstream].unary("ModelInfer")
-        self._shadow.submit(live.public, shadow.name, lambda: call(body, timeout=30.0), served)
+        shadow_call = self._pool[shadow.upstream].unary("ModelInfer")
+        self._shadow.submit(live.public, shadow.name, lambda: shadow_call(body, timeout=30.0), served)
 
 
 StreamHandler = Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
