@@ -168,9 +168,9 @@ def start_gateway(
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
-            streams = _stream_handlers(cfg, forwarder, pool, stops).model_stream_infer  # streams Envoy cannot rewrite
+            python = _stream_handlers(cfg, forwarder, pool, stops)  # what Envoy hands back to Kiln
             options = EnvoyOptions(binary, envoy_workers, envoy_dir, envoy_admin)
-            envoy = EnvoyPlane(cfg, table, metrics, options, host, port, streams, health)
+            envoy = EnvoyPlane(cfg, table, metrics, options, host, port, python, health)
             stops.append(envoy.stop)
             bound = envoy.start()
         else:

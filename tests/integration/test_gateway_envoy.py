@@ -26,6 +26,7 @@ from harness.gateway import (
 from harness.triton.kserve_upstream import UpstreamServer, start_upstream
 from server.gateway.app import GatewayHandle, start_gateway
 from server.gateway.envoy.choice import choose_data_plane
+from server.gateway.wire import name_version_suffix
 from tests.integration.test_gateway_fuzz import echo  # noqa: F401  (fixture: an upstream answering anything)
 
 pytestmark = [
@@ -149,3 +150,30 @@ def test_hostile_bodies_get_statuses_and_envoy_stays_up(echo: int) -> None:  # n
                 assert served_variant(channel, "digits") == ("a", "digits")
         assert gw.envoy is not None and gw.envoy.process.restarts == 0
     assert seen["INVALID_ARGUMENT"] > 0 and seen["NOT_FOUND"] > 0, seen
+
+
+def test_closed_variants_and_model_versions_follow_the_python_planes_rules(stub: UpstreamServer) -> None:
+    """Envoy hands pins of weight-0 variants and requests naming a model_version to Kiln's Python
+    data plane beside it: the same answers as `--data-plane python` (credential, version choice)."""
+    routes = {"digits": {"variants": [{**variant("a", "digits", 100), "version": "1"},
+                                      {**variant("b", "digits-v2", 0), "version": "2"}]}}  # fmt: skip
+    with start(stub, routes) as gw, grpc.insecure_channel(gw.address) as channel:
+        with pytest.raises(grpc.RpcError) as closed:
+            served_variant(channel, "digits", [("kiln-variant", "b")])
+        assert closed.value.code() == grpc.StatusCode.PERMISSION_DENIED and "weight 0" in closed.value.details()
+        admin = [("kiln-variant", "b"), ("authorization", f"Bearer {TOKEN}")]
+        assert served_variant(channel, "digits", admin) == ("b", "digits")
+        assert served_variant(channel, "digits", [("kiln-variant", "a")]) == ("a", "digits")  # open: on Envoy
+        with pytest.raises(grpc.RpcError) as missing:
+            channel.unary_unary(INFER)(request_bytes("digits") + name_version_suffix("digits", "7"), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "does not serve model_version" in missing.value.details()
+        gw.routes.set_weights("digits", {"a": 50, "b": 50})  # b opens: its pins go straight through Envoy again
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if served_variant(channel, "digits", [("kiln-variant", "b")])[0] == "b":
+                    break
+            except grpc.RpcError:
+                time.sleep(0.05)
+        assert served_variant(channel, "digits", [("kiln-variant", "b")]) == ("b", "digits")

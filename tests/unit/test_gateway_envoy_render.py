@@ -55,9 +55,16 @@ def test_route_entries_pins_first_then_control_methods_then_the_split() -> None:
     entries = render.public_routes("digits", r)
     names = [e["name"] for e in entries]
     assert names == [
-        "digits:ModelStreamInfer", "digits:pin:a", "digits:pin:b", "digits:pin:unknown",
+        "digits:ModelStreamInfer", "digits:version:ModelInfer", "digits:version:ModelStreamInfer",
+        "digits:pin:a", "digits:pin:b", "digits:pin:unknown",
         *(f"digits:{m}" for m in render.CONTROL_METHODS), "digits:split",
     ]  # fmt: skip
+    closed = render.public_routes("digits", route(v("a", "digits-fp32", 100), v("b", "digits-int8", 0)))
+    delegated = {e["name"]: e["route"] for e in closed if e.get("route", {}).get("prefix_rewrite")}
+    # a pin of a weight-0 variant and a client's model_version: the Python plane's rules, beside Envoy
+    assert set(delegated) == {"digits:version:ModelInfer", "digits:version:ModelStreamInfer",
+                              "digits:pin:b:ModelInfer", "digits:pin:b:ModelStreamInfer"}  # fmt: skip
+    assert delegated["digits:pin:b:ModelInfer"]["prefix_rewrite"] == f"/{render.DELEGATED_SERVICE}/ModelInfer"
     split = entries[-1]["route"]
     assert split["weighted_clusters"]["use_hash_policy"] is True
     assert split["hash_policy"] == [{"header": {"header_name": "x-user"}}]
@@ -134,6 +141,12 @@ def test_access_log_lines_become_metric_records() -> None:
     retried = parse_line(f"digits/b 0 900 500 510 {path} 2 a -")
     assert [r[:3] for r in retried] == [("digits", "b", "UNAVAILABLE"), ("digits", "a", "OK")]
     assert parse_line("garbage") == []
+    # no grpc-status: Envoy's response flags say why (client deadline, cancel, upstream gone)
+    assert parse_line(f"digits/b - 200100 - 200050 {path} 1 - - DR 200m 200")[0][2] == "DEADLINE_EXCEEDED"
+    # reset before any answer: no microsecond end point, Envoy's whole-ms duration stands in
+    assert parse_line(f"digits/b - - - - {path} 1 - - DR 200m 201")[0][3:] == (201_000_000, 201_000_000)
+    assert parse_line(f"digits/b - 900 - 850 {path} 1 - - DR -")[0][2] == "CANCELLED"
+    assert parse_line(f"digits/b - 900 - 850 {path} 1 - - UF -")[0][2] == "UNAVAILABLE"
 
 
 def test_structure_ignores_weights_and_removals_need_no_validation() -> None:

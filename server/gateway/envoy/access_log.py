@@ -49,15 +49,29 @@ def parse_line(line: str) -> list[Record]:
         route, sep, variant = cluster.removeprefix("failover:").rpartition("/")
         if not sep or not route:
             return []  # answered by Envoy itself (unknown model, unreadable body) or Kiln's local server
-    code = _CODES.get(int(status), "UNKNOWN") if status.isdigit() else "UNKNOWN"
-    total_ns = int(total) * 1000 if total.isdigit() else 0
-    upstream_ns = int(upstream) * 1000 if upstream.isdigit() else 0
+    code = _CODES.get(int(status), "UNKNOWN") if status.isdigit() else _no_status(parts)
+    whole_ms = parts[11] if len(parts) > 11 and parts[11].isdigit() else "0"  # ms; when the stream was reset
+    total_ns = int(total) * 1000 if total.isdigit() else int(whole_ms) * 1_000_000
+    upstream_ns = int(upstream) * 1000 if upstream.isdigit() else total_ns
     served = next((p for p in (parts[7], parts[8]) if p != "-"), variant)
     attempts = int(parts[6]) if parts[6].isdigit() else 1
     if attempts > 1 or served != variant:
         first = (route, variant, "UNAVAILABLE", upstream_ns, total_ns)
         return [first, (route, served, code, upstream_ns, total_ns)] if served != variant else [first]
     return [(route, variant, code, upstream_ns, total_ns)]
+
+
+def _no_status(parts: list[str]) -> str:
+    """The gRPC code of a request that ended without a grpc-status, from Envoy's response flags."""
+    flags = parts[9] if len(parts) > 9 else "-"
+    had_deadline = len(parts) > 10 and parts[10] != "-"
+    if "UT" in flags or "DT" in flags or ("DR" in flags and had_deadline):  # timeouts; the client's deadline
+        return "DEADLINE_EXCEEDED"
+    if "DR" in flags or "DC" in flags:
+        return "CANCELLED"
+    if any(f in flags for f in ("UF", "UH", "URX", "UC", "UR", "UO")):
+        return "UNAVAILABLE"
+    return "UNKNOWN"
 
 
 class AccessLogReader:

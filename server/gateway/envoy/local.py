@@ -11,15 +11,17 @@
   Extra load per mirrored request: one more baseline inference, one shadow inference, and one
   Python gRPC server leg plus two client legs, all off the client's path (the mirror is
   fire-and-forget for Envoy). Copies beyond ``shadow.max_in_flight`` are dropped and counted.
-* **Streams whose model name must change**: ``ModelStreamInfer`` of such a route is served here by
-  the Python data plane's stream proxy (Envoy cannot rewrite a stream's messages; ``render``).
+* **The Python data plane's rules** (``ThreadHandlers``): ``ModelStreamInfer`` of a route whose
+  model name must change (Envoy cannot rewrite a stream's messages), and, under the
+  ``kiln.delegated.GRPCInferenceService`` name, requests that name a ``model_version`` or pin a
+  variant at weight 0 (admin credential, ``pinning``) are served here (``render._delegated``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,8 +31,10 @@ from grpc_health.v1.health import HealthServicer
 
 from core.errors import UnavailableError
 from server.gateway.envoy.lua import MODEL_HEADER
+from server.gateway.envoy.render import DELEGATED_SERVICE
 from server.gateway.forward import local_answer
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.serve_threads import ThreadHandlers
 from server.gateway.shadow import ShadowSender
 from server.gateway.table import LiveRoute, RouteTable
 from server.gateway.upstreams import SERVICE, UpstreamPool
@@ -85,10 +89,7 @@ class Comparator:
         self._shadow.submit(live.public, shadow.name, lambda: shadow_call(body, timeout=30.0), served)
 
 
-StreamHandler = Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
-
-
-def _handlers(comparator: Comparator, streams: StreamHandler | None) -> grpc.GenericRpcHandler:
+def _handlers(comparator: Comparator, python: ThreadHandlers | None) -> list[grpc.GenericRpcHandler]:
     def answer(method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         payload = local_answer(method)
         return lambda request, context: payload
@@ -101,18 +102,26 @@ def _handlers(comparator: Comparator, streams: StreamHandler | None) -> grpc.Gen
     methods = {m: grpc.unary_unary_rpc_method_handler(answer(m), **identity)
                for m in ("ServerLive", "ServerReady", "ServerMetadata")}  # fmt: skip
     methods["ModelInfer"] = grpc.unary_unary_rpc_method_handler(mirrored, **identity)
-    if streams is not None:
-        methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(streams, **identity)
-    return grpc.method_handlers_generic_handler(SERVICE, methods)
+    if python is None:
+        return [grpc.method_handlers_generic_handler(SERVICE, methods)]
+    methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(python.model_stream_infer, **identity)
+    delegated = {  # requests Envoy hands to the Python data plane (render._delegated)
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(python.guarded("ModelInfer", python.model_infer), **identity),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(python.model_stream_infer, **identity),
+    }
+    return [
+        grpc.method_handlers_generic_handler(SERVICE, methods),
+        grpc.method_handlers_generic_handler(DELEGATED_SERVICE, delegated),
+    ]
 
 
 def start_local_server(
-    comparator: Comparator, streams: StreamHandler | None, threads: int
+    comparator: Comparator, python: ThreadHandlers | None, threads: int
 ) -> tuple[Callable[[], None], str]:
     """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT"). An open stream holds a thread."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiln-envoy-local"),
-        handlers=[_handlers(comparator, streams)],
+        handlers=_handlers(comparator, python),
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 * 2**20)],
     )
     health = HealthServicer()  # grpc.health.v1 for the data-plane port (Kubernetes gRPC probes)

@@ -13,17 +13,25 @@ from __future__ import annotations
 from server.gateway.wire import encode_string_field, encode_varint, name_version_suffix
 
 MODEL_HEADER = "x-kiln-model"
+VERSION_HEADER = "x-kiln-version"  # set only when the request names a model_version
 EXTRACTION_NAMESPACE = "envoy.filters.http.grpc_field_extraction"
 
 ROUTE_SCRIPT = """
 function envoy_on_request(h)
   local headers = h:headers()
   headers:remove("x-kiln-model")
+  headers:remove("x-kiln-version")
   local md = h:streamInfo():dynamicMetadata():get("envoy.filters.http.grpc_field_extraction")
   if md == nil then return end
   local v = md["model_name"] or md["name"]
   if type(v) == "table" then v = v[1] end
+  local version = md["model_version"]
+  if type(version) == "table" then version = version[1] end
+  -- only its presence routes (to Kiln, which reads the version from the body itself)
+  if version ~= nil and version ~= "" then headers:replace("x-kiln-version", "1") end
   if v ~= nil and v ~= "" then
+    -- route names are [A-Za-z0-9_.-]; anything else cannot be routed (and may not be a valid header)
+    if v:find("[^%w_.%-]") or #v > 200 then v = "(not a route name)" end
     headers:replace("x-kiln-model", v)
     h:clearRouteCache()
   end

@@ -36,10 +36,11 @@ from server.gateway.envoy.access_log import AccessLogReader, EnvoyMetrics, Recor
 from server.gateway.envoy.admin import EnvoyAdmin
 from server.gateway.envoy.binary import EnvoyBinary
 from server.gateway.envoy.descriptor import descriptor_set
-from server.gateway.envoy.local import Comparator, StreamHandler, start_local_server
+from server.gateway.envoy.local import Comparator, start_local_server
 from server.gateway.envoy.process import EnvoyProcess, ExternalEnvoy, ProcessSettings
 from server.gateway.resilience import OutlierDetector
 from server.gateway.routing import PIN_HEADER
+from server.gateway.serve_threads import ThreadHandlers
 from server.gateway.shadow import ShadowSender
 from server.gateway.table import RouteChange, RoutesSnapshot, RouteTable
 from server.gateway.upstreams import UpstreamPool
@@ -64,6 +65,7 @@ class EnvoyOptions:
 def route_shape(route: Route) -> dict[str, Any]:
     """A route without its weights and shadow fraction (those go through Envoy's runtime layer)."""
     data = route_to_dict(route)
+    data["closed"] = sorted(v.name for v in route.variants if v.weight == 0)  # their pins go to Kiln
     for variant in data["variants"]:
         variant.pop("weight", None)
     if data.get("shadow"):
@@ -116,11 +118,11 @@ def validate_config(binary: EnvoyBinary, bootstrap: dict[str, Any], directory: P
 class EnvoyPlane:
     def __init__(
         self, config: GatewayConfig, table: RouteTable, metrics: EnvoyMetrics, options: EnvoyOptions,
-        host: str, port: int, streams: StreamHandler | None = None, health: OutlierDetector | None = None,
+        host: str, port: int, python: ThreadHandlers | None = None, health: OutlierDetector | None = None,
     ) -> None:  # fmt: skip
-        """``streams``: the Python stream proxy for routes whose streams Envoy cannot rewrite."""
+        """``python``: the Python data plane's handlers, for what Envoy hands to Kiln's local server."""
         self._config = config
-        self._streams = streams
+        self._python = python
         self._table = table
         self._metrics = metrics
         self._options = options
@@ -169,7 +171,7 @@ class EnvoyPlane:
             self.layout.descriptor_path.write_bytes(descriptor_set())
             comparator = Comparator(self._table, self._pool, self._shadow, self._metrics,
                                     self._config.shadow.max_in_flight)  # fmt: skip
-            stop_local, self._local_address = start_local_server(comparator, self._streams, self._config.server.threads)
+            stop_local, self._local_address = start_local_server(comparator, self._python, self._config.server.threads)
             self._stops.append(stop_local)
             routes = self._routes()
             self._refuse_if_invalid(routes, changed=sorted(routes))

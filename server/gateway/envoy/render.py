@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from server.gateway.config import ClientTls, GatewayConfig, ResilienceSettings, Route, ServerTls, Upstream
-from server.gateway.envoy.lua import EXTRACTION_NAMESPACE, MODEL_HEADER, ROUTE_SCRIPT, rewrite_script
+from server.gateway.envoy.lua import EXTRACTION_NAMESPACE, MODEL_HEADER, ROUTE_SCRIPT, VERSION_HEADER, rewrite_script
 from server.gateway.routing import PIN_HEADER
 
 SERVICE = "inference.GRPCInferenceService"
@@ -38,13 +38,15 @@ CONTROL_METHODS = ("ModelMetadata", "ModelReady", "ModelConfig", "ModelStatistic
 SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
 ROUTE_CONFIG = "kiln"
 LOCAL_CLUSTER = "kiln:local"
+DELEGATED_SERVICE = "kiln.delegated.GRPCInferenceService"  # Kiln's local server: the Python data plane
 LISTENER = "kiln"
 STAT_PREFIX = "kiln"
 WEIGHT_UNITS = 100  # Envoy weights are integers: 1 % = 100 units, so 0.01 % steps survive
 ACCESS_LOG_FORMAT = (
     "%UPSTREAM_CLUSTER% %GRPC_STATUS_NUMBER% %COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)% "
     "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)% %COMMON_DURATION(US_TX_BEG:DS_TX_END:us)% %REQ(:PATH)% "
-    "%UPSTREAM_REQUEST_ATTEMPT_COUNT% %TRAILER(KILN-VARIANT)% %RESP(KILN-VARIANT)%\n"
+    "%UPSTREAM_REQUEST_ATTEMPT_COUNT% %TRAILER(KILN-VARIANT)% %RESP(KILN-VARIANT)% %RESPONSE_FLAGS% "
+    "%REQ(GRPC-TIMEOUT)% %DURATION%\n"
 )
 # Envoy histogram buckets (ms) for its own per-cluster stats (the access log carries microseconds).
 HISTOGRAM_BUCKETS_MS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 5000)
@@ -310,6 +312,19 @@ def _grpc_route_action(cluster: Any) -> dict[str, Any]:
     return action
 
 
+def _delegated(name: str, headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Route entries sending ModelInfer/ModelStreamInfer to the Python data plane on Kiln's local
+    server (its ``DELEGATED_SERVICE``), for the cases whose rules live there."""
+    return [
+        {
+            "name": f"{name}:{method}",
+            "match": {"path": PREFIX + method, "headers": headers},
+            "route": _grpc_route_action({"cluster": LOCAL_CLUSTER, "prefix_rewrite": f"/{DELEGATED_SERVICE}/{method}"}),
+        }
+        for method in ("ModelInfer", STREAM_METHOD)
+    ]
+
+
 def streams_via_kiln(public: str, route: Route) -> bool:
     """True when a variant's upstream model name/version differs from the public name: Envoy's Lua
     cannot rewrite the messages of a bidirectional stream, so Kiln's Python stream proxy beside
@@ -327,10 +342,16 @@ def public_routes(public: str, route: Route) -> list[dict[str, Any]]:
             "match": {"path": PREFIX + STREAM_METHOD, "headers": [model]},
             "route": _grpc_route_action({"cluster": LOCAL_CLUSTER}),
         })  # fmt: skip
+    # a client's model_version chooses among the variants (and may need the admin credential): the
+    # Python data plane's rules, served beside Envoy
+    entries += _delegated(f"{public}:version", [model, _header(VERSION_HEADER, present=True)])
     for v in route.variants:
+        pin = [model, _header(PIN_HEADER, v.name)]
+        if v.weight == 0 and route.pinning != "any":  # a closed variant: only with the admin credential
+            entries += _delegated(f"{public}:pin:{v.name}", pin)
         entries.append({
             "name": f"{public}:pin:{v.name}",
-            "match": {"prefix": PREFIX, "headers": [model, _header(PIN_HEADER, v.name)]},
+            "match": {"prefix": PREFIX, "headers": pin},
             "route": _grpc_route_action({"cluster": cluster_name(public, v.name)}),
         })  # fmt: skip
     names = [v.name for v in route.variants]
@@ -426,8 +447,9 @@ def local_cluster(address: str) -> dict[str, Any]:
 
 
 def _http_filters(descriptor: Path) -> list[dict[str, Any]]:
-    extraction: dict[str, Any] = {f"{SERVICE}.{m}": {"request_field_extractions": {"model_name": {}}}
-                  for m in ("ModelInfer", STREAM_METHOD)}  # fmt: skip
+    fields = {"model_name": {}, "model_version": {}}
+    extraction: dict[str, Any] = {f"{SERVICE}.{m}": {"request_field_extractions": fields}
+                                  for m in ("ModelInfer", STREAM_METHOD)}  # fmt: skip
     extraction.update({f"{SERVICE}.{m}": {"request_field_extractions": {"name": {}}} for m in CONTROL_METHODS})
     return [
         {"name": EXTRACTION_NAMESPACE,
