@@ -447,7 +447,7 @@ def local_cluster(address: str) -> dict[str, Any]:
 
 
 def _http_filters(descriptor: Path) -> list[dict[str, Any]]:
-    fields = {"model_name": {}, "model_version": {}}
+    fields: dict[str, Any] = {"model_name": {}, "model_version": {}}
     extraction: dict[str, Any] = {f"{SERVICE}.{m}": {"request_field_extractions": fields}
                                   for m in ("ModelInfer", STREAM_METHOD)}  # fmt: skip
     extraction.update({f"{SERVICE}.{m}": {"request_field_extractions": {"name": {}}} for m in CONTROL_METHODS})
