@@ -177,3 +177,15 @@ def test_closed_variants_and_model_versions_follow_the_python_planes_rules(stub:
             except grpc.RpcError:
                 time.sleep(0.05)
         assert served_variant(channel, "digits", [("kiln-variant", "b")]) == ("b", "digits")
+
+
+def test_streams_run_through_envoy_when_no_name_changes(stub: UpstreamServer) -> None:
+    """Variants that use the public model name: ModelStreamInfer stays on Envoy, routed by its first
+    message (a pin here), the variant named in the initial metadata."""
+    routes = {"digits": {"variants": [variant("a", "digits", 50), variant("b", "digits", 50)]}}
+    with start(stub, routes) as gw, grpc.insecure_channel(gw.address) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        call = stream(iter([request_bytes("digits")] * 3), metadata=(("kiln-variant", "b"),), timeout=10)
+        answers = list(call)
+        assert len(answers) == 3 and dict(call.initial_metadata())["kiln-variant"] == "b"
+        assert gw.metrics.window("digits", "b").requests == 1  # one stream, recorded from Envoy's log

@@ -187,10 +187,12 @@ def downstream_tls_socket(tls: ServerTls) -> dict[str, Any]:
 
 
 def _trailers(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """``pairs`` in the response trailers (unary answers, as the Python plane) and headers (a
+    stream's initial metadata; an error's trailers-only answer)."""
     appends = [
         {"append": {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}} for k, v in pairs
     ]
-    return {"response_trailers_mutations": appends}
+    return {"response_trailers_mutations": appends, "response_mutations": appends}
 
 
 def _cluster(
