@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2
 
 from core.errors import InvalidInputError, MissingDependencyError
 from harness.gateway import (
@@ -26,7 +27,7 @@ from harness.gateway import (
 from harness.triton.kserve_upstream import UpstreamServer, start_upstream
 from server.gateway.app import GatewayHandle, start_gateway
 from server.gateway.envoy.choice import choose_data_plane
-from server.gateway.wire import name_version_suffix
+from server.gateway.wire import encode_varint, name_version_suffix
 from tests.integration.test_gateway_fuzz import echo  # noqa: F401  (fixture: an upstream answering anything)
 
 pytestmark = [
@@ -189,3 +190,43 @@ def test_streams_run_through_envoy_when_no_name_changes(stub: UpstreamServer) ->
         answers = list(call)
         assert len(answers) == 3 and dict(call.initial_metadata())["kiln-variant"] == "b"
         assert gw.metrics.window("digits", "b").requests == 1  # one stream, recorded from Envoy's log
+
+
+@pytest.fixture(scope="module")
+def big_echo() -> Iterator[int]:
+    """An upstream answering any ModelInfer, taking messages up to 128 MiB."""
+    from concurrent import futures
+
+    answer = service_pb2.ModelInferResponse(model_name="digits").SerializeToString()
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0),
+                                                               ("grpc.max_receive_message_length", 2**27)])  # fmt: skip
+    handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(lambda request, context: answer)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0)
+
+
+@pytest.mark.slow
+def test_oversize_messages_are_refused_and_large_ones_pass(big_echo: int) -> None:
+    """The listener's stream window is the message limit: 40 MB passes, 250 MB is refused at once
+    (FAILED_PRECONDITION from Envoy's field extraction; the Python plane says RESOURCE_EXHAUSTED)."""
+    routes = {"digits": {"variants": [variant("a", "digits", 100)]}}
+    config = gateway_config({"up": f"127.0.0.1:{big_echo}"}, routes)
+    options = [("grpc.max_send_message_length", -1)]
+    with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=(), data_plane="envoy") as gw, \
+            grpc.insecure_channel(gw.address, options=options) as channel:  # fmt: skip
+        call = channel.unary_unary(INFER)
+        for size, ok in ((40_000_000, True), (250_000_000, False)):
+            body = request_bytes("digits") + b"\x1a" + encode_varint(size) + bytes(size)  # field 3: tensors
+            if ok:
+                assert call(body, timeout=60)
+                continue
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                call(body, timeout=60)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "buffer limits" in caught.value.details() and time.monotonic() - started < 30
+        assert served_variant(channel, "digits") == ("a", "digits")
+        assert gw.envoy is not None and gw.envoy.process.restarts == 0

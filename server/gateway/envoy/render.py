@@ -473,10 +473,14 @@ def _path_source(path: Path) -> dict[str, Any]:
 
 def render_listener(layout: Layout, route_config: dict[str, Any] | None) -> dict[str, Any]:
     """The data-plane listener; ``route_config`` inline, or None for RDS from ``layout.rds_path``."""
+    window = min(layout.max_message_bytes + 2**20, 2**31 - 1)
     manager: dict[str, Any] = {
         "stat_prefix": STAT_PREFIX,
         "codec_type": "AUTO",
-        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        # the stream window bounds what a filter may buffer (the field extraction holds the first
+        # message): one message up to max_message_bytes; a larger one gets FAILED_PRECONDITION
+        "http2_protocol_options": {"max_concurrent_streams": 1024, "initial_stream_window_size": window,
+                                   "initial_connection_window_size": window},
         "stream_idle_timeout": "0s",
         "request_timeout": "0s",
         "http_filters": _http_filters(layout.descriptor_path),
@@ -503,7 +507,7 @@ def render_listener(layout: Layout, route_config: dict[str, Any] | None) -> dict
     return {
         "name": LISTENER,
         "address": _socket_address(f"{layout.host}:{layout.port}"),
-        "per_connection_buffer_limit_bytes": layout.max_message_bytes,
+        "per_connection_buffer_limit_bytes": window,
         "filter_chains": [chain],
     }
 
