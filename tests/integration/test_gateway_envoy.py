@@ -230,3 +230,35 @@ def test_oversize_messages_are_refused_and_large_ones_pass(big_echo: int) -> Non
             assert "buffer limits" in caught.value.details() and time.monotonic() - started < 30
         assert served_variant(channel, "digits") == ("a", "digits")
         assert gw.envoy is not None and gw.envoy.process.restarts == 0
+
+
+def test_cli_falls_back_with_one_line_or_refuses_an_explicit_envoy(stub: UpstreamServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = gateway_config({"up": stub.address}, {"digits": {"variants": [variant("a", "digits", 100)]}})
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    common = ["gateway", "--config", str(tmp_path / "gateway.yaml"), "--port", "0", "--admin-port", "0",
+              "--insecure-admin", "--envoy-binary", str(tmp_path / "no-envoy")]  # fmt: skip
+    code = "import sys; from server.cli import main; sys.exit(main(sys.argv[1:]))"
+    root = Path(__file__).resolve().parents[2]
+    refused = subprocess.run([sys.executable, "-c", code, *common, "--data-plane", "envoy"], cwd=root,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 6, refused.stderr  # missing dependency
+    assert "--data-plane envoy: Envoy binary" in refused.stderr + refused.stdout
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen([sys.executable, "-c", code, *common, "--ready-file", str(ready)], cwd=root,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert ready.exists()
+    finally:
+        process.terminate()
+        out, _ = process.communicate(timeout=20)
+    lines = [line for line in out.splitlines() if "serving on the Python data plane" in line]
+    assert len(lines) == 1 and "does not exist" in lines[0], out
+    assert "(python data plane)" in out and process.returncode == 0
