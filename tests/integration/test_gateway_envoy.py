@@ -61,7 +61,7 @@ def test_envoy_killed_is_restarted_with_the_current_routes(stub: UpstreamServer)
         gw.routes.set_weights("digits", {"a": 0, "b": 100})
         gw.routes.replace_route("added", {"variants": [variant("x", "digits", 100)]})
         assert gw.envoy is not None
-        gw.envoy.process.kill_for_test()
+        gw.envoy.process.kill()
         deadline = time.monotonic() + 20
         while gw.envoy.process.restarts == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -262,3 +262,52 @@ def test_cli_falls_back_with_one_line_or_refuses_an_explicit_envoy(stub: Upstrea
     lines = [line for line in out.splitlines() if "serving on the Python data plane" in line]
     assert len(lines) == 1 and "does not exist" in lines[0], out
     assert "(python data plane)" in out and process.returncode == 0
+
+
+def test_kiln_configures_an_envoy_started_beside_it(stub: UpstreamServer, tmp_path: Path) -> None:
+    """--envoy-dir/--envoy-admin (the deploy/ containers): Kiln writes the bootstrap, an Envoy started
+    from it by someone else carries the requests, and a restart of that Envoy gets the weights back."""
+    import socket
+    import subprocess
+    import threading
+
+    from server.gateway.envoy.binary import find_envoy
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    binary, bootstrap = find_envoy().path, tmp_path / "bootstrap.json"
+    command = [str(binary), "-c", str(bootstrap), "--disable-hot-restart", "-l", "error", "--concurrency", "1"]
+    envoys: list[subprocess.Popen[bytes]] = []
+
+    def start_envoy() -> None:  # the "other container": waits for the bootstrap, then runs Envoy
+        deadline = time.monotonic() + 30
+        while not bootstrap.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        envoys.append(subprocess.Popen(command))
+
+    threading.Thread(target=start_envoy, daemon=True).start()
+    config = gateway_config({"up": stub.address}, {"digits": {"variants": [variant("a", "digits", 100),
+                                                                          variant("b", "digits-v2", 0)]}})  # fmt: skip
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        with start_gateway(config, port=free_port(), admin_port=0, admin_token_value=TOKEN, plugins=(),
+                           data_plane="envoy", envoy_dir=tmp_path, envoy_admin=admin) as gw, \
+                grpc.insecure_channel(gw.address) as channel:  # fmt: skip
+            gw.routes.set_weights("digits", {"a": 0, "b": 100})
+            assert served_variant(channel, "digits") == ("b", "digits")
+            envoys[0].kill()
+            envoys[0].wait()
+            envoys.append(subprocess.Popen(command))  # restarted by its platform, from the same files
+            assert gw.envoy is not None
+            deadline = time.monotonic() + 20
+            while gw.envoy.process.restarts == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert gw.envoy.process.restarts >= 1
+            assert served_variant(channel, "digits") == ("b", "digits")  # weights re-applied
+    finally:
+        for envoy in envoys:
+            envoy.kill()
+            envoy.wait()

@@ -132,7 +132,7 @@ class EnvoyProcess:
                     logger.exception("Envoy restart failed; retrying in 1 s")
                     self._stopping.wait(1.0)
 
-    def kill_for_test(self) -> None:
+    def kill(self) -> None:
         """SIGKILL the running Envoy (what a crash looks like); the watcher restarts it."""
         if self._process is not None:
             self._process.kill()
@@ -230,7 +230,7 @@ class ExternalEnvoy:
     def log_tail(self, lines: int = 5) -> str:
         return f"(external Envoy at {self._admin_address}: see its container's log)"
 
-    def kill_for_test(self) -> None:
+    def kill(self) -> None:
         raise UnavailableError("an external Envoy is not Kiln's to kill")
 
     def stop(self) -> None:
