@@ -22,8 +22,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from builders.inspection import graph_inputs, value_spec
 from builders.model_config import complete_io, config_tensors
-from builders.repository import ModelEntry, check_model_name, read_model, repository_root, verify_version
-from core.errors import KilnError, NotFoundError, RepositoryError, UnavailableError
+from builders.repository import (
+    ModelEntry,
+    check_model_name,
+    is_version_number,
+    read_model,
+    repository_root,
+    verify_version,
+)
+from core.errors import InvalidInputError, KilnError, NotFoundError, RepositoryError, UnavailableError
 from runtime.layout import DEFAULT_FILENAMES
 from runtime.runner import Runner, RunnerFactory, RunnerSpec, create_runner
 from server.batching import Arrays, Batcher, BatchPolicy, Timing
@@ -125,11 +132,18 @@ class ModelStore:
         return self._records.get(name)
 
     def get(self, name: str, version: str = "") -> ServedVersion:
-        """The version that serves a request; NOT_FOUND and UNAVAILABLE say why not."""
+        """The version that serves a request; NOT_FOUND and UNAVAILABLE say why not, INVALID_ARGUMENT
+        a version that is not a version number (only ASCII digits are: not ' 1', a full-width '1', '0_1' or '+1')."""
+        if version and not is_version_number(version):
+            shown = version if len(version) <= 40 else version[:37] + "..."
+            raise InvalidInputError(
+                f"model version {shown!r} is not a version number; send ASCII decimal digits such as '1' "
+                "(no sign, space, '_' or leading zero), or an empty version for the latest"
+            )
         record = self._records.get(name)
         if record is None or (record.state is ModelState.UNAVAILABLE and not record.versions):
             if record is None and not self.has_model(name):
-                raise NotFoundError(f"model {name!r} is not in repository {str(self.root)!r}; see RepositoryIndex")
+                raise NotFoundError(f"model {name!r} is not in the repository; see RepositoryIndex")
             reason = f" ({record.reason})" if record is not None and record.reason else ""
             raise UnavailableError(f"model {name!r} is not loaded{reason}; load it with RepositoryModelLoad")
         if record.state is ModelState.LOADING and not record.versions:
@@ -138,13 +152,13 @@ class ModelStore:
             raise UnavailableError(f"model {name!r} is unloading; load it again with RepositoryModelLoad")
         if not version:
             return record.versions[max(record.versions)]
-        try:
-            return record.versions[int(version)]
-        except (ValueError, KeyError) as err:
+        served = record.versions.get(int(version))
+        if served is None:
             raise NotFoundError(
                 f"model {name!r} has no version {version!r} being served; served versions are "
                 f"{sorted(record.versions)} (its version_policy decides which)"
-            ) from err
+            )
+        return served
 
     def has_model(self, name: str) -> bool:
         """Whether ``name`` is a model directory of the repository (loaded or not)."""
@@ -155,8 +169,11 @@ class ModelStore:
         return (self.root / name).is_dir()
 
     def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether a request for this model and version would be served (a malformed version raises)."""
         try:
             self.get(name, version)
+        except InvalidInputError:
+            raise
         except KilnError:
             return False
         return True
@@ -243,7 +260,7 @@ def select_versions(entry: ModelEntry, config: mc.ModelConfig) -> list[int]:
     """The versions ``version_policy`` serves (Triton's default: the latest one)."""
     available = [v.version for v in entry.versions]
     if not available:
-        raise NotFoundError(f"model {entry.name!r} has no versions in {str(entry.path)!r}; publish one with kiln build")
+        raise NotFoundError(f"model {entry.name!r} has no versions in the repository; publish one with kiln build")
     policy = config.version_policy
     kind = policy.WhichOneof("policy_choice")
     if kind == "all":
@@ -287,7 +304,9 @@ def _complete_io_from_artifact(entry: ModelEntry, config: mc.ModelConfig, versio
     try:
         model = onnx.load(str(artifact), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and friends for corrupt files
-        raise RepositoryError(f"model {entry.name!r}: cannot read {artifact} to complete its config: {err}") from err
+        raise RepositoryError(
+            f"model {entry.name!r}: cannot read {version}/{filename} to complete its config: {err}"
+        ) from err
     inputs = tuple(value_spec(v) for v in graph_inputs(model))
     outputs = tuple(value_spec(v) for v in model.graph.output)
     return complete_io(config, inputs, outputs)

@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builders.repository import check_model_name, list_models, read_model, repository_root, verify_repository
+from builders.repository import (
+    check_model_name,
+    clean_leftovers,
+    find_repository_leftovers,
+    list_models,
+    read_model,
+    repository_root,
+    verify_repository,
+)
 from core.errors import RepositoryError
 
 
@@ -28,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
         if verb == "show":
             p.add_argument("model", help="model name, e.g. digits-fp32-ort")
+        if verb == "verify":
+            p.add_argument(
+                "--clean", action="store_true", help="remove stages left by killed publishes (never ones in flight)"
+            )
         p.set_defaults(func={"list": run_list, "show": run_show, "verify": run_verify}[verb])
 
 
@@ -71,8 +83,13 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     problems = verify_repository(args.repo)
+    leftovers = clean_leftovers(args.repo) if args.clean else find_repository_leftovers(args.repo)
+    notes = [f"{leftover.describe()}; {'removed' if args.clean else 'remove with --clean'}" for leftover in leftovers]
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+        print(json.dumps({"ok": not problems, "problems": problems, "leftovers": notes}, indent=2))
+    elif notes:
+        for note in notes:
+            print(f"NOTE {note}")
     if problems:
         if not args.json:
             for p in problems:
