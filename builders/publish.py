@@ -14,6 +14,7 @@ reported by ``kiln repo verify``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -31,6 +32,7 @@ from builders.model_config import ServingOptions, config_tensors, config_text, p
 from builders.repository import CONFIG_NAME, Published, check_model_name, list_versions, repository_root
 from builders.request import BuildRequest
 from builders.staging import find_leftovers, open_stage, remove_leftover, repository_lock
+from builders.version_policy import decide_policy
 from core.atomic_file import write_atomic
 from core.errors import ConflictError, KilnError, RepositoryError
 
@@ -91,7 +93,12 @@ def publish_version(
     version: int | None = None
     try:
         steps("preparing the model directory")
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RepositoryError(
+                f"cannot create model directory {str(model_dir)!r}: {err.strerror}; check --repo"
+            ) from err
         with repository_lock(root):
             created = _prepare_model_dir(model_dir)
             check_same_io(model_dir, config)
@@ -278,6 +285,8 @@ def publish_artifact(
         instances=request.instances,
         kind="KIND_GPU" if request.target == "tensorrt" else "KIND_CPU",
     )
+    policy = decide_policy(request.repo, request.triton_name, request.keep_versions)  # keeps an existing one
+    serving = dataclasses.replace(serving, version_policy=policy.policy)
     config = render_config(request.triton_name, request.target, info.inputs, info.outputs, serving)
     manifest = build_manifest(
         model_name=request.triton_name,
@@ -291,6 +300,7 @@ def publish_artifact(
         calibration=calibration,
         validation=validation,
         tools=tools,
+        replaces=policy.replaces,
     )
     files = {artifact.name: artifact, **(extra_files or {})}
     return publish_version(request.repo, request.triton_name, files, config, manifest)

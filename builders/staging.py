@@ -34,7 +34,13 @@ LOCK_TIMEOUT_S = 60.0
 @contextlib.contextmanager
 def repository_lock(root: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold the repository's commit lock (exclusive, between processes and threads alike)."""
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise RepositoryError(
+            f"cannot open the repository's lock file {str(root / LOCK_NAME)!r}: {err.strerror}; "
+            "check that --repo is a writable directory"
+        ) from err
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -20,9 +20,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from builders.repository import list_models
-from core.errors import InvalidInputError, KilnError, NotFoundError
+from core.errors import InvalidInputError, KilnError
 from server import __version__
 from server.codec import decode_inputs, encode_outputs
+from server.llm.stream import answer_decoupled
 from server.model_store import ModelState, ModelStore, ServedVersion
 from server.statistics import Duration, VersionStats
 from server.status import status_code
@@ -183,9 +184,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         errors as ``error_message``. Requests of one stream run concurrently, so they can be batched."""
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        generating: set[str] = set()  # ids of this stream's requests still producing tokens
 
         async def answer(request: pb.ModelInferRequest | UndecodableRequest) -> None:
             try:
+                served = self._decoupled(request)
+                if served is not None and isinstance(request, pb.ModelInferRequest):
+                    await answer_decoupled(served, request, responses.put, generating)
+                    return
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except Exception as err:  # every request gets its answer, whatever went wrong
                 code, message = self.describe_error("ModelStreamInfer", err)
@@ -214,6 +220,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in tasks:
                 task.cancel()
 
+    def _decoupled(self, request: pb.ModelInferRequest | UndecodableRequest) -> ServedVersion | None:
+        """The version a request goes to when it is a decoupled decoder (errors are left to ``_infer``)."""
+        if isinstance(request, UndecodableRequest):
+            return None
+        try:
+            served = self.store.get(request.model_name, request.model_version)
+        except KilnError:
+            return None
+        return served if served.decoder is not None else None
+
     async def _infer(self, request: pb.ModelInferRequest | UndecodableRequest) -> pb.ModelInferResponse:
         if isinstance(request, UndecodableRequest):
             raise InvalidInputError(
@@ -221,6 +237,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 "send a KServe v2 ModelInferRequest"
             )
         served = self.store.get(request.model_name, request.model_version)
+        if served.decoder is not None:
+            raise InvalidInputError(
+                f"model {served.name!r} is decoupled (one response per token); ModelInfer cannot answer it, "
+                "send the request on ModelStreamInfer (tritonclient: start_stream + async_stream_infer)"
+            )
         inputs = decode_inputs(request)
         requested = tuple(o.name for o in request.outputs)
         served.check(inputs, requested)
@@ -256,6 +277,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if record is not None and record.versions:
                 for version in sorted(record.versions):
                     response.models.add(name=entry.name, version=str(version), state=record.state.value)
+                for version, reason in sorted(record.failed.items()):
+                    if version not in record.versions:
+                        response.models.add(name=entry.name, version=str(version),
+                                            state=ModelState.UNAVAILABLE.value,
+                                            reason=public_message(reason, self.store.root))
             elif not request.ready:
                 state = record.state.value if record is not None else ModelState.UNAVAILABLE.value
                 reason = public_message(record.reason if record is not None else "not loaded", self.store.root)
@@ -270,21 +296,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise InvalidInputError(
-                f"RepositoryModelLoad parameters {sorted(request.parameters)} are not supported by kiln serve; "
-                "edit config.pbtxt in the repository and load again"
-            )
-        if not self.store.has_model(request.model_name):
-            raise NotFoundError(f"model {request.model_name!r} is not in the repository; see RepositoryIndex")
-        await self.store.load(request.model_name)
+        parameters = {k: v.string_param for k, v in request.parameters.items()}
+        await self.store.request_load(request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     @translate_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.store.unload(request.model_name)
+        await self.store.request_unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
