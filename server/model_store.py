@@ -200,7 +200,8 @@ class ModelStore:
             why = f"; it failed to load: {failed}" if failed else ""
             raise NotFoundError(
                 f"model {name!r} has no version {version!r} being served{why}; served versions are "
-                f"{sorted(record.versions)} (its version_policy decides which)"
+                f"{sorted(record.versions)} (its version_policy decides which: to keep the previous version "
+                f"servable, 'kiln repo policy {name} --keep-versions 2')"
             )
         return served
 

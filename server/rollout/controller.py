@@ -207,7 +207,11 @@ class RolloutController:
     def _prepare(self, plan: RolloutPlan, route: dict[str, Any]) -> list[dict[str, Any]]:
         """Make every upstream serving the candidate's model serve its version; figures per upstream."""
         cand = plan.candidate
-        if not cand.version or self._versions is None:
+        if not cand.version:
+            return []
+        if self._versions is None:  # e.g. the multi-replica controller, which knows no upstream addresses
+            logger.warning("rollout %s: cannot check that %s version %s is ready on the upstreams; make sure "
+                           "it is before traffic moves", plan.route, cand.model, cand.version)
             return []
         return [self._versions.ensure_serving(name, cand.model, cand.version, plan.ready_timeout_s)
                 for name in upstreams_for(route, cand)]

@@ -113,6 +113,19 @@ def test_poll_picks_up_new_and_removed_versions_without_failing_requests(repo: P
     assert answers == {2.0, 3.0}  # unversioned requests moved from version 1 to version 2
 
 
+def test_poll_applies_a_policy_change_and_keeps_the_versions_it_still_serves(repo: Path, tmp_path: Path) -> None:
+    from builders.version_policy import change_policy
+
+    with start_server(repo, port=0, model_control_mode="poll", poll_s=0.1) as server, \
+            tc.InferenceServerClient(server.url) as client:
+        publish_pair(repo, tmp_path, offset=2.0)
+        wait_until(lambda: client.is_model_ready(NAME, "2"))
+        kept = server.store.get(NAME, "2")
+        change_policy(repo, NAME, "1")  # what `kiln repo policy pair --keep-versions 1` does
+        wait_until(lambda: not client.is_model_ready(NAME, "1"))
+        assert server.store.get(NAME, "2") is kept  # not reloaded: only the policy changed
+
+
 def test_poll_never_loads_a_version_that_fails_verification(repo: Path, tmp_path: Path) -> None:
     """A hand-copied version: kiln.json arrived, the artifact is half there."""
     with start_server(repo, port=0, model_control_mode="poll", poll_s=0.1) as server, \
