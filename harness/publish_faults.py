@@ -5,12 +5,14 @@ and SIGKILLs itself just before step number STEP (1-based; the hook is the only 
 environment variables). ``python -m harness.publish_faults diskfull WORKDIR`` must run as root of
 its own mount namespace (``unshare --user --map-root-user --mount``): it mounts a small tmpfs,
 publishes a first version, then retries a second publish with the filesystem shrunk to every
-budget from zero extra pages (and zero extra inodes) upwards until one fits, printing one JSON
-line per attempt.
+budget from zero extra pages (and zero extra inodes) upwards until one fits, and finally runs
+``kiln build`` with one page left, printing one JSON line per attempt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from builders.examples import example_model_path
 from builders.manifest import build_manifest
 from builders.model_config import ServingOptions, render_config
 from builders.publish import Published, publish_version
@@ -98,6 +101,22 @@ def disk_full(work: Path) -> None:
             if "version" in result:
                 break
         subprocess.run(["mount", "-o", "remount,size=4m,nr_inodes=200", str(mount)], check=True)
+    _build_on_full_disk(mount, repo)
+
+
+def _build_on_full_disk(mount: Path, repo: Path) -> None:
+    """``kiln build`` of the example into a repository with one page left: its exit code and stderr."""
+    from server.cli import main as kiln
+
+    used = _used(mount)[0]
+    subprocess.run(["mount", "-o", f"remount,size={used + 4096},nr_inodes=200", str(mount)], check=True)
+    before = tree_snapshot(repo)
+    stderr = io.StringIO()
+    argv = ["build", str(example_model_path()), "--name", "digits", "--precision", "fp32", "--repo", str(repo)]
+    with contextlib.redirect_stderr(stderr):
+        code = kiln(argv)
+    result = {"kind": "cli", "exit": code, "stderr": stderr.getvalue(), "unchanged": tree_snapshot(repo) == before}
+    print(json.dumps(result | {"verify": verify_repository(repo)}), flush=True)
 
 
 def _used(mount: Path) -> tuple[int, int]:

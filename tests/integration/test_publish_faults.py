@@ -94,6 +94,12 @@ def test_real_full_disk_at_every_write(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     attempts = [json.loads(line) for line in proc.stdout.splitlines()]
+    cli = attempts.pop()
+    assert cli["kind"] == "cli" and cli["exit"] == 4, cli  # RepositoryError's exit code, one line, no traceback
+    assert cli["stderr"].startswith("error: publishing 'digits-fp32-ort' into"), cli
+    assert "no space left on the device; nothing was published" in cli["stderr"], cli
+    assert "Traceback" not in cli["stderr"] and cli["stderr"].count("\n") == 1, cli
+    assert cli["unchanged"] is True and cli["verify"] == [], cli
     for kind in ("size", "nr_inodes"):
         tried = [a for a in attempts if a["kind"] == kind]
         failed, done = tried[:-1], tried[-1]
