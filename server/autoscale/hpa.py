@@ -174,19 +174,6 @@ def gateway_hpa(spec: AutoscaleSpec) -> dict[str, Any]:
     }
 
 
-def adapter_config_map(namespace: str = "monitoring") -> dict[str, Any]:
-    """The Prometheus adapter's rules as the ConfigMap its Deployment mounts (config.yaml)."""
-    import yaml
-
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": "prometheus-adapter", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/part-of": "kiln"}},
-        "data": {"config.yaml": yaml.safe_dump(ADAPTER_RULES, sort_keys=False)},
-    }
-
-
 def policy_from_hpa(hpa: dict[str, Any], *, startup_s: float = 60.0) -> HpaPolicy:
     """The simulator's policy for a rendered Triton HPA (a Pods metric with an AverageValue target)."""
     spec = hpa["spec"]
