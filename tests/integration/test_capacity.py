@@ -17,9 +17,11 @@ import yaml
 from builders.manifest import MANIFEST_NAME, build_manifest, file_checksums
 from builders.model_config import ServingOptions
 from builders.repository import read_model, verify_version
+from harness.gateway import TOKEN, gateway_config, variant
 from harness.serve import PAIR_SPECS, DelayFactory, make_identity_model, make_pair_model, write_model
 from server.app import ServerHandle, start_server
 from server.cli import main
+from server.gateway.app import start_gateway
 
 pytestmark = pytest.mark.integration
 DELAY_S = 0.01
@@ -144,3 +146,30 @@ def test_bad_capacity_flags_are_refused(server: ServerHandle) -> None:
     assert main([*base, "--find-capacity", "--slo-p99-ms", "50", "--level-seconds", "3"]) == 2
     assert main([*base, "--find-capacity", "--slo-p99-ms", "50", "--rate", "10"]) == 2
     assert main([*base, "--record", "--rate", "10"]) == 2
+
+
+@pytest.mark.slow
+def test_closed_loop_concurrency_capacity(server: ServerHandle, tmp_path: Path) -> None:
+    """At 10 ms per request, c requests in flight wait about c x 10 ms: p99 <= 300 ms holds to ~30."""
+    out = tmp_path / "c.json"
+    code = main(["bench", "--url", server.url, "--model", "pair", "--find-capacity", "--slo-p99-ms", "300",
+                 "--capacity-mode", "concurrency", *FAST, "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["mode"] == "concurrency", report["message"]
+    assert report["capacity"] == int(report["capacity"]) and 3 <= report["capacity"] <= 32
+    assert report["failed_above"] > report["capacity"]
+    assert all(r["point"]["mode"] == "concurrency" for r in report["runs"])  # no open-loop probe here
+
+
+@pytest.mark.slow
+def test_capacity_of_one_variant_through_the_gateway(server: ServerHandle, tmp_path: Path) -> None:
+    routes = {"pub": {"variants": [variant("a", "pair", 50), variant("b", "pair", 50)]}}
+    config = gateway_config({"up": server.url}, routes)
+    out = tmp_path / "g.json"
+    with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=()) as gateway:
+        code = main(["bench", "--url", gateway.address, "--model", "pub", "--find-capacity", "--slo-p99-ms", "300",
+                     *FAST, "--variant", "b", "--by-variant", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["variant"] == "b" and report["capacity"] > 0, report["message"]
+    served = {name for r in report["runs"] for name in r["point"]["variants"]}
+    assert served == {"b"}  # every request of every level was pinned to variant b
