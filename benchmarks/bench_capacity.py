@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -158,6 +159,8 @@ def main() -> int:
     args = parser.parse_args()
     cpu = probe_cpu()
     print(f"CPU: {cpu.model} ({cpu.cores} cores), ISA: {', '.join(cpu.isa()) or 'none of AVX2/AVX-512/VNNI'}")
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before[0]:.1f} (1 min), {load_before[1]:.1f} (5 min) on {cpu.cores} cores")
     slo = Slo(args.slo_p99_ms)
     settings = SearchSettings(mode="rate", start=10, min_duration_s=args.level, max_duration_s=args.level,
                               warmup_s=args.warmup, precision=0.05, repeats=2)
@@ -189,12 +192,15 @@ def main() -> int:
               f"{error * 100:.1f} % off; {seconds:.1f} s = {share:.2f} of the sweep's {swept['seconds']:.1f} s "
               f"({len(result.runs)} levels vs {len(swept['points'])})")
     met = all(r["within_10pct"] and r["under_a_third"] for r in rows)
+    load_after = os.getloadavg()
+    print(f"load average after: {load_after[0]:.1f} (1 min), {load_after[1]:.1f} (5 min)")
     print(f"goal (within 10 % of the knee, < 1/3 of the sweep's time): {'met' if met else 'MISSED'} "
           f"(highest passing sweep level {swept['highest_passing']:g}/s, ceiling {swept['ceiling_rps']:.0f}/s)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"capacity_{args.server}.png"
     plot([first, second], swept, slo, png, args.server)
-    data = {"cpu": {"model": cpu.model, "isa": cpu.isa()}, "slo": slo.describe(), "level_s": args.level,
+    data = {"cpu": {"model": cpu.model, "isa": cpu.isa()}, "server": args.server, "slo": slo.describe(),
+            "load_average": {"before": load_before, "after": load_after}, "level_s": args.level,
             "warmup_s": args.warmup, "sweep": swept, "searches": rows, "goal_met": met,
             "search_runs": [first.to_dict(), second.to_dict()]}
     (RESULTS / f"capacity_{args.server}.json").write_text(json.dumps(data, indent=2, default=str))
