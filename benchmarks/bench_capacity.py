@@ -19,7 +19,9 @@ Every level, in both methods, is ``--warmup`` seconds of warm-up and ``--level``
 * **search**: ``kiln bench --find-capacity`` (probe, exponential, interpolated bisection to 5 %,
   two confirming repeats, certainly-failed levels stopped early).
 
-The search runs before and after the sweep (the machine is shared: both must hold).
+The machine is shared, so what it can serve drifts: the first search is interleaved level by level
+with the sweep (each method's time counts only its own levels), and a second search runs alone
+afterwards.
 Goal (issue 15): capacity within 10 % of the true knee, in under a third of the sweep's time.
 
     .venv/bin/python benchmarks/bench_capacity.py [--slo-p99-ms 50] [--level 3] [--warmup 0.5]
@@ -33,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ from harness.serve import PAIR_SPECS, make_pair_model, write_model
 from harness.serve_bench import RESULTS, child_server, kiln_serve, mlp_repo
 from runtime.machine import probe_cpu
 from server.bench import BenchConfig, run_bench
-from server.bench.capacity import CapacityResult, SearchSettings, Slo, judge
+from server.bench.capacity import CapacityResult, Run, SearchSettings, Slo, judge
 from server.bench.capacity_load import search_endpoint
 
 WIDTH = 2048
@@ -78,42 +81,67 @@ def repository(root: Path) -> str:
     return name
 
 
-def sweep(url: str, model: str, slo: Slo, settings: SearchSettings, level_s: float) -> dict[str, Any]:
-    started = time.perf_counter()
-    probe = run_bench(BenchConfig(url=url, model=model, concurrency=(16,), duration_s=1.0, warmup_s=0.5)).first
-    ceiling = probe.throughput_rps
-    points, fails = [], 0
-    for step in range(1, 25):
-        rate = float(f"{ceiling * 0.05 * step:.3g}")
-        config = BenchConfig(url=url, model=model, rates=(rate,), duration_s=level_s, warmup_s=settings.warmup_s,
-                             seed=step)
+class Sweep:
+    """The fine sweep, one level per ``step()`` call, timing only its own work."""
+
+    def __init__(self, url: str, model: str, slo: Slo, settings: SearchSettings, level_s: float) -> None:
+        self.url, self.model, self.slo, self.settings, self.level_s = url, model, slo, settings, level_s
+        self.ceiling = 0.0
+        self.points: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self.fails = 0
+
+    @property
+    def done(self) -> bool:
+        return self.fails >= 3 or len(self.points) >= 24
+
+    def step(self) -> None:
+        if self.done:
+            return
+        started = time.perf_counter()
+        if not self.ceiling:  # the sweep's range: 5 % .. 120 % of the closed-loop throughput at concurrency 16
+            config = BenchConfig(url=self.url, model=self.model, concurrency=(16,), duration_s=1.0, warmup_s=0.5)
+            self.ceiling = run_bench(config).first.throughput_rps
+        rate = float(f"{self.ceiling * 0.05 * (len(self.points) + 1):.3g}")
+        config = BenchConfig(url=self.url, model=self.model, rates=(rate,), duration_s=self.level_s,
+                             warmup_s=self.settings.warmup_s, seed=len(self.points))
         point = run_bench(config).first
-        verdict = judge(point, slo, settings)
-        points.append({"rate": rate, "p50_ms": point.latency_us["p50"] / 1e3, "p99_ms": verdict.p99_ms,
-                       "error_rate": verdict.error_rate, "meets": verdict.meets, "cause": verdict.cause})
-        print(f"  sweep {rate:7.1f}/s  p50 {points[-1]['p50_ms']:7.2f} ms  p99 {verdict.p99_ms:8.2f} ms  "
+        verdict = judge(point, self.slo, self.settings)
+        self.points.append({"rate": rate, "p50_ms": point.latency_us["p50"] / 1e3, "p99_ms": verdict.p99_ms,
+                            "error_rate": verdict.error_rate, "meets": verdict.meets, "cause": verdict.cause})
+        print(f"  sweep  {rate:7.1f}/s  p50 {self.points[-1]['p50_ms']:7.2f} ms  p99 {verdict.p99_ms:8.2f} ms  "
               f"{'meets' if verdict.meets else verdict.cause}")
-        fails = 0 if verdict.meets else fails + 1
-        if fails == 3:
-            break
-    knee = 0.0
-    for p in points:
-        if not p["meets"]:
-            break
-        knee = p["rate"]
-    return {"ceiling_rps": ceiling, "points": points, "knee": knee,
-            "highest_passing": max((p["rate"] for p in points if p["meets"]), default=0.0),
-            "seconds": time.perf_counter() - started}
+        self.fails = 0 if verdict.meets else self.fails + 1
+        self.seconds += time.perf_counter() - started
+
+    def summary(self) -> dict[str, Any]:
+        knee = 0.0
+        for p in self.points:
+            if not p["meets"]:
+                break
+            knee = p["rate"]
+        return {"ceiling_rps": self.ceiling, "points": self.points, "knee": knee,
+                "highest_passing": max((p["rate"] for p in self.points if p["meets"]), default=0.0),
+                "seconds": self.seconds}
 
 
-def search(url: str, model: str, slo: Slo, settings: SearchSettings) -> tuple[CapacityResult, float]:
-    started = time.perf_counter()
-    result, _ = search_endpoint(BenchConfig(url=url, model=model), slo, settings)
-    seconds = time.perf_counter() - started
-    for run in result.runs:
+def search(
+    url: str, model: str, slo: Slo, settings: SearchSettings, between: Callable[[], None] = lambda: None
+) -> tuple[CapacityResult, float]:
+    """The search; ``between`` runs after each of its levels (interleaving the sweep), not counted in its time."""
+    outside = [0.0]
+
+    def on_run(run: Run) -> None:
         verdict = "meets" if run.judgement.meets else run.judgement.cause
         early = f" (stopped early: {run.point.stopped_early})" if run.point.stopped_early else ""
         print(f"  search {run.phase:8s} {run.load:7.1f}  p99 {run.judgement.p99_ms:8.2f} ms  {verdict}{early}")
+        started = time.perf_counter()
+        between()
+        outside[0] += time.perf_counter() - started
+
+    started = time.perf_counter()
+    result, _ = search_endpoint(BenchConfig(url=url, model=model), slo, settings, on_run)
+    seconds = time.perf_counter() - started - outside[0]
     print(f"  -> {result.message}")
     return result, seconds
 
@@ -174,11 +202,13 @@ def main() -> int:
         with server as url:
             print(f"{args.server} server at {url}, model {model}; {slo.describe()}; "
                   f"levels {args.warmup:g} s + {args.level:g} s")
-            print("search 1")
-            first, first_s = search(url, model, slo, settings)
-            print("fine sweep")
-            swept = sweep(url, model, slo, settings, args.level)
-            print("search 2")
+            fine = Sweep(url, model, slo, settings, args.level)
+            print("search 1, interleaved with the fine sweep (one sweep level after each search level)")
+            first, first_s = search(url, model, slo, settings, fine.step)
+            while not fine.done:
+                fine.step()
+            swept = fine.summary()
+            print("search 2, alone")
             second, second_s = search(url, model, slo, settings)
     knee = swept["knee"]
     rows = []

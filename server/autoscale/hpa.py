@@ -208,7 +208,7 @@ def pick_capacity(entries: list[dict[str, Any]], mode: str, slo_p99_ms: float | 
     if not usable:
         recorded = [f"{e.get('mode')} at p99 {e.get('slo', {}).get('p99_ms')} ms" for e in entries] or ["nothing"]
         slo = f" at p99 {slo_p99_ms:g} ms" if slo_p99_ms is not None else ""
-        flag = "--find-capacity" if mode == "rate" else "--find-capacity --concurrency-search"
+        flag = "--find-capacity" if mode == "rate" else "--find-capacity --capacity-mode concurrency"
         raise NotFoundError(
             f"{where} has no recorded {mode} capacity{slo} (recorded: {', '.join(recorded)}); "
             f"run `kiln bench {flag} --slo-p99-ms X --record` against it first"
