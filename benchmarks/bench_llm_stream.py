@@ -166,11 +166,13 @@ def report(
         },
     )
     print(
-        f"TTFT p50: floor {f['ttft_ms']['p50']:.2f} ms, served {s['ttft_ms']['p50']:.2f} ms; paired ratio {ttft_ratio:.3f}x "
+        f"TTFT p50: floor {f['ttft_ms']['p50']:.2f} ms, served {s['ttft_ms']['p50']:.2f} ms; "
+        f"paired ratio {ttft_ratio:.3f}x "
         f"(goal <= {TTFT_GOAL}x: {'met' if ttft_ratio <= TTFT_GOAL else 'NOT met'})"
     )
     print(
-        f"ITL p50:  floor {f['itl_ms']['p50']:.2f} ms, served {s['itl_ms']['p50']:.2f} ms; paired ratio {itl_ratio:.3f}x "
+        f"ITL p50:  floor {f['itl_ms']['p50']:.2f} ms, served {s['itl_ms']['p50']:.2f} ms; "
+        f"paired ratio {itl_ratio:.3f}x "
         f"(goal <= {ITL_GOAL}x: {'met' if itl_ratio <= ITL_GOAL else 'NOT met'})"
     )
 
