@@ -86,20 +86,29 @@ class AioHandlers:
         if decision.live is not None:
             await context.send_initial_metadata(self._core.response_metadata(decision))
         suffix = decision.body[len(first) :]
+        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
 
         async def upstream_requests() -> AsyncIterator[bytes]:
+            meter.sent(first)
             yield decision.body
             async for message in iterator:
+                meter.sent(message)
                 yield message + suffix
 
         call = self._pool[decision.upstream].stream("ModelStreamInfer")
+        ended = "CANCELLED"
         try:
             responses: Any = call(upstream_requests(), timeout=timeout_of(context.time_remaining()),
                                   metadata=decision.forwarded)  # fmt: skip
             async for response in responses:
+                meter.received(response)
                 yield response
+            ended = "OK"
         except grpc.RpcError as err:
+            ended = err.code().name  # type: ignore[attr-defined]
             await _abort(context, RpcAbort(err.code(), err.details()))  # type: ignore[attr-defined]
+        finally:
+            meter.finish(ended)
 
     def model_method(self, method: str) -> AsyncUnary:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

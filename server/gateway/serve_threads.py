@@ -75,19 +75,30 @@ class ThreadHandlers:
         if decision.live is not None:
             context.send_initial_metadata(self._core.response_metadata(decision))
         suffix = decision.body[len(first) :]
+        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
 
         def upstream_requests() -> Iterator[bytes]:
+            meter.sent(first)
             yield decision.body
             for message in requests:
+                meter.sent(message)
                 yield message + suffix
 
         call = self._pool[decision.upstream].stream("ModelStreamInfer")
+        ended = "CANCELLED"
         try:
-            yield from call(
+            responses = call(
                 upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded
             )
+            for response in responses:
+                meter.received(response)
+                yield response
+            ended = "OK"
         except grpc.RpcError as err:
+            ended = err.code().name  # type: ignore[attr-defined]
             _abort(context, RpcAbort(err.code(), err.details()))  # type: ignore[attr-defined]
+        finally:
+            meter.finish(ended)
 
     def model_method(self, method: str) -> Unary:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:

@@ -46,8 +46,8 @@ def rollout_state_dir(state_path: Path) -> Path:
 
 def attach(gateway: GatewayHandle) -> Callable[[], None]:
     store: Store = RolloutStore(rollout_state_dir(gateway.state_path)) if gateway.state_path else MemoryStore()
-    controller = RolloutController(TableRouteControl(gateway.routes), LocalMetricsSource(gateway.metrics), store,
-                                   tick_s=TICK_S)
+    source = LocalMetricsSource(gateway.metrics, streams=gateway.streams)
+    controller = RolloutController(TableRouteControl(gateway.routes), source, store, tick_s=TICK_S)
     controller.recover_all()
     register_endpoints(gateway.admin, controller)
     controller.start_background()
