@@ -1,21 +1,18 @@
-"""Helpers for the LLM streaming tests, benchmarks and demo: a repository of tiny decoders (the
-baseline, a byte-identical rebuild, one with a slower first token, one with other weights), a
-runner hook that delays the prompt step, and a bounded closed-loop load of token streams."""
+"""Helpers for the LLM streaming tests and benchmarks: a repository of tiny decoders (the baseline, a
+byte-identical rebuild, one with a slower first token, one with other weights), a runner hook that
+delays the prompt step, and a child ``kiln serve`` with that hook. The stream load is
+``server.llm.load.StreamLoad`` (the quickstart uses it too)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from tritonclient import grpc as triton
 
 from builders.examples import tiny_decoder_path
 from builders.pipeline import build_model
@@ -23,6 +20,9 @@ from builders.request import BuildRequest, DecoderOptions
 from harness.llama import TINY_SHAPE, build_decoder, random_weights
 from harness.serve_bench import child_server
 from runtime.runner import Runner, RunnerSpec, create_runner
+from server.llm.load import StreamLoad
+
+__all__ = ["StreamLoad", "build_llm_repository", "prefill_delaying_factory", "serve_llm_child"]
 
 PREFILL_DELAY_S = 0.7  # every model's prompt step takes this long: a TTFT well above a busy box's ~0.15 s tails
 SLOW_FIRST_FACTOR = 1.5  # models named slowfirst-*: their first token 50 % later
@@ -60,78 +60,6 @@ def prefill_delaying_factory(spec: RunnerSpec) -> Runner:
     """The server's runner factory with a fixed prompt-step delay (1.5x for ``slowfirst-*``)."""
     factor = SLOW_FIRST_FACTOR if spec.model.startswith("slowfirst") else 1.0
     return _PrefillDelayed(create_runner(spec), float(os.environ.get(DELAY_ENV, PREFILL_DELAY_S)) * factor)
-
-
-@dataclass
-class StreamLoadResult:
-    completed: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
-class StreamLoad:
-    """``threads`` clients, each sending greedy prompts one after another, each on a new stream."""
-
-    def __init__(self, address: str, model: str, threads: int = 2, max_tokens: int = 8, max_s: float = 60.0):
-        self.address, self.model, self.threads, self.max_tokens, self.max_s = address, model, threads, max_tokens, max_s
-        self.result = StreamLoadResult()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def __enter__(self) -> StreamLoad:
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=30)
-
-    def _run(self, index: int) -> None:
-        rng = np.random.default_rng(index)
-        client = triton.InferenceServerClient(self.address)
-        tokens = triton.InferInput("max_tokens", [1], "INT32")
-        tokens.set_data_from_numpy(np.array([self.max_tokens], np.int32))
-        deadline = time.perf_counter() + self.max_s
-        sent = 0
-        try:
-            while not self._stop.is_set() and time.perf_counter() < deadline:
-                prompt = bytes(rng.integers(97, 123, size=int(rng.integers(4, 12)))).decode()
-                text = triton.InferInput("text_input", [1], "BYTES")
-                text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-                sent += 1
-                # a new stream per request: a stream stays on the variant its first message chose
-                answers: queue.Queue[tuple[triton.InferResult | None, Exception | None]] = queue.Queue()
-                client.start_stream(callback=lambda result, error, q=answers: q.put((result, error)))
-                try:
-                    client.async_stream_infer(self.model, [text, tokens], request_id=f"{index}-{sent}")
-                    if not self._until_final(answers):
-                        break
-                finally:
-                    client.stop_stream()
-        finally:
-            client.close()
-
-    def _until_final(self, answers: queue.Queue[tuple[triton.InferResult | None, Exception | None]]) -> bool:
-        while True:
-            try:
-                result, error = answers.get(timeout=30)
-            except queue.Empty:
-                with self._lock:
-                    self.result.errors.append("no answer within 30 s")
-                return False
-            if error is not None or result is None:
-                with self._lock:
-                    self.result.errors.append(str(error))
-                return True
-            if result.get_response().parameters[FINAL].bool_param:
-                with self._lock:
-                    self.result.completed += 1
-                return True
 
 
 DELAY_ENV = "KILN_TEST_PREFILL_DELAY_S"
