@@ -11,10 +11,11 @@ from server.cli import main
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_llm_quickstart_promotes_fp16_and_rolls_back_slow_ttft_and_int8_tokens(
+def test_llm_quickstart_promotes_a_rebuild_and_rolls_back_slow_ttft_and_int8_tokens(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    code = main(["quickstart", "--llm", "--repo", str(tmp_path / "repo"), "--out", str(tmp_path / "out")])
+    argv = ["quickstart", "--llm", "--repo", str(tmp_path / "repo"), "--out", str(tmp_path / "out")]
+    code = main(argv)
     out = capsys.readouterr().out
     assert code == 0, out
     assert "ttft_p99_ratio" in out and "token_agreement" in out
