@@ -22,7 +22,7 @@ from server.gateway.forward import Forwarder
 from server.gateway.guard import QuietLog
 from server.gateway.health import HealthReport
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
-from server.gateway.resilience import OutlierDetector
+from server.gateway.resilience import OutlierDetector, ReadinessProber
 from server.gateway.serve_aio import serve_aio
 from server.gateway.serve_threads import serve_threads
 from server.gateway.shadow import ShadowSender
@@ -141,7 +141,8 @@ def start_gateway(
     shadow = ShadowSender(metrics, cfg.shadow.max_in_flight, cfg.shadow.workers)
     forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, admin_token=token)
     report = HealthReport(table, health)
-    stops: list[Callable[[], None]] = [pool.close, shadow.close]
+    prober = ReadinessProber(health, lambda upstream: pool[upstream].unary("ServerReady"))
+    stops: list[Callable[[], None]] = [pool.close, shadow.close, prober.stop]
     try:
         stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port, report)
         stops.append(stop_grpc)

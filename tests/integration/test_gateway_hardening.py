@@ -324,3 +324,33 @@ def test_client_details_scrubs_addresses_and_paths() -> None:
     kept = "input 'images' has shape [1,3,32,32]; model 'digits-int8-ort' expects [-1,1,8,8]"
     assert client_details(kept) == kept
     assert len(client_details("x" * 5000)) == 500
+
+
+# ---- recovery: an ejected upstream is readmitted as soon as it is ready again -------------------
+@pytest.mark.slow
+def test_restarted_upstream_takes_traffic_within_about_a_second(stub: UpstreamServer) -> None:
+    from harness.gateway import digits_models as models
+
+    second = start_upstream(models())
+    port = second.port
+    routes = {"digits": {"variants": [variant("a", "digits", 50), variant("b", "digits", 50, upstream="up2")]}}
+    resilience = {"base_ejection_s": 20.0, "max_ejection_s": 60.0}  # without probing: 20 s out
+    with start({"up": stub.address, "up2": second.address}, routes, resilience=resilience) as gw, \
+            grpc.insecure_channel(gw.address) as ch:  # fmt: skip
+        second.stop(0)
+        deadline = time.monotonic() + 10
+        while not gw.health.is_ejected("up2") and time.monotonic() < deadline:
+            infer_ok(ch)  # retried on 'a' when 'b' fails: the client sees no error
+        assert gw.health.is_ejected("up2")
+        second = start_upstream(models(), port=port)
+        try:
+            restarted = time.monotonic()
+            while True:
+                _, call = ch.unary_unary(INFER).with_call(request_bytes("digits"), timeout=5)
+                if dict(call.trailing_metadata())["kiln-variant"] == "b":
+                    break
+                assert time.monotonic() - restarted < 5.0, "the restarted upstream got no traffic within 5 s"
+                time.sleep(0.01)
+            print(f"restarted upstream served again after {time.monotonic() - restarted:.2f} s")
+        finally:
+            second.stop(0)

@@ -99,3 +99,32 @@ def test_defaults_match_kiln_serve_and_weights_refuse_booleans() -> None:
     route = {"variants": [{"name": "a", "upstream": "u", "model": "m", "weight": True}]}
     with pytest.raises(InvalidInputError, match="valid number"):
         parse_config({"upstreams": {"u": {"address": "h:1"}}, "routes": {"r": route}})
+
+
+def test_prober_readmits_an_ejected_upstream_that_answers_ready() -> None:
+    from tritonclient.grpc import service_pb2
+
+    from server.gateway.resilience import OutlierDetector, ReadinessProber
+
+    detector = OutlierDetector(["a", "b"], base_ejection_s=30, max_ejection_s=60)
+    answers = {"a": service_pb2.ServerReadyResponse(ready=True).SerializeToString()}
+
+    def ready_call(upstream: str):  # type: ignore[no-untyped-def]
+        def call(request: bytes, timeout: float) -> bytes:
+            if upstream not in answers:
+                raise ConnectionRefusedError(upstream)
+            return answers[upstream]
+
+        return call
+
+    prober = ReadinessProber(detector, ready_call, interval_s=3600)  # driven by hand below
+    try:
+        detector.record_failure("a", "refused")
+        detector.record_failure("b", "refused")
+        assert detector.ejected_set() == {"a", "b"}
+        assert prober.probe("a") and not prober.probe("b")
+        assert detector.ejected_set() == {"b"}
+        answers["b"] = service_pb2.ServerReadyResponse(ready=False).SerializeToString()
+        assert not prober.probe("b") and detector.is_ejected("b")  # up but not ready: stays out
+    finally:
+        prober.stop()
