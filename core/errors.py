@@ -28,7 +28,7 @@ class ResourceExhaustedError(KilnError):
 
 
 class MissingDependencyError(KilnError):
-    """An optional dependency (TensorRT, pycuda, a GPU) is absent on this machine."""
+    """An optional dependency (TensorRT, Polygraphy, a GPU) is absent on this machine."""
 
 
 class RepositoryError(KilnError):

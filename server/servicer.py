@@ -16,9 +16,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from builders.repository import list_models
-from core.errors import InvalidInputError, KilnError, NotFoundError
+from core.errors import InvalidInputError, KilnError
 from server import __version__
 from server.codec import decode_inputs, encode_outputs
+from server.llm.stream import answer_decoupled
 from server.model_store import ModelState, ModelStore, ServedVersion
 from server.statistics import Duration, VersionStats
 from server.status import status_code
@@ -114,8 +115,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         errors as ``error_message``. Requests of one stream run concurrently, so they can be batched."""
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        generating: set[str] = set()  # ids of this stream's requests still producing tokens
 
         async def answer(request: pb.ModelInferRequest) -> None:
+            served = self._decoupled(request)
+            if served is not None:
+                await answer_decoupled(served, request, responses.put, generating)
+                return
             try:
                 await responses.put(pb.ModelStreamInferResponse(infer_response=await self._infer(request)))
             except KilnError as err:
@@ -142,8 +148,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in tasks:
                 task.cancel()
 
+    def _decoupled(self, request: pb.ModelInferRequest) -> ServedVersion | None:
+        """The version a request goes to when it is a decoupled decoder (errors are left to ``_infer``)."""
+        try:
+            served = self.store.get(request.model_name, request.model_version)
+        except KilnError:
+            return None
+        return served if served.decoder is not None else None
+
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         served = self.store.get(request.model_name, request.model_version)
+        if served.decoder is not None:
+            raise InvalidInputError(
+                f"model {served.name!r} is decoupled (one response per token); ModelInfer cannot answer it, "
+                "send the request on ModelStreamInfer (tritonclient: start_stream + async_stream_infer)"
+            )
         inputs = decode_inputs(request)
         requested = tuple(o.name for o in request.outputs)
         served.check(inputs, requested)
@@ -179,6 +198,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if record is not None and record.versions:
                 for version in sorted(record.versions):
                     response.models.add(name=entry.name, version=str(version), state=record.state.value)
+                for version, reason in sorted(record.failed.items()):
+                    if version not in record.versions:
+                        response.models.add(name=entry.name, version=str(version),
+                                            state=ModelState.UNAVAILABLE.value, reason=reason)
             elif not request.ready:
                 state = record.state.value if record is not None else ModelState.UNAVAILABLE.value
                 reason = record.reason if record is not None else "not loaded"
@@ -193,21 +216,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise InvalidInputError(
-                f"RepositoryModelLoad parameters {sorted(request.parameters)} are not supported by kiln serve; "
-                "edit config.pbtxt in the repository and load again"
-            )
-        if not self.store.has_model(request.model_name):
-            raise NotFoundError(f"model {request.model_name!r} is not in repository {str(self.store.root)!r}")
-        await self.store.load(request.model_name)
+        parameters = {k: v.string_param for k, v in request.parameters.items()}
+        await self.store.request_load(request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     @translate_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.store.unload(request.model_name)
+        await self.store.request_unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
