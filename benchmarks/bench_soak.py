@@ -7,7 +7,7 @@ change (50/50 <-> 70/30) through the admin API. Faults on a 30 s cycle: at +8 s 
 restarted 2 s later; at +20 s u1 is SIGSTOPped for 3 s, then SIGCONTed.
 
 A fault's window runs from the fault to 1 s after its upstream is ready again (restarted process
-answers ServerReady, or SIGCONT). Printed and written to ``benchmarks/results/soak.json``: requests,
+answers ServerReady, or SIGCONT). Printed and written to ``benchmarks/results/soak-<plane>.json``: requests,
 errors by code inside and outside fault windows, recovery time (upstream ready -> first request
 served by its variant again), and the gateway's RSS drift (last tenth of the run vs the 10 s after
 its latency windows, ``metrics.window_s`` = 15 s here, are full).
@@ -170,7 +170,7 @@ def admin_weights(port: int, a: float) -> None:
         answer.read()
 
 
-def run(minutes: float, clients: int) -> dict[str, Any]:
+def run(minutes: float, clients: int, data_plane: str = "python") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kiln-soak-") as tmp:
         work = Path(tmp)
         repo = work / "repo"
@@ -193,12 +193,13 @@ def run(minutes: float, clients: int) -> dict[str, Any]:
         (work / "gateway.yaml").write_text(yaml.safe_dump(config))
         gw_port, admin_port = free_port(), free_port()
         gateway = subprocess.Popen([KILN, "gateway", "--config", str(work / "gateway.yaml"), "--port", str(gw_port),
-                                    "--admin-port", str(admin_port)],
+                                    "--admin-port", str(admin_port), "--data-plane", data_plane],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             while not ready(gw_port):
                 time.sleep(0.05)
-            return soak(minutes, clients, ups, gateway.pid, gw_port, admin_port)
+            result = soak(minutes, clients, ups, gateway.pid, gw_port, admin_port)
+            return {"data_plane": data_plane, **result}
         finally:
             gateway.terminate()
             gateway.wait(20)
@@ -304,10 +305,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--data-plane", choices=("python", "envoy"), default="python",
+                        help="the gateway's data plane (RSS is the kiln process's; with envoy, Envoy's is not counted)")
     args = parser.parse_args()
-    result = run(args.minutes, args.clients)
+    result = run(args.minutes, args.clients, args.data_plane)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"soak-{args.data_plane}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"CPU ISA: {', '.join(result['cpu_isa']) or 'baseline x86-64'}")
     print(f"requests {result['requests']} ({result['streams']} streams), route changes {result['route_changes']}, "
