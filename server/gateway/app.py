@@ -23,7 +23,7 @@ from server.gateway.envoy.choice import choose_data_plane
 from server.gateway.envoy.plane import EnvoyOptions, EnvoyPlane
 from server.gateway.forward import Forwarder
 from server.gateway.guard import Admission, IdleReaper, QuietLog
-from server.gateway.health import HealthReport
+from server.gateway.health import HealthReport, ThreadHealth
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
 from server.gateway.resilience import OutlierDetector, ReadinessProber
 from server.gateway.serve_aio import serve_aio
@@ -164,8 +164,10 @@ def start_gateway(
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
-            streams = _stream_handlers(cfg, forwarder, pool, stops).model_stream_infer  # streams Envoy cannot rewrite
-            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port, streams)
+            python = _stream_handlers(cfg, forwarder, pool, stops)  # streams Envoy cannot rewrite, control RPCs
+            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port,
+                               python.model_stream_infer, [python.control_handler()],
+                               ThreadHealth(report, python.admission))  # fmt: skip
             stops.append(envoy.stop)
             bound = envoy.start()
         else:
