@@ -23,9 +23,9 @@ from server.gateway.envoy.choice import choose_data_plane
 from server.gateway.envoy.plane import EnvoyOptions, EnvoyPlane
 from server.gateway.forward import Forwarder
 from server.gateway.guard import Admission, IdleReaper, QuietLog
-from server.gateway.health import HealthReport
+from server.gateway.health import HealthReport, ThreadHealth
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
-from server.gateway.resilience import OutlierDetector
+from server.gateway.resilience import OutlierDetector, ReadinessProber
 from server.gateway.serve_aio import serve_aio
 from server.gateway.serve_threads import ThreadHandlers, serve_threads
 from server.gateway.shadow import ShadowSender
@@ -162,12 +162,15 @@ def start_gateway(
     streams = StreamMetrics(cfg.metrics.max_samples)
     forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, streams, admin_token=token)
     report = HealthReport(table, health)
-    stops: list[Callable[[], None]] = [pool.close, shadow.close]
+    prober = ReadinessProber(health, lambda upstream: pool[upstream].unary("ServerReady"))
+    stops: list[Callable[[], None]] = [pool.close, shadow.close, prober.stop]
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
-            stream_handler = _stream_handlers(cfg, forwarder, pool, stops).model_stream_infer  # Envoy cannot rewrite
-            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port, stream_handler)
+            python = _stream_handlers(cfg, forwarder, pool, stops)  # streams Envoy cannot rewrite, control RPCs
+            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port,
+                               python.model_stream_infer, [python.control_handler()],
+                               ThreadHealth(report, python.admission))  # fmt: skip
             stops.append(envoy.stop)
             bound = envoy.start()
         else:
