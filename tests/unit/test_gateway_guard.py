@@ -128,3 +128,18 @@ def test_prober_readmits_an_ejected_upstream_that_answers_ready() -> None:
         assert not prober.probe("b") and detector.is_ejected("b")  # up but not ready: stays out
     finally:
         prober.stop()
+
+
+def test_envoy_routes_health_and_control_rpcs_to_kiln_first() -> None:
+    from server.gateway.config import CONTROL_METHODS
+    from server.gateway.envoy.render import LOCAL_CLUSTER, PREFIX, render_route_config
+
+    route = {"variants": [{"name": "a", "upstream": "u", "model": "m", "weight": 100}]}
+    config = parse_config({"upstreams": {"u": {"address": "h:1"}}, "default_upstream": "u", "routes": {"d": route}})
+    entries = render_route_config(config, config.routes)["virtual_hosts"][0]["routes"]
+    names = [e["name"] for e in entries]
+    control = [e for e in entries if e["name"].startswith("control:")]
+    assert entries[0]["match"] == {"prefix": "/grpc.health.v1.Health/"}
+    assert {e["match"]["path"] for e in control} == {PREFIX + m for m in CONTROL_METHODS}
+    assert all(e["route"]["cluster"] == LOCAL_CLUSTER for e in [entries[0], *control])
+    assert max(names.index(e["name"]) for e in control) < names.index("default-upstream")  # before the catch-all
