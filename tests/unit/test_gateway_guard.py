@@ -143,3 +143,16 @@ def test_envoy_routes_health_and_control_rpcs_to_kiln_first() -> None:
     assert {e["match"]["path"] for e in control} == {PREFIX + m for m in CONTROL_METHODS}
     assert all(e["route"]["cluster"] == LOCAL_CLUSTER for e in [entries[0], *control])
     assert max(names.index(e["name"]) for e in control) < names.index("default-upstream")  # before the catch-all
+
+
+def test_admission_bounds_bytes_in_flight_but_always_admits_one() -> None:
+    gate = Admission(requests=10, streams=1, limit_bytes=100)
+    gate.enter(size=150)  # alone: admitted even above the budget
+    with pytest.raises(RpcAbort, match="150 bytes of requests in flight.*server.max_in_flight_bytes 100"):
+        gate.enter(size=1)
+    gate.leave(size=150)
+    gate.enter(size=60)
+    gate.enter(size=40)
+    with pytest.raises(RpcAbort):
+        gate.enter(size=1)
+    assert gate.bytes == 100
