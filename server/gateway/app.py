@@ -30,6 +30,7 @@ from server.gateway.serve_aio import serve_aio
 from server.gateway.serve_threads import ThreadHandlers, serve_threads
 from server.gateway.shadow import ShadowSender
 from server.gateway.state import StateStore
+from server.gateway.stream_metrics import StreamCollector, StreamMetrics
 from server.gateway.table import RouteTable
 from server.gateway.upstreams import UpstreamPool, channel_options, server_credentials
 
@@ -59,6 +60,7 @@ class GatewayHandle:
     data_plane: str = "python"  # "envoy" or "python": what carries the requests
     envoy: EnvoyPlane | None = None  # the Envoy data plane's controller, when data_plane == "envoy"
     data_plane_note: str = ""  # why this data plane (e.g. the reason "auto" fell back to python)
+    streams: StreamMetrics | None = None  # TTFT/ITL of streamed (token) requests, per variant
 
     @property
     def address(self) -> str:
@@ -157,7 +159,8 @@ def start_gateway(
     health = OutlierDetector(list(cfg.upstreams), res.failures_to_eject, res.base_ejection_s, res.max_ejection_s)
     pool = UpstreamPool(cfg.upstreams, cfg.server.max_message_bytes)  # sync: thread mode and shadows
     shadow = ShadowSender(metrics, cfg.shadow.max_in_flight, cfg.shadow.workers)
-    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, admin_token=token)
+    streams = StreamMetrics(cfg.metrics.max_samples)
+    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, streams, admin_token=token)
     report = HealthReport(table, health)
     prober = ReadinessProber(health, lambda upstream: pool[upstream].unary("ServerReady"))
     stops: list[Callable[[], None]] = [pool.close, shadow.close, prober.stop]
@@ -175,6 +178,7 @@ def start_gateway(
             stops.append(stop_grpc)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GatewayCollector(metrics))
+        registry.register(StreamCollector(streams))
         app = AdminApp(token)
         register_builtin(app, table, metrics, health, registry)
         admin = AdminServer(app, admin_host, admin_port, cfg.admin.tls)
@@ -184,7 +188,7 @@ def start_gateway(
             stop()
         raise
     handle = GatewayHandle(cfg, host, bound, admin_host, admin.port, table, metrics, health, app, registry,
-                           Path(state_path) if state_path else None, stops, plane, envoy, why)  # fmt: skip
+                           Path(state_path) if state_path else None, stops, plane, envoy, why, streams)  # fmt: skip
     for module in PLUGIN_MODULES if plugins is None else plugins:
         stop = importlib.import_module(module).attach(handle)
         if stop is not None:

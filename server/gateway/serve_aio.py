@@ -153,11 +153,14 @@ class AioHandlers:
         suffix = decision.body[len(first) :]
         loop = asyncio.get_running_loop()
         last = [loop.time()]
+        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
 
         async def upstream_requests() -> AsyncIterator[bytes]:
+            meter.sent(first)
             yield decision.body
             async for message in iterator:
                 last[0] = loop.time()
+                meter.sent(message)
                 yield message + suffix
 
         call: Any = self._pool[decision.upstream].stream("ModelStreamInfer")(
@@ -172,16 +175,23 @@ class AioHandlers:
             call.cancel()
 
         dog = asyncio.ensure_future(watchdog())
+        ended = "CANCELLED"
         try:
             async for response in call:
                 last[0] = loop.time()
+                meter.received(response)
                 yield response
-        except (asyncio.CancelledError, grpc.RpcError):
+            ended = "OK"
+        except (asyncio.CancelledError, grpc.RpcError) as err:
+            if isinstance(err, grpc.RpcError):
+                ended = err.code().name  # type: ignore[attr-defined]
             if expired.is_set():
+                ended = "DEADLINE_EXCEEDED"
                 raise self._idle() from None
             raise
         finally:
             dog.cancel()
+            meter.finish(ended)
         if expired.is_set():
             raise self._idle()
 

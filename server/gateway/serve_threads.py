@@ -142,19 +142,33 @@ class ThreadHandlers:
         if decision.live is not None:
             context.send_initial_metadata(self._core.response_metadata(decision))
         suffix = decision.body[len(first) :]
+        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
 
         def upstream_requests() -> Iterator[bytes]:
+            meter.sent(first)
             yield decision.body
             for message in requests:
                 watch.touch()
+                meter.sent(message)
                 yield message + suffix
 
         stub = self._pool[decision.upstream].stream("ModelStreamInfer")
-        call: Any = stub(upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded)
-        watch.upstream = call
-        for response in call:
-            watch.touch()
-            yield response
+        ended = "CANCELLED"
+        try:
+            call: Any = stub(
+                upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded
+            )
+            watch.upstream = call
+            for response in call:
+                watch.touch()
+                meter.received(response)
+                yield response
+            ended = "OK"
+        except grpc.RpcError as err:  # model_stream_infer answers it (scrubbed), or the reaper ended the stream
+            ended = err.code().name  # type: ignore[attr-defined]
+            raise
+        finally:
+            meter.finish(ended)
 
     def model_method(self, method: str) -> Unary:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
