@@ -5,7 +5,7 @@ token - sent), inter-token latency (ITL = (last token response - sent - TTFT) / 
 end-to-end latency (last response - sent) and output tokens/s (tokens / end-to-end); per load
 level: percentiles of each, output tokens/s over the level, and the client's own send lag (open
 loop: how late each send was against its Poisson schedule; closed loop: zero). Each request is
-its own gRPC stream, so the gateway's ``kiln-variant`` trailing metadata names its variant.
+its own gRPC stream, so the gateway's ``kiln-variant`` metadata names its variant.
 """
 
 from __future__ import annotations
@@ -259,7 +259,8 @@ async def one_stream(
                 last = now
             if response.infer_response.parameters[FINAL].bool_param:
                 break
-        variant = dict((await call.trailing_metadata()) or ()).get(VARIANT_KEY, "") if tokens else ""
+        variant = dict((await call.initial_metadata()) or ()).get(VARIANT_KEY, "")  # the gateway names it first
+        variant = variant or dict((await call.trailing_metadata()) or ()).get(VARIANT_KEY, "")
     except grpc.aio.AioRpcError as err:
         level.fail(err.code().name, err.details() or "")
         return

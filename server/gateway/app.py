@@ -23,13 +23,14 @@ from server.gateway.envoy.choice import choose_data_plane
 from server.gateway.envoy.plane import EnvoyOptions, EnvoyPlane
 from server.gateway.forward import Forwarder
 from server.gateway.guard import Admission, IdleReaper, QuietLog
-from server.gateway.health import HealthReport
+from server.gateway.health import HealthReport, ThreadHealth
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
-from server.gateway.resilience import OutlierDetector
+from server.gateway.resilience import OutlierDetector, ReadinessProber
 from server.gateway.serve_aio import serve_aio
 from server.gateway.serve_threads import ThreadHandlers, serve_threads
 from server.gateway.shadow import ShadowSender
 from server.gateway.state import StateStore
+from server.gateway.stream_metrics import StreamCollector, StreamMetrics
 from server.gateway.table import RouteTable
 from server.gateway.upstreams import UpstreamPool, channel_options, server_credentials
 
@@ -59,6 +60,7 @@ class GatewayHandle:
     data_plane: str = "python"  # "envoy" or "python": what carries the requests
     envoy: EnvoyPlane | None = None  # the Envoy data plane's controller, when data_plane == "envoy"
     data_plane_note: str = ""  # why this data plane (e.g. the reason "auto" fell back to python)
+    streams: StreamMetrics | None = None  # TTFT/ITL of streamed (token) requests, per variant
 
     @property
     def address(self) -> str:
@@ -162,15 +164,18 @@ def start_gateway(
     health = OutlierDetector(list(cfg.upstreams), res.failures_to_eject, res.base_ejection_s, res.max_ejection_s)
     pool = UpstreamPool(cfg.upstreams, cfg.server.max_message_bytes)  # sync: thread mode and shadows
     shadow = ShadowSender(metrics, cfg.shadow.max_in_flight, cfg.shadow.workers)
-    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, admin_token=token)
+    streams = StreamMetrics(cfg.metrics.max_samples)
+    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, streams, admin_token=token)
     report = HealthReport(table, health)
-    stops: list[Callable[[], None]] = [pool.close, shadow.close]
+    prober = ReadinessProber(health, lambda upstream: pool[upstream].unary("ServerReady"))
+    stops: list[Callable[[], None]] = [pool.close, shadow.close, prober.stop]
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
             python = _stream_handlers(cfg, forwarder, pool, stops)  # what Envoy hands back to Kiln
             options = EnvoyOptions(binary, envoy_workers, envoy_dir, envoy_admin)
-            envoy = EnvoyPlane(cfg, table, metrics, options, host, port, python, health)
+            envoy = EnvoyPlane(cfg, table, metrics, options, host, port, python, health,
+                               [python.control_handler()], ThreadHealth(report, python.admission))  # fmt: skip
             stops.append(envoy.stop)
             bound = envoy.start()
         else:
@@ -178,6 +183,7 @@ def start_gateway(
             stops.append(stop_grpc)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GatewayCollector(metrics))
+        registry.register(StreamCollector(streams))
         app = AdminApp(token)
         register_builtin(app, table, metrics, health, registry)
         admin = AdminServer(app, admin_host, admin_port, cfg.admin.tls)
@@ -187,7 +193,7 @@ def start_gateway(
             stop()
         raise
     handle = GatewayHandle(cfg, host, bound, admin_host, admin.port, table, metrics, health, app, registry,
-                           Path(state_path) if state_path else None, stops, plane, envoy, why)  # fmt: skip
+                           Path(state_path) if state_path else None, stops, plane, envoy, why, streams)  # fmt: skip
     for module in PLUGIN_MODULES if plugins is None else plugins:
         stop = importlib.import_module(module).attach(handle)
         if stop is not None:
@@ -204,7 +210,7 @@ def _stream_handlers(
     settings = cfg.server
     reaper = IdleReaper(settings.stream_idle_timeout_s)
     stops.append(reaper.stop)
-    admission = Admission(settings.threads, settings.max_streams)
+    admission = Admission(settings.threads, settings.max_streams, settings.max_in_flight_bytes)
     quiet = QuietLog(logging.getLogger("server.gateway.data_plane"))
     return ThreadHandlers(core, pool, cfg, admission, reaper, quiet)
 

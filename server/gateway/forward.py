@@ -38,6 +38,8 @@ from server.gateway.metrics import GatewayMetrics
 from server.gateway.resilience import OutlierDetector
 from server.gateway.routing import PIN_HEADER, choose_pinned, choose_sticky, choose_variant, choose_weighted
 from server.gateway.shadow import ShadowSender
+from server.gateway.stream_metrics import StreamMetrics
+from server.gateway.streams import StreamMeter, StreamTarget, TokenReplayer
 from server.gateway.table import LiveRoute, RouteTable
 from server.gateway.upstreams import UpstreamPool
 from server.gateway.wire import encode_string_field, name_version_suffix, read_model_name, read_name_version
@@ -86,6 +88,7 @@ class Forwarder:
         health: OutlierDetector,
         shadow: ShadowSender,
         shadow_pool: UpstreamPool,
+        streams: StreamMetrics | None = None,
         admin_token: str | None = None,
     ) -> None:
         self._config = config
@@ -94,6 +97,8 @@ class Forwarder:
         self._health = health
         self._shadow = shadow
         self._shadow_pool = shadow_pool
+        self.streams = streams if streams is not None else StreamMetrics(config.metrics.max_samples)
+        self._replayer = TokenReplayer(self.streams, shadow, shadow_pool)
         self._retry = config.resilience.retry_on_baseline
         self._random = random.random
         self._metadata: dict[tuple[str, str], Metadata] = {}
@@ -195,6 +200,11 @@ class Forwarder:
         if shadow is not None and shadow != decision.index and self._random() < live.shadow_fraction:
             self._send_shadow(live, shadow, request, response)
         return self.response_metadata(decision), live.response_suffix
+
+    def stream_meter(self, decision: Decision) -> StreamMeter:
+        """Times one ModelStreamInfer call's token responses (TTFT, ITL) and samples greedy replays."""
+        target = StreamTarget(decision.route, decision.variant, decision.live, decision.index)
+        return StreamMeter(target, self._metrics, self.streams, self._replayer, self._random)
 
     def failed(self, decision: Decision, code: grpc.StatusCode, details: str, sent: int) -> Decision | None:
         """Record a failure; on UNAVAILABLE eject the upstream and return a retry decision (once)."""

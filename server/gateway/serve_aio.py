@@ -62,8 +62,9 @@ class AioHandlers:
         admission, quiet = self._admission, self._quiet
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            size = len(request)
             try:
-                admission.enter()
+                admission.enter(size=size)
             except RpcAbort as err:
                 await _abort(context, err)
             try:
@@ -77,7 +78,7 @@ class AioHandlers:
                 await context.abort(grpc.StatusCode.INTERNAL, f"the gateway failed handling {method} "
                                     f"({type(err).__name__}); see the gateway log")  # fmt: skip
             finally:
-                admission.leave()
+                admission.leave(size=size)
             raise RuntimeError("unreachable")  # pragma: no cover
 
         return handle
@@ -152,11 +153,14 @@ class AioHandlers:
         suffix = decision.body[len(first) :]
         loop = asyncio.get_running_loop()
         last = [loop.time()]
+        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
 
         async def upstream_requests() -> AsyncIterator[bytes]:
+            meter.sent(first)
             yield decision.body
             async for message in iterator:
                 last[0] = loop.time()
+                meter.sent(message)
                 yield message + suffix
 
         call: Any = self._pool[decision.upstream].stream("ModelStreamInfer")(
@@ -171,16 +175,23 @@ class AioHandlers:
             call.cancel()
 
         dog = asyncio.ensure_future(watchdog())
+        ended = "CANCELLED"
         try:
             async for response in call:
                 last[0] = loop.time()
+                meter.received(response)
                 yield response
-        except (asyncio.CancelledError, grpc.RpcError):
+            ended = "OK"
+        except (asyncio.CancelledError, grpc.RpcError) as err:
+            if isinstance(err, grpc.RpcError):
+                ended = err.code().name  # type: ignore[attr-defined]
             if expired.is_set():
+                ended = "DEADLINE_EXCEEDED"
                 raise self._idle() from None
             raise
         finally:
             dog.cancel()
+            meter.finish(ended)
         if expired.is_set():
             raise self._idle()
 
@@ -258,7 +269,7 @@ def serve_aio(
 
     async def start() -> tuple[grpc.aio.Server, UpstreamPool, int]:
         pool = UpstreamPool(config.upstreams, config.server.max_message_bytes, aio=True)
-        admission = Admission(config.server.threads, config.server.max_streams)
+        admission = Admission(config.server.threads, config.server.max_streams, config.server.max_in_flight_bytes)
         handlers = AioHandlers(core, pool, config, admission, quiet)
         server = grpc.aio.server(handlers=[handlers.generic_handler()], options=options)
         health_pb2_grpc.add_HealthServicer_to_server(AioHealth(report), server)

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from server.gateway.config import GatewayConfig
+from server.gateway.config import CONTROL_METHODS, GatewayConfig
 from server.gateway.forward import (
     LOCAL_METHODS,
     MODEL_METHODS,
@@ -67,8 +67,9 @@ class ThreadHandlers:
         admission, quiet = self._admission, self._quiet
 
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            size = len(request)
             try:
-                admission.enter()
+                admission.enter(size=size)
             except RpcAbort as err:
                 _abort(context, err)
             try:
@@ -82,7 +83,7 @@ class ThreadHandlers:
                 context.abort(grpc.StatusCode.INTERNAL, f"the gateway failed handling {method} "
                               f"({type(err).__name__}); see the gateway log")  # fmt: skip
             finally:
-                admission.leave()
+                admission.leave(size=size)
             raise RuntimeError("unreachable")  # pragma: no cover
 
         return handle
@@ -141,19 +142,33 @@ class ThreadHandlers:
         if decision.live is not None:
             context.send_initial_metadata(self._core.response_metadata(decision))
         suffix = decision.body[len(first) :]
+        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
 
         def upstream_requests() -> Iterator[bytes]:
+            meter.sent(first)
             yield decision.body
             for message in requests:
                 watch.touch()
+                meter.sent(message)
                 yield message + suffix
 
         stub = self._pool[decision.upstream].stream("ModelStreamInfer")
-        call: Any = stub(upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded)
-        watch.upstream = call
-        for response in call:
-            watch.touch()
-            yield response
+        ended = "CANCELLED"
+        try:
+            call: Any = stub(
+                upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded
+            )
+            watch.upstream = call
+            for response in call:
+                watch.touch()
+                meter.received(response)
+                yield response
+            ended = "OK"
+        except grpc.RpcError as err:  # model_stream_infer answers it (scrubbed), or the reaper ended the stream
+            ended = err.code().name  # type: ignore[attr-defined]
+            raise
+        finally:
+            meter.finish(ended)
 
     def model_method(self, method: str) -> Unary:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -175,6 +190,15 @@ class ThreadHandlers:
             return self._pool[upstream].unary(method)(body, timeout=self._timeout(context))  # type: ignore[no-any-return]
         except grpc.RpcError as err:
             raise upstream_abort(err) from None
+
+    def control_handler(self) -> grpc.GenericRpcHandler:
+        """The control RPCs alone (refused unless enabled and authenticated), for the Envoy plane's local server."""
+        handlers = {m: grpc.unary_unary_rpc_method_handler(self.guarded(m, self.control(m))) for m in CONTROL_METHODS}
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    @property
+    def admission(self) -> Admission:
+        return self._admission
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -205,7 +229,7 @@ def serve_threads(
 ) -> tuple[Callable[[], None], int]:
     """Start the thread-pool server; returns (stop, bound port)."""
     settings = config.server
-    admission = Admission(settings.threads, settings.max_streams)
+    admission = Admission(settings.threads, settings.max_streams, settings.max_in_flight_bytes)
     reaper = IdleReaper(settings.stream_idle_timeout_s)
     workers = settings.threads + HEALTH_THREADS
     server = grpc.server(

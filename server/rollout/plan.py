@@ -17,6 +17,9 @@ Example (YAML)::
     sample_percent: 10          # share of baseline traffic also compared during steps
     min_comparisons: 20
     slos: {max_error_rate: 0.01, max_p99_ratio: 1.5, min_agreement: 0.98, max_p99_ms: null}
+    # token streams add: max_ttft_p99_ratio, max_itl_p99_ratio, max_ttft_p99_ms, max_itl_p99_ms
+    # (judged when both variants streamed in the window) and min_token_agreement (the shadow phase's
+    # greedy replays: share of sampled prompts whose tokens match the baseline's exactly)
     on_failure: rollback        # or pause (traffic back to baseline, a human decides)
     ready_timeout_s: 60         # a candidate version must be ready on every upstream within this
     retire_previous: false      # after promotion, stop serving the baseline's version ...
@@ -83,6 +86,12 @@ class Slos(_Frozen):
     max_p99_ratio: float = Field(default=1.5, gt=0)
     min_agreement: float = Field(default=0.98, ge=0, le=1)
     max_p99_ms: float | None = Field(default=None, gt=0)
+    # token streams (decoupled LLM models): time to first token and inter-token latency, p99
+    max_ttft_p99_ratio: float | None = Field(default=None, gt=0)
+    max_itl_p99_ratio: float | None = Field(default=None, gt=0)
+    max_ttft_p99_ms: float | None = Field(default=None, gt=0)
+    max_itl_p99_ms: float | None = Field(default=None, gt=0)
+    min_token_agreement: float | None = Field(default=None, ge=0, le=1)  # greedy exact-match rate, shadow phase
 
 
 class RolloutPlan(_Frozen):

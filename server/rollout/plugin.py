@@ -51,8 +51,8 @@ def rollout_state_dir(state_path: Path) -> Path:
 def attach(gateway: GatewayHandle) -> Callable[[], None]:
     store: Store = RolloutStore(rollout_state_dir(gateway.state_path)) if gateway.state_path else MemoryStore()
     versions = GrpcVersionControl(lambda: gateway.routes.upstreams)
-    controller = RolloutController(TableRouteControl(gateway.routes), LocalMetricsSource(gateway.metrics), store,
-                                   tick_s=TICK_S, versions=versions)
+    source = LocalMetricsSource(gateway.metrics, streams=gateway.streams)
+    controller = RolloutController(TableRouteControl(gateway.routes), source, store, tick_s=TICK_S, versions=versions)
     controller.recover_all()
     register_endpoints(gateway.admin, controller)
     controller.start_background()

@@ -116,16 +116,22 @@ def _handlers(comparator: Comparator, python: ThreadHandlers | None) -> list[grp
 
 
 def start_local_server(
-    comparator: Comparator, python: ThreadHandlers | None, threads: int
+    comparator: Comparator, python: ThreadHandlers | None, threads: int,
+    extra: Sequence[grpc.GenericRpcHandler] = (), health: Any = None,
 ) -> tuple[Callable[[], None], str]:
-    """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT"). An open stream holds a thread."""
+    """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT"). An open stream holds a thread.
+
+    ``extra``: more handlers (the Python plane's control RPCs, which Envoy routes here so the same
+    rules apply); ``health``: a ``grpc.health.v1`` servicer (Envoy routes the Health service here).
+    """  # fmt: skip
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiln-envoy-local"),
-        handlers=_handlers(comparator, python),
+        ThreadPoolExecutor(max_workers=threads + 8, thread_name_prefix="kiln-envoy-local"),
+        handlers=[*_handlers(comparator, python), *extra],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 * 2**20)],
     )
-    health = HealthServicer()  # grpc.health.v1 for the data-plane port (Kubernetes gRPC probes)
-    health.set("", health_pb2.HealthCheckResponse.SERVING)
+    if health is None:  # grpc.health.v1 for the data-plane port (Kubernetes gRPC probes)
+        health = HealthServicer()
+        health.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:

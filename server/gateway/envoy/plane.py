@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,10 +119,15 @@ class EnvoyPlane:
     def __init__(
         self, config: GatewayConfig, table: RouteTable, metrics: EnvoyMetrics, options: EnvoyOptions,
         host: str, port: int, python: ThreadHandlers | None = None, health: OutlierDetector | None = None,
+        local_handlers: Sequence[grpc.GenericRpcHandler] = (), health_servicer: Any = None,
     ) -> None:  # fmt: skip
-        """``python``: the Python data plane's handlers, for what Envoy hands to Kiln's local server."""
+        """``python``: the Python data plane's handlers, for what Envoy hands to Kiln's local server;
+        ``health``: upstream ejections; ``local_handlers``/``health_servicer``: served by Kiln's local
+        server, which Envoy routes control RPCs and ``grpc.health.v1`` to."""
         self._config = config
         self._python = python
+        self._local_handlers = tuple(local_handlers)
+        self._health_servicer = health_servicer
         self._table = table
         self._metrics = metrics
         self._options = options
@@ -171,7 +176,9 @@ class EnvoyPlane:
             self.layout.descriptor_path.write_bytes(descriptor_set())
             comparator = Comparator(self._table, self._pool, self._shadow, self._metrics,
                                     self._config.shadow.max_in_flight)  # fmt: skip
-            stop_local, self._local_address = start_local_server(comparator, self._python, self._config.server.threads)
+            stop_local, self._local_address = start_local_server(
+                comparator, self._python, self._config.server.threads, self._local_handlers, self._health_servicer
+            )
             self._stops.append(stop_local)
             routes = self._routes()
             self._refuse_if_invalid(routes, changed=sorted(routes))
