@@ -315,7 +315,8 @@ def summarize(runs: Sequence[Run], slo: Slo, settings: SearchSettings, outcome: 
         if not levels:
             return CapacityResult(outcome=outcome, capacity=None, limited_by="server",
                                   message=f"the search stopped before any level was measured ({outcome})", **common)
-        lowest = min(levels, key=lambda r: r.load)
+        floor = min(r.load for r in levels)  # its failing run: it may also have passed once before a repeat failed
+        lowest = next(r for r in levels if r.load == floor and not r.judgement.meets)
         every_error = all(r.judgement.error_rate >= 1.0 for r in levels)
         why = lowest.judgement.reason
         examples = "; ".join(f"{c}: {m}" for c, m in lowest.point.error_examples.items())

@@ -83,6 +83,22 @@ def test_an_slo_no_level_meets_reports_the_lowest_level() -> None:
     assert "had p99 4.85 ms" in result.message  # ln(100) / 950 s
 
 
+def test_the_lowest_level_is_reported_by_its_failing_run() -> None:
+    """The lowest level passed, then failed its confirmation: the message shows the failure."""
+    calls: list[float] = []
+
+    def measure(step: Step) -> LoadPoint:
+        assert step.load is not None
+        calls.append(step.load)
+        slow = step.load > 10 or calls.count(10.0) > 1
+        return mm1_point(step.load, step.duration_s, 10.5 if slow else 1000.0)
+
+    result = find_capacity(measure, SLO, SearchSettings(start=10, probe_concurrency=0, repeats=1))
+    assert result.outcome == "none" and [r.load for r in result.runs][-1] == 10
+    assert "the lowest level, 10 requests/s, had p99 9210.34 ms" in result.message  # ln(100) / 0.5 s
+    assert "p99 9210.34 ms > 50 ms" in result.message
+
+
 def test_an_endpoint_failing_every_request() -> None:
     def failing(step: Step) -> LoadPoint:
         assert step.load is not None
