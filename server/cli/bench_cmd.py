@@ -17,6 +17,7 @@ from server.bench.loadgen import BenchConfig, run_bench
 from server.bench.plot import plot_result
 from server.bench.stats import PERCENTILES, BenchResult
 from server.cli import bench_capacity
+from server.cli.bench_stream import add_stream_arguments, run_stream, stream_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--csv", type=Path, default=None, help="write one CSV row per load level")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of latency percentiles vs load")
     bench_capacity.add_arguments(parser)
+    add_stream_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -108,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_capacity.run_capacity(args, config, console)
     if args.record:
         raise InvalidInputError("--record stores a capacity: add --find-capacity --slo-p99-ms X")
+    if args.stream:
+        return run_stream(args, stream_config(args, config.concurrency if not config.rates else (1,), config.rates))
     levels = config.rates or config.concurrency
     with Progress(
         TextColumn("[bold]bench[/] {task.description}"),

@@ -1,4 +1,4 @@
-"""``kiln repo list|show|verify [--repo DIR]``."""
+"""``kiln repo list|show|verify [--repo DIR]`` and ``kiln repo policy NAME [--keep-versions N|all|specific:1,2]``."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from rich.table import Table
 from builders.repository import (
     VersionInfo,
     check_model_name,
+    clean_leftovers,
+    find_repository_leftovers,
     list_models,
     read_model,
     repository_root,
     verify_repository,
 )
+from builders.version_policy import change_policy, read_policy
 from core.errors import RepositoryError
 
 
@@ -36,7 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
         if verb == "show":
             p.add_argument("model", help="model name, e.g. digits-fp32-ort")
+        if verb == "verify":
+            p.add_argument(
+                "--clean", action="store_true", help="remove stages left by killed publishes (never ones in flight)"
+            )
         p.set_defaults(func={"list": run_list, "show": run_show, "verify": run_verify}[verb])
+    policy = verbs.add_parser("policy", help="show or change which versions of a model stay servable")
+    policy.add_argument("model", help="model name, e.g. digits-int8-ort")
+    policy.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository directory")
+    policy.add_argument(
+        "--keep-versions",
+        help="N latest versions (e.g. 2), 'all', or 'specific:1,2'; rewrites config.pbtxt atomically "
+        "(omit to show the current policy)",
+    )
+    policy.add_argument("--json", action="store_true", help="print JSON")
+    policy.set_defaults(func=run_policy)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -104,8 +121,13 @@ def print_capacity(versions: Sequence[VersionInfo]) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     problems = verify_repository(args.repo)
+    leftovers = clean_leftovers(args.repo) if args.clean else find_repository_leftovers(args.repo)
+    notes = [f"{leftover.describe()}; {'removed' if args.clean else 'remove with --clean'}" for leftover in leftovers]
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+        print(json.dumps({"ok": not problems, "problems": problems, "leftovers": notes}, indent=2))
+    elif notes:
+        for note in notes:
+            print(f"NOTE {note}")
     if problems:
         if not args.json:
             for p in problems:
@@ -113,4 +135,20 @@ def run_verify(args: argparse.Namespace) -> int:
         raise RepositoryError(f"repository {str(args.repo)!r} failed verification with {len(problems)} problem(s)")
     if not args.json:
         print(f"OK {args.repo}: every config parses, every checksum and artifact matches")
+    return 0
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    if args.keep_versions is None:
+        change = read_policy(args.repo, args.model)
+    else:
+        change = change_policy(args.repo, args.model, args.keep_versions)
+    if args.json:
+        print(json.dumps({"model": change.model, "old": change.old, "policy": change.new,
+                          "versions": list(change.versions), "served": list(change.served)}, indent=2))
+        return 0
+    what = f"{change.old} -> {change.new}" if args.keep_versions is not None else change.new
+    print(f"{change.model}: version policy {what}; serves versions {list(change.served)} of {list(change.versions)}")
+    if args.keep_versions is not None:
+        print("servers in poll mode pick this up on their next scan; explicit mode: load the model again")
     return 0
