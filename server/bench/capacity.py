@@ -332,6 +332,8 @@ def summarize(runs: Sequence[Run], slo: Slo, settings: SearchSettings, outcome: 
             message += "; check the URL, the model name and the server's log"
         else:
             message += "; relax the SLO or lower --start"
+        if outcome == "budget":
+            message += f" (the search stopped after {settings.max_levels} levels, --max-levels)"
         return CapacityResult(outcome="none", capacity=None, limited_by="client" if client else "server",
                               message=message, **common)
     at = [r for r in levels if r.load == lo]
@@ -375,9 +377,12 @@ def _bracket(runs: Sequence[Run]) -> tuple[float | None, float | None, float]:
 
 def _saturated(run: Run) -> bool:
     """An open-loop level that failed on latency while completing clearly less than it was offered:
-    its throughput is the endpoint's ceiling, and no rate above it can meet any latency SLO."""
+    its throughput is the endpoint's ceiling, and no rate above it can meet any latency SLO (a level
+    stopped early after a few dozen answers says too little about its throughput to count)."""
     point = run.point
-    return point.mode == "rate" and run.judgement.cause == "latency" and point.throughput_rps < 0.95 * point.load
+    if point.mode != "rate" or run.judgement.cause != "latency" or point.ok < 50:
+        return False
+    return point.throughput_rps < 0.95 * point.load
 
 
 def _close(lo: float, hi: float, settings: SearchSettings) -> bool:
