@@ -160,7 +160,7 @@ class CapacityResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("found", "above-max") and self.capacity is not None
+        return self.outcome in ("found", "above-max", "budget") and self.capacity is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -340,7 +340,11 @@ def summarize(runs: Sequence[Run], slo: Slo, settings: SearchSettings, outcome: 
     p99s = tuple(r.judgement.p99_ms for r in at)
     throughput = sum(r.point.throughput_rps for r in at) / len(at)
     figures = f"p99 {', '.join(f'{p:.2f}' for p in p99s)} ms over {len(at)} run(s), {throughput:.1f} ok/s"
-    if hi is None:
+    if hi is None and outcome == "budget":
+        limited, result_outcome = "max-levels", "budget"
+        message = (f"met the SLO ({slo.describe()}) at every level up to {lo:g} {unit} ({figures}), then ran out of "
+                   f"--max-levels ({settings.max_levels}): the capacity is at least that")
+    elif hi is None:
         limited, result_outcome = "max-load", "above-max"
         message = (f"met the SLO ({slo.describe()}) at every level up to --max-load {lo:g} {unit} ({figures}); "
                    "the capacity is at least that: raise --max-load to find the knee")

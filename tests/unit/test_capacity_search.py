@@ -177,6 +177,15 @@ def test_search_stops_at_max_load_and_says_capacity_is_at_least_that() -> None:
     assert "raise --max-load" in result.message
 
 
+def test_running_out_of_levels_gives_a_lower_bound_or_says_so() -> None:
+    short = SearchSettings(start=10, probe_concurrency=0, max_levels=2)
+    bound = find_capacity(lambda step: mm1(step, 1000.0), SLO, short)
+    assert bound.outcome == "budget" and bound.capacity == 40 and bound.limited_by == "max-levels"
+    assert "ran out of --max-levels (2): the capacity is at least that" in bound.message
+    nothing = find_capacity(lambda step: mm1(step, 5.0), SLO, SearchSettings(start=10, max_levels=1))
+    assert nothing.outcome == "none" and "stopped after 1 levels, --max-levels" in nothing.message
+
+
 def test_level_duration_collects_enough_samples_within_bounds() -> None:
     settings = SearchSettings(min_samples=2000, min_duration_s=2, max_duration_s=15)
     assert level_duration(100, [], settings) == 15  # 20 s needed, capped
