@@ -446,9 +446,19 @@ def _candidate(levels: list[Run], lo: float, hi: float, upper: float, slo: Slo, 
     if one_sided or not (math.isfinite(y_lo) and y_lo > y_slo > y_hi and x_hi > lo):
         return _midpoint(lo, hi, settings)
     guess = lo + (x_hi - lo) * (y_lo - y_slo) / (y_lo - y_hi)
-    low_end, high_end = lo * (1 + settings.precision), hi / (1 + settings.precision)
-    chosen = _round(min(max(guess, low_end), max(low_end, high_end)), settings)
+    grow = 1 + settings.precision
+    # the two levels that close the bracket at once: a failure at low_end, or a pass at high_end
+    low_end, high_end = _round_to(lo * grow, down=True), _round_to(hi / grow, down=False)
+    if guess >= high_end / grow:  # the knee is predicted within precision of hi: try to close from below
+        guess = high_end
+    chosen = min(max(guess, low_end), max(low_end, high_end))
     return chosen if lo < chosen < hi else _midpoint(lo, hi, settings)
+
+
+def _round_to(rate: float, *, down: bool) -> float:
+    """Three significant digits, rounded toward ``down`` (so a bracket closes as intended)."""
+    step = 10 ** (math.floor(math.log10(rate)) - 2)
+    return float(f"{(math.floor if down else math.ceil)(round(rate / step, 6)) * step:.6g}")
 
 
 def _ms(value: float) -> str:
