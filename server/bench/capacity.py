@@ -451,7 +451,7 @@ def _candidate(levels: list[Run], lo: float, hi: float, upper: float, slo: Slo, 
     low_end, high_end = _round_to(lo * grow, down=True), _round_to(hi / grow, down=False)
     if guess >= high_end / grow:  # the knee is predicted within precision of hi: try to close from below
         guess = high_end
-    chosen = min(max(guess, low_end), max(low_end, high_end))
+    chosen = min(max(_round(guess, settings), low_end), max(low_end, high_end))
     return chosen if lo < chosen < hi else _midpoint(lo, hi, settings)
 
 

@@ -241,6 +241,7 @@ def test_bisection_interpolates_toward_the_knee() -> None:
     knee = true_knee(1000.0, SLO.p99_ms)
     assert step.phase == "bisect" and step.load is not None
     assert abs(step.load - knee) <= 0.05 * knee
+    assert step.load == float(f"{step.load:.3g}")  # levels keep three significant digits
 
 
 def test_first_step_and_fast_growth_while_far_below_the_slo() -> None:
