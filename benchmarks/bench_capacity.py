@@ -305,6 +305,13 @@ def report(
         print(f"search {index}: {result.capacity}/s ({result.limited_by}'s limit) vs true knee {knee:g}/s: "
               f"{error * 100:.1f} % off; {seconds:.1f} s = {share:.2f} of the sweep's {swept['seconds']:.1f} s "
               f"({len(result.runs)} levels vs {len(swept['points'])})")
+    if args.server == "sim":  # the noise-free knee is known too
+        analytic = 200 - math.log(100) / (slo.p99_ms / 1e3)
+        for row in rows:
+            row["error_vs_analytic_knee"] = abs((row["capacity"] or 0) - analytic) / analytic
+        print(f"analytic knee {analytic:.1f}/s: searches "
+              + ", ".join(f"{r['error_vs_analytic_knee'] * 100:.1f} %" for r in rows) + " off; sweep "
+              f"{abs(knee - analytic) / analytic * 100:.1f} % off")
     met = all(r["within_10pct"] and r["under_a_third"] for r in rows)
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.1f} (1 min), {load_after[1]:.1f} (5 min)")
