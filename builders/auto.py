@@ -28,7 +28,7 @@ from builders.validate import (
     choose_fastest,
     compare,
     latency_batches,
-    make_session,
+    make_runner,
     measure_latency,
     predict,
     validate,
@@ -88,16 +88,23 @@ def layer_sensitivity(
 ) -> dict[str, float]:
     """Output MSE vs FP32 with only one layer quantized, per compute layer (higher = more sensitive)."""
     all_nodes = [n.name for n in prepare_model(model).model.graph.node]
-    reference, _ = predict(make_session(request.model), data, 256)
+    reference = _predictions(request.model, data)
     scores: dict[str, float] = {}
     for layer in compute_layers(model):
         others = [n for n in all_nodes if n != layer]
         prepared = prepare_onnx(request, model, "int8", workdir, calibration=calibration, exclude_nodes=others)
-        outputs, _ = predict(make_session(prepared.path), data, 256)
-        scores[layer] = compare(reference, outputs, [])["mse"]
+        scores[layer] = compare(reference, _predictions(prepared.path, data), [])["mse"]
         prepared.path.unlink()
     logger.info("layer sensitivity: %s", scores)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
+def _predictions(model: Path, data: Dataset) -> list[np.ndarray]:
+    runner = make_runner(model, threads=0)  # accuracy only: every core
+    try:
+        return predict(runner, data, 256)[0]
+    finally:
+        runner.close()
 
 
 def search_precision(
@@ -152,10 +159,14 @@ def search_precision(
 def time_together(
     request: BuildRequest, candidates: list[Candidate], data: Dataset, opts: Int8Options, batch: int
 ) -> list[Candidate]:
-    """Latency of every candidate and the reference in one interleaved measurement."""
-    sessions = {"reference": make_session(request.model)}
-    sessions.update({c.label: make_session(c.prepared.path) for c in candidates})
-    timings = measure_latency(sessions, latency_batches(data, batch), opts.repeats)
+    """Latency of every candidate and the reference in one interleaved measurement (serving's threads)."""
+    runners = {"reference": make_runner(request.model)}
+    try:
+        runners.update({c.label: make_runner(c.prepared.path) for c in candidates})
+        timings = measure_latency(runners, latency_batches(data, batch), opts.repeats)
+    finally:
+        for runner in runners.values():
+            runner.close()
     timed = []
     for c in candidates:
         latency = {size: with_speedup(row["reference"], row[c.label]) for size, row in timings.items()}

@@ -99,7 +99,8 @@ def token_agreement(
     reference: Path, candidate: Path, prompts: list[list[int]], *, tokens: int, context: int, stop_ids: tuple[int, ...]
 ) -> dict[str, Any]:
     """Greedy replays on both models: exact-match rate and first divergence position per prompt."""
-    ref_runner, cand_runner = OrtRunner(reference, model="reference"), OrtRunner(candidate, model="candidate")
+    ref_runner = OrtRunner(reference, intra_op_threads=0, model="reference")  # accuracy only: every core
+    cand_runner = OrtRunner(candidate, intra_op_threads=0, model="candidate")
     layout_ref, layout_cand = read_layout(reference), read_layout(candidate)
     divergences: list[int | None] = []
     try:

@@ -18,12 +18,13 @@ from builders.decoder_build import build_decoder, is_decoder
 from builders.hardware import check_build
 from builders.inspection import ModelInfo, describe_model, load_model, max_batch_size
 from builders.int8_build import build_quantized
-from builders.model_config import ARTIFACTS
+from builders.model_config import ARTIFACTS, parse_keep_versions
 from builders.publish import publish_artifact
 from builders.repository import check_model_name
 from builders.request import MAX_INSTANCES, PRECISIONS, TARGETS, BuildRequest, BuildResult, DecoderOptions
 from builders.tensorrt_build import build_tensorrt
 from builders.tensorrt_plan import parse_shapes
+from builders.version_policy import decide_policy
 from core.errors import InvalidInputError
 from runtime.machine import probe_machine
 
@@ -40,6 +41,8 @@ def check_request(request: BuildRequest) -> None:
     check_model_name(request.triton_name)
     if request.instances < 1:
         raise InvalidInputError(f"--instances must be >= 1, got {request.instances}")
+    if request.keep_versions is not None:
+        parse_keep_versions(request.keep_versions)
     if request.instances > MAX_INSTANCES:
         raise InvalidInputError(
             f"--instances {request.instances} is over {MAX_INSTANCES}; each instance is a full copy of the model "
@@ -59,6 +62,7 @@ def build_model(request: BuildRequest) -> BuildResult:
     check_request(request)
     machine = probe_machine(accelerators=request.target == "tensorrt")
     hardware_warnings = check_build(machine, request.target, request.precision)  # refuse before any work
+    hardware_warnings += decide_policy(request.repo, request.triton_name, request.keep_versions).warnings
     model = load_model(request.model)
     info = describe_model(model, request.model)
     if request.decoder is not None or is_decoder(model):

@@ -9,6 +9,7 @@ version visible and never touches existing ones. config.pbtxt is replaced with `
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -26,6 +27,7 @@ from builders.manifest import MANIFEST_NAME, build_manifest, file_checksums
 from builders.model_config import ServingOptions, config_tensors, config_text, parse_config, render_config
 from builders.repository import CONFIG_NAME, Published, check_model_name, list_versions, repository_root
 from builders.request import BuildRequest
+from builders.version_policy import decide_policy
 from core.atomic_file import write_atomic
 from core.errors import ConflictError, KilnError, RepositoryError
 
@@ -190,6 +192,8 @@ def publish_artifact(
         instances=request.instances,
         kind="KIND_GPU" if request.target == "tensorrt" else "KIND_CPU",
     )
+    policy = decide_policy(request.repo, request.triton_name, request.keep_versions)  # keeps an existing one
+    serving = dataclasses.replace(serving, version_policy=policy.policy)
     config = render_config(request.triton_name, request.target, info.inputs, info.outputs, serving)
     manifest = build_manifest(
         model_name=request.triton_name,
@@ -203,6 +207,7 @@ def publish_artifact(
         calibration=calibration,
         validation=validation,
         tools=tools,
+        replaces=policy.replaces,
     )
     files = {artifact.name: artifact, **(extra_files or {})}
     return publish_version(request.repo, request.triton_name, files, config, manifest)

@@ -129,6 +129,7 @@ class BuildRequest:
     instances: int = 1
     int8: Int8Options = field(default_factory=Int8Options)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    keep_versions: str | None = None  # --keep-versions for a new model (None: 2, or an existing model's own)
     decoder: DecoderOptions | None = None  # a decoder with KV cache, served token by token
 
     @property

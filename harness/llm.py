@@ -46,6 +46,7 @@ def build_llm_repository(root: Path, instances: int = 4) -> Path:
 class _PrefillDelayed:
     def __init__(self, inner: Runner, delay_s: float) -> None:
         self._inner, self._delay_s = inner, delay_s
+        self.output_names = inner.output_names
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if inputs["input_ids"].shape[-1] > 1:  # the prompt step: it makes the first token

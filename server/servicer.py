@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from builders.repository import list_models
-from core.errors import InvalidInputError, KilnError, NotFoundError
+from core.errors import InvalidInputError, KilnError
 from server import __version__
 from server.codec import decode_inputs, encode_outputs
 from server.llm.stream import answer_decoupled
@@ -198,6 +198,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if record is not None and record.versions:
                 for version in sorted(record.versions):
                     response.models.add(name=entry.name, version=str(version), state=record.state.value)
+                for version, reason in sorted(record.failed.items()):
+                    if version not in record.versions:
+                        response.models.add(name=entry.name, version=str(version),
+                                            state=ModelState.UNAVAILABLE.value, reason=reason)
             elif not request.ready:
                 state = record.state.value if record is not None else ModelState.UNAVAILABLE.value
                 reason = record.reason if record is not None else "not loaded"
@@ -212,21 +216,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise InvalidInputError(
-                f"RepositoryModelLoad parameters {sorted(request.parameters)} are not supported by kiln serve; "
-                "edit config.pbtxt in the repository and load again"
-            )
-        if not self.store.has_model(request.model_name):
-            raise NotFoundError(f"model {request.model_name!r} is not in repository {str(self.store.root)!r}")
-        await self.store.load(request.model_name)
+        parameters = {k: v.string_param for k, v in request.parameters.items()}
+        await self.store.request_load(request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     @translate_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.store.unload(request.model_name)
+        await self.store.request_unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -26,6 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-batch", type=int, default=None, help="Triton max_batch_size (default 32)")
     parser.add_argument("--instances", type=int, default=1, help="instance_group count")
+    parser.add_argument(
+        "--keep-versions",
+        default=None,
+        help="versions that stay servable, for a new model: N latest (default 2, so a rollout can canary the "
+        "new one against the one before), 'all', or 'specific:1,2'; an existing model keeps its policy "
+        "(change it with 'kiln repo policy')",
+    )
     add_int8_arguments(parser)
     add_tensorrt_arguments(parser)
     add_decoder_arguments(parser)
@@ -43,6 +50,7 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
         instances=args.instances,
         int8=int8_options(args),
         tensorrt=tensorrt_options(args),
+        keep_versions=args.keep_versions,
         decoder=decoder_options(args),
     )
 

@@ -53,7 +53,7 @@ def plan(model: str, *, ttft_ratio: float = 10.0, min_requests: int = 16, compar
         "steps": [50], "interval_s": 1.5, "min_requests": min_requests, "max_wait_s": 40, "sample_percent": 0,
         "shadow": {"duration_s": 0.5, "percent": 50, "min_comparisons": comparisons},
         "slos": {"max_error_rate": 0.05, "max_p99_ratio": 10.0, "max_ttft_p99_ratio": ttft_ratio,
-                 "max_itl_p99_ratio": 10.0, "min_token_agreement": 0.95},
+                 "min_token_agreement": 0.95},  # no ITL ratio: sub-ms tiny-model ITL p99s are scheduling noise
     })  # fmt: skip
 
 

@@ -32,6 +32,7 @@ class SlowRunner:
 
     def __init__(self, inner: Runner) -> None:
         self.inner = inner
+        self.output_names = inner.output_names
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         time.sleep(0.02)
@@ -101,7 +102,7 @@ def _tokens(n: int) -> tuple[str, np.ndarray]:
 
 
 def test_one_response_per_token_matching_in_process_greedy_decoding(server: ServerHandle) -> None:
-    runner = OrtRunner(tiny_decoder_path())
+    runner = OrtRunner(tiny_decoder_path(), intra_op_threads=1)
     expected = generate(
         runner.run, read_layout(tiny_decoder_path()), list(b"Hello"), max_new_tokens=12, max_context=256
     )

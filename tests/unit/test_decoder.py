@@ -19,7 +19,7 @@ from runtime.tokenizer import ByteTokenizer, TextStream, load_tokenizer
 
 @pytest.fixture(scope="module")
 def runner() -> OrtRunner:
-    return OrtRunner(tiny_decoder_path(), model="tiny")
+    return OrtRunner(tiny_decoder_path(), intra_op_threads=1, model="tiny")
 
 
 def test_layout_is_read_from_the_graph() -> None:
