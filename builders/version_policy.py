@@ -25,6 +25,7 @@ from builders.model_config import (
     set_version_policy,
 )
 from builders.repository import CONFIG_NAME, check_model_name, list_versions, repository_root
+from builders.staging import repository_lock
 from core.atomic_file import write_atomic
 from core.errors import ConflictError, KilnError, NotFoundError, RepositoryError
 
@@ -98,8 +99,14 @@ def read_policy(repo: Path | str, name: str) -> PolicyChange:
 
 
 def change_policy(repo: Path | str, name: str, keep_versions: str) -> PolicyChange:
-    """Rewrite ``config.pbtxt`` of ``name`` with a new policy, atomically; nothing else in it changes."""
+    """Rewrite ``config.pbtxt`` of ``name`` with a new policy, atomically; nothing else in it changes.
+    Under the repository's commit lock, so a publish running meanwhile cannot undo the change."""
     policy = parse_keep_versions(keep_versions)
+    with repository_lock(repository_root(repo)):
+        return _write_policy(repo, name, keep_versions, policy)
+
+
+def _write_policy(repo: Path | str, name: str, keep_versions: str, policy: str) -> PolicyChange:
     model_dir, config, versions = _model(repo, name)
     if policy.startswith("specific:"):
         missing = [v for v in (int(x) for x in policy.removeprefix("specific:").split(",")) if v not in versions]

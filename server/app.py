@@ -19,14 +19,13 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from builders.repository import list_models
 from core.errors import InvalidInputError, KilnError, NotFoundError, UnavailableError
 from runtime.runner import RunnerFactory, create_runner
 from server.model_store import CONTROL_MODES, ModelStore, StoreOptions
 from server.repository_watch import RepositoryPoller
-from server.servicer import InferenceServicer
+from server.servicer import InferenceServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +71,7 @@ class _Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.store, is_ready=lambda: self.ready), self.grpc
-        )
+        add_to_server(InferenceServicer(self.store, is_ready=lambda: self.ready), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.port = 0
 

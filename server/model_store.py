@@ -32,7 +32,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from builders.inspection import graph_inputs, value_spec
 from builders.model_config import complete_io, config_tensors
-from builders.repository import ModelEntry, check_model_name, read_model, repository_root, verify_version
+from builders.repository import (
+    ModelEntry,
+    check_model_name,
+    is_version_number,
+    read_model,
+    repository_root,
+    verify_version,
+)
 from core.errors import ConflictError, InvalidInputError, KilnError, NotFoundError, RepositoryError, UnavailableError
 from runtime.layout import DEFAULT_FILENAMES
 from runtime.runner import DEFAULT_INTRA_OP_THREADS, Runner, RunnerFactory, RunnerSpec, create_runner
@@ -167,11 +174,18 @@ class ModelStore:
         return self._records.get(name)
 
     def get(self, name: str, version: str = "") -> ServedVersion:
-        """The version that serves a request; NOT_FOUND and UNAVAILABLE say why not."""
+        """The version that serves a request; NOT_FOUND and UNAVAILABLE say why not, INVALID_ARGUMENT
+        a version that is not a version number (only ASCII digits are: not ' 1', a full-width '1', '0_1' or '+1')."""
+        if version and not is_version_number(version):
+            shown = version if len(version) <= 40 else version[:37] + "..."
+            raise InvalidInputError(
+                f"model version {shown!r} is not a version number; send ASCII decimal digits such as '1' "
+                "(no sign, space, '_' or leading zero), or an empty version for the latest"
+            )
         record = self._records.get(name)
         if record is None or (record.state is ModelState.UNAVAILABLE and not record.versions):
             if record is None and not self.has_model(name):
-                raise NotFoundError(f"model {name!r} is not in repository {str(self.root)!r}; see RepositoryIndex")
+                raise NotFoundError(f"model {name!r} is not in the repository; see RepositoryIndex")
             reason = f" ({record.reason})" if record is not None and record.reason else ""
             raise UnavailableError(f"model {name!r} is not loaded{reason}; load it with RepositoryModelLoad")
         if record.state is ModelState.LOADING and not record.versions:
@@ -180,16 +194,16 @@ class ModelStore:
             raise UnavailableError(f"model {name!r} is unloading; load it again with RepositoryModelLoad")
         if not version:
             return record.versions[max(record.versions)]
-        try:
-            return record.versions[int(version)]
-        except (ValueError, KeyError) as err:
-            failed = record.failed.get(int(version)) if version.isdigit() else None
+        served = record.versions.get(int(version))
+        if served is None:
+            failed = record.failed.get(int(version))
             why = f"; it failed to load: {failed}" if failed else ""
             raise NotFoundError(
                 f"model {name!r} has no version {version!r} being served{why}; served versions are "
                 f"{sorted(record.versions)} (its version_policy decides which: to keep the previous version "
                 f"servable, 'kiln repo policy {name} --keep-versions 2')"
-            ) from err
+            )
+        return served
 
     def has_model(self, name: str) -> bool:
         """Whether ``name`` is a model directory of the repository (loaded or not)."""
@@ -200,8 +214,11 @@ class ModelStore:
         return (self.root / name).is_dir()
 
     def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether a request for this model and version would be served (a malformed version raises)."""
         try:
             self.get(name, version)
+        except InvalidInputError:
+            raise
         except KilnError:
             return False
         return True
@@ -218,7 +235,7 @@ class ModelStore:
                 "a JSON ModelConfig); edit config.pbtxt in the repository and load again"
             )
         if not self.has_model(name):
-            raise NotFoundError(f"model {name!r} is not in repository {str(self.root)!r}")
+            raise NotFoundError(f"model {name!r} is not in the repository; see RepositoryIndex")
         override = parse_config_override(name, override_text) if override_text is not None else None
         return await self.load(name, override=override)
 
@@ -414,7 +431,7 @@ def select_versions(entry: ModelEntry, config: mc.ModelConfig, among: set[int] |
     """The versions ``version_policy`` serves (Triton's default: the latest one), of those in ``among``."""
     available = [v.version for v in entry.versions if among is None or v.version in among]
     if not available:
-        raise NotFoundError(f"model {entry.name!r} has no versions in {str(entry.path)!r}; publish one with kiln build")
+        raise NotFoundError(f"model {entry.name!r} has no versions in the repository; publish one with kiln build")
     policy = config.version_policy
     kind = policy.WhichOneof("policy_choice")
     if kind == "all":
@@ -458,7 +475,9 @@ def _complete_io_from_artifact(entry: ModelEntry, config: mc.ModelConfig, versio
     try:
         model = onnx.load(str(artifact), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and friends for corrupt files
-        raise RepositoryError(f"model {entry.name!r}: cannot read {artifact} to complete its config: {err}") from err
+        raise RepositoryError(
+            f"model {entry.name!r}: cannot read {version}/{filename} to complete its config: {err}"
+        ) from err
     inputs = tuple(value_spec(v) for v in graph_inputs(model))
     outputs = tuple(value_spec(v) for v in model.graph.output)
     return complete_io(config, inputs, outputs)

@@ -174,19 +174,6 @@ def gateway_hpa(spec: AutoscaleSpec) -> dict[str, Any]:
     }
 
 
-def adapter_config_map(namespace: str = "monitoring") -> dict[str, Any]:
-    """The Prometheus adapter's rules as the ConfigMap its Deployment mounts (config.yaml)."""
-    import yaml
-
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": "prometheus-adapter", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/part-of": "kiln"}},
-        "data": {"config.yaml": yaml.safe_dump(ADAPTER_RULES, sort_keys=False)},
-    }
-
-
 def policy_from_hpa(hpa: dict[str, Any], *, startup_s: float = 60.0) -> HpaPolicy:
     """The simulator's policy for a rendered Triton HPA (a Pods metric with an AverageValue target)."""
     spec = hpa["spec"]
@@ -221,7 +208,7 @@ def pick_capacity(entries: list[dict[str, Any]], mode: str, slo_p99_ms: float | 
     if not usable:
         recorded = [f"{e.get('mode')} at p99 {e.get('slo', {}).get('p99_ms')} ms" for e in entries] or ["nothing"]
         slo = f" at p99 {slo_p99_ms:g} ms" if slo_p99_ms is not None else ""
-        flag = "--find-capacity" if mode == "rate" else "--find-capacity --concurrency-search"
+        flag = "--find-capacity" if mode == "rate" else "--find-capacity --capacity-mode concurrency"
         raise NotFoundError(
             f"{where} has no recorded {mode} capacity{slo} (recorded: {', '.join(recorded)}); "
             f"run `kiln bench {flag} --slo-p99-ms X --record` against it first"

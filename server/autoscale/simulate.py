@@ -123,8 +123,15 @@ def diurnal_trace(
     return times, np.maximum(rates, 0.0)
 
 
-def replay(times_s: Sequence[float], rates_rps: Sequence[float], capacity_rps: float, policy: HpaPolicy) -> Replay:
-    """Replay ``rates_rps`` (one value per equal step) through the HPA algorithm."""
+def replay(
+    times_s: Sequence[float],
+    rates_rps: Sequence[float],
+    capacity_rps: float,
+    policy: HpaPolicy,
+    initial: int | None = None,
+) -> Replay:
+    """Replay ``rates_rps`` (one value per equal step) through the HPA algorithm, from ``initial``
+    ready pods (default: what the first step's load asks for)."""
     policy.check()
     if capacity_rps <= 0:
         raise InvalidInputError(f"per-replica capacity must be > 0 requests/s, got {capacity_rps}")
@@ -134,7 +141,8 @@ def replay(times_s: Sequence[float], rates_rps: Sequence[float], capacity_rps: f
         raise InvalidInputError(f"a trace needs >= 2 steps and as many rates as times, got {times.size}/{rates.size}")
     step = float(times[1] - times[0])
     window = max(1, round(policy.metric_window_s / step))
-    first = min(policy.max_replicas, max(policy.min_replicas, math.ceil(rates[0] / policy.target_per_pod)))
+    wanted = initial if initial is not None else math.ceil(rates[0] / policy.target_per_pod)
+    first = min(policy.max_replicas, max(policy.min_replicas, wanted))
     starts: list[float] = [-policy.startup_s] * first  # when each pod was created
     history: deque[tuple[float, int]] = deque()  # (time, recommendation) for scale-down stabilization
     last_sync = -math.inf

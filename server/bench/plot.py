@@ -49,7 +49,7 @@ def plot_capacity(result: CapacityResult, path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted(result.runs, key=lambda r: r.load)
+    runs = sorted((r for r in result.runs if r.phase != "probe"), key=lambda r: r.load)  # the probe is closed loop
     loads = [r.load for r in runs]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name, style in (("p50", "o-"), ("p99", "s-")):

@@ -91,6 +91,13 @@ def run_capacity(args: argparse.Namespace, config: BenchConfig, console: Console
 
     slo, settings = settings_from_args(args)
     unit = "req/s" if settings.mode == "rate" else "in flight"
+    if settings.min_duration_s < 3 * slo.p99_ms / 1e3:
+        console.print(
+            f"[yellow]warning[/]: levels of {settings.min_duration_s:g} s cannot show a queue that grows by less than "
+            f"the SLO's {slo.p99_ms:g} ms in that time, so rates a little above the endpoint's ceiling may pass; "
+            f"use --level-seconds of at least {3 * slo.p99_ms / 1e3:g}",
+            soft_wrap=True,
+        )
     with Progress(
         TextColumn("[bold]capacity[/] {task.description}"),
         BarColumn(),

@@ -15,6 +15,8 @@ from rich.table import Table
 from builders.repository import (
     VersionInfo,
     check_model_name,
+    clean_leftovers,
+    find_repository_leftovers,
     list_models,
     read_model,
     repository_root,
@@ -37,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
         if verb == "show":
             p.add_argument("model", help="model name, e.g. digits-fp32-ort")
+        if verb == "verify":
+            p.add_argument(
+                "--clean", action="store_true", help="remove stages left by killed publishes (never ones in flight)"
+            )
         p.set_defaults(func={"list": run_list, "show": run_show, "verify": run_verify}[verb])
     policy = verbs.add_parser("policy", help="show or change which versions of a model stay servable")
     policy.add_argument("model", help="model name, e.g. digits-int8-ort")
@@ -115,8 +121,13 @@ def print_capacity(versions: Sequence[VersionInfo]) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     problems = verify_repository(args.repo)
+    leftovers = clean_leftovers(args.repo) if args.clean else find_repository_leftovers(args.repo)
+    notes = [f"{leftover.describe()}; {'removed' if args.clean else 'remove with --clean'}" for leftover in leftovers]
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+        print(json.dumps({"ok": not problems, "problems": problems, "leftovers": notes}, indent=2))
+    elif notes:
+        for note in notes:
+            print(f"NOTE {note}")
     if problems:
         if not args.json:
             for p in problems:

@@ -23,9 +23,9 @@ from server.gateway.envoy.choice import choose_data_plane
 from server.gateway.envoy.plane import EnvoyOptions, EnvoyPlane
 from server.gateway.forward import Forwarder
 from server.gateway.guard import Admission, IdleReaper, QuietLog
-from server.gateway.health import HealthReport
+from server.gateway.health import HealthReport, ThreadHealth
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
-from server.gateway.resilience import OutlierDetector
+from server.gateway.resilience import OutlierDetector, ReadinessProber
 from server.gateway.serve_aio import serve_aio
 from server.gateway.serve_threads import ThreadHandlers, serve_threads
 from server.gateway.shadow import ShadowSender
@@ -159,15 +159,18 @@ def start_gateway(
     health = OutlierDetector(list(cfg.upstreams), res.failures_to_eject, res.base_ejection_s, res.max_ejection_s)
     pool = UpstreamPool(cfg.upstreams, cfg.server.max_message_bytes)  # sync: thread mode and shadows
     shadow = ShadowSender(metrics, cfg.shadow.max_in_flight, cfg.shadow.workers)
-    stream_metrics = StreamMetrics(cfg.metrics.max_samples)
-    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, admin_token=token, streams=stream_metrics)
+    streams = StreamMetrics(cfg.metrics.max_samples)
+    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, streams, admin_token=token)
     report = HealthReport(table, health)
-    stops: list[Callable[[], None]] = [pool.close, shadow.close]
+    prober = ReadinessProber(health, lambda upstream: pool[upstream].unary("ServerReady"))
+    stops: list[Callable[[], None]] = [pool.close, shadow.close, prober.stop]
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
-            streams = _stream_handlers(cfg, forwarder, pool, stops).model_stream_infer  # streams Envoy cannot rewrite
-            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port, streams)
+            python = _stream_handlers(cfg, forwarder, pool, stops)  # streams Envoy cannot rewrite, control RPCs
+            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port,
+                               python.model_stream_infer, [python.control_handler()],
+                               ThreadHealth(report, python.admission))  # fmt: skip
             stops.append(envoy.stop)
             bound = envoy.start()
         else:
@@ -175,7 +178,7 @@ def start_gateway(
             stops.append(stop_grpc)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GatewayCollector(metrics))
-        registry.register(StreamCollector(stream_metrics))
+        registry.register(StreamCollector(streams))
         app = AdminApp(token)
         register_builtin(app, table, metrics, health, registry)
         admin = AdminServer(app, admin_host, admin_port, cfg.admin.tls)
@@ -185,8 +188,7 @@ def start_gateway(
             stop()
         raise
     handle = GatewayHandle(cfg, host, bound, admin_host, admin.port, table, metrics, health, app, registry,
-                           Path(state_path) if state_path else None, stops, plane, envoy, why,
-                           stream_metrics)  # fmt: skip
+                           Path(state_path) if state_path else None, stops, plane, envoy, why, streams)  # fmt: skip
     for module in PLUGIN_MODULES if plugins is None else plugins:
         stop = importlib.import_module(module).attach(handle)
         if stop is not None:

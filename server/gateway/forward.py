@@ -88,8 +88,8 @@ class Forwarder:
         health: OutlierDetector,
         shadow: ShadowSender,
         shadow_pool: UpstreamPool,
-        admin_token: str | None = None,
         streams: StreamMetrics | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self._config = config
         self._table = table

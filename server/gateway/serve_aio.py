@@ -150,9 +150,9 @@ class AioHandlers:
         if decision.live is not None:
             await context.send_initial_metadata(self._core.response_metadata(decision))
         suffix = decision.body[len(first) :]
-        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
         loop = asyncio.get_running_loop()
         last = [loop.time()]
+        meter = self._core.stream_meter(decision)  # TTFT/ITL per request id; every message stays on this variant
 
         async def upstream_requests() -> AsyncIterator[bytes]:
             meter.sent(first)
@@ -185,11 +185,14 @@ class AioHandlers:
             if isinstance(err, grpc.RpcError):
                 ended = err.code().name  # type: ignore[attr-defined]
             if expired.is_set():
+                ended = "DEADLINE_EXCEEDED"
                 raise self._idle() from None
             raise
         finally:
             dog.cancel()
             meter.finish(ended)
+        if expired.is_set():
+            raise self._idle()
 
     def model_method(self, method: str) -> AsyncUnary:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from server.gateway.config import GatewayConfig
+from server.gateway.config import CONTROL_METHODS, GatewayConfig
 from server.gateway.forward import (
     LOCAL_METHODS,
     MODEL_METHODS,
@@ -152,17 +152,19 @@ class ThreadHandlers:
                 yield message + suffix
 
         stub = self._pool[decision.upstream].stream("ModelStreamInfer")
-        call: Any = stub(upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded)
-        watch.upstream = call
         ended = "CANCELLED"
         try:
+            call: Any = stub(
+                upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded
+            )
+            watch.upstream = call
             for response in call:
                 watch.touch()
                 meter.received(response)
                 yield response
             ended = "OK"
-        except grpc.RpcError as err:
-            ended = err.code().name if hasattr(err, "code") else "UNAVAILABLE"  # type: ignore[attr-defined]
+        except grpc.RpcError as err:  # model_stream_infer answers it (scrubbed), or the reaper ended the stream
+            ended = err.code().name  # type: ignore[attr-defined]
             raise
         finally:
             meter.finish(ended)
@@ -187,6 +189,15 @@ class ThreadHandlers:
             return self._pool[upstream].unary(method)(body, timeout=self._timeout(context))  # type: ignore[no-any-return]
         except grpc.RpcError as err:
             raise upstream_abort(err) from None
+
+    def control_handler(self) -> grpc.GenericRpcHandler:
+        """The control RPCs alone (refused unless enabled and authenticated), for the Envoy plane's local server."""
+        handlers = {m: grpc.unary_unary_rpc_method_handler(self.guarded(m, self.control(m))) for m in CONTROL_METHODS}
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    @property
+    def admission(self) -> Admission:
+        return self._admission
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler] = {}

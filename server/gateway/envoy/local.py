@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from core.errors import UnavailableError
 from server.gateway.envoy.lua import MODEL_HEADER
@@ -98,14 +99,21 @@ def _handlers(comparator: Comparator, streams: StreamHandler | None) -> grpc.Gen
 
 
 def start_local_server(
-    comparator: Comparator, streams: StreamHandler | None, threads: int
+    comparator: Comparator, streams: StreamHandler | None, threads: int,
+    extra: Sequence[grpc.GenericRpcHandler] = (), health: Any = None,
 ) -> tuple[Callable[[], None], str]:
-    """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT"). An open stream holds a thread."""
+    """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT"). An open stream holds a thread.
+
+    ``extra``: more handlers (the Python plane's control RPCs, which Envoy routes here so the same
+    rules apply); ``health``: a ``grpc.health.v1`` servicer (Envoy routes the Health service here).
+    """  # fmt: skip
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiln-envoy-local"),
-        handlers=[_handlers(comparator, streams)],
+        ThreadPoolExecutor(max_workers=threads + 8, thread_name_prefix="kiln-envoy-local"),
+        handlers=[_handlers(comparator, streams), *extra],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 * 2**20)],
     )
+    if health is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
         raise UnavailableError("the gateway's local gRPC server could not bind a port on 127.0.0.1")

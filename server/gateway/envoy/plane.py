@@ -21,10 +21,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from core.atomic_file import write_atomic
 from core.errors import InvalidInputError, UnavailableError
@@ -108,10 +110,15 @@ class EnvoyPlane:
     def __init__(
         self, config: GatewayConfig, table: RouteTable, metrics: EnvoyMetrics, options: EnvoyOptions,
         host: str, port: int, streams: StreamHandler | None = None,
+        local_handlers: Sequence[grpc.GenericRpcHandler] = (), health: Any = None,
     ) -> None:  # fmt: skip
-        """``streams``: the Python stream proxy for routes whose streams Envoy cannot rewrite."""
+        """``streams``: the Python stream proxy for routes whose streams Envoy cannot rewrite;
+        ``local_handlers``/``health``: served by Kiln's local server, which Envoy routes control RPCs
+        and ``grpc.health.v1`` to."""
         self._config = config
         self._streams = streams
+        self._local_handlers = tuple(local_handlers)
+        self._health = health
         self._table = table
         self._metrics = metrics
         self._options = options
@@ -147,7 +154,9 @@ class EnvoyPlane:
             self.layout.descriptor_path.write_bytes(descriptor_set())
             comparator = Comparator(self._table, self._pool, self._shadow, self._metrics,
                                     self._config.shadow.max_in_flight)  # fmt: skip
-            stop_local, self._local_address = start_local_server(comparator, self._streams, self._config.server.threads)
+            stop_local, self._local_address = start_local_server(
+                comparator, self._streams, self._config.server.threads, self._local_handlers, self._health
+            )
             self._stops.append(stop_local)
             routes = self._routes()
             self._refuse_if_invalid(routes, changed=sorted(routes))

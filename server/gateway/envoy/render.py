@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.gateway.config import CONTROL_METHODS as UPSTREAM_CONTROL_METHODS
 from server.gateway.config import ClientTls, GatewayConfig, Route, ServerTls, Upstream
 from server.gateway.envoy.lua import EXTRACTION_NAMESPACE, MODEL_HEADER, ROUTE_SCRIPT, rewrite_script
 from server.gateway.routing import PIN_HEADER
@@ -36,6 +37,7 @@ PREFIX = f"/{SERVICE}/"
 STREAM_METHOD = "ModelStreamInfer"
 CONTROL_METHODS = ("ModelMetadata", "ModelReady", "ModelConfig", "ModelStatistics")
 SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 ROUTE_CONFIG = "kiln"
 LOCAL_CLUSTER = "kiln:local"
 LISTENER = "kiln"
@@ -339,7 +341,14 @@ def public_routes(public: str, route: Route) -> list[dict[str, Any]]:
 
 
 def render_route_config(config: GatewayConfig, routes: Mapping[str, Route]) -> dict[str, Any]:
-    entries: list[dict[str, Any]] = []
+    # First: grpc.health.v1 and the repository/shared-memory/trace/log control RPCs go to Kiln's local
+    # server, which answers health and applies the control rules (enabled per upstream + admin token).
+    entries: list[dict[str, Any]] = [
+        {"name": "health", "match": {"prefix": HEALTH_PREFIX}, "route": _grpc_route_action({"cluster": LOCAL_CLUSTER})}
+    ]
+    local = _grpc_route_action({"cluster": LOCAL_CLUSTER})
+    for method in UPSTREAM_CONTROL_METHODS:
+        entries.append({"name": f"control:{method}", "match": {"path": PREFIX + method}, "route": local})
     for public, route in sorted(routes.items()):
         entries.extend(public_routes(public, route))
     routed = sorted(routes)
