@@ -9,22 +9,22 @@ the bench says so and measures the tiny random-weight test decoder instead.
 
 Both sides run the same published ``model.onnx`` with the same ONNX Runtime settings (``--threads``
 intra-op threads, sequential execution) and the same greedy decoding code (``runtime.decoder``):
-the floor steps it in this process (prompt already tokenized, no gRPC); the server is a ``kiln serve``
+the floor steps it in its own child process (prompt already tokenized, no gRPC); the server is a ``kiln serve``
 child process and the client ``kiln bench --stream`` at concurrency 1 (one request at a time, each
-its own ModelStreamInfer stream). TTFT and ITL are counted as GenAI-Perf counts them. Rounds
-alternate floor and server so background load on this shared machine hits both alike; the ratios
+its own ModelStreamInfer stream). TTFT and ITL are counted as GenAI-Perf counts them. Each prompt
+runs on the floor, on the server and through the gateway back to back (every prompt warmed up once
+on each first), so background load on this shared machine hits the three alike; the ratios
 are medians over every (prompt, round) pair of served / floor, so prompt length and momentary
 load cancel out; plain p50 ratios are reported too.
 
     .venv/bin/python benchmarks/bench_llm_stream.py [--tokens 32] [--rounds 3] [--threads 1]
-
-Each round runs floor, direct and gateway passes back to back over the same prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,24 +90,57 @@ def publish(model_dir: Path, repo: Path) -> tuple[str, str, tuple[str, ...]]:
     return "tiny-fp32-ort", "tiny random-weight test decoder (2 layers, 470 KB)", DEFAULT_PROMPTS
 
 
-def floor_pass(repo: Path, name: str, prompts: tuple[str, ...], tokens: int, threads: int) -> list[StreamTiming]:
-    """The decoder stepped in this process: TTFT and token times from the first step's start."""
-    version_dir = repo / name / "1"
-    config_text = (repo / name / "config.pbtxt").read_text()
-    tokenizer = load_tokenizer("tokenizer.json" if "tokenizer.json" in config_text else "byte", version_dir)
-    stops = (2,) if "tokenizer.json" in config_text else ()
-    runner = OrtRunner(version_dir / "model.onnx", intra_op_threads=threads)
-    layout = read_layout(version_dir / "model.onnx")
-    context = layout.max_context or 256
-    timings = []
-    try:
-        generate_once(runner, layout, tokenizer.encode(prompts[0]), 2, context, stops)  # warm-up
-        for prompt in prompts:
-            ids = tokenizer.encode(prompt)
-            timings.append(generate_once(runner, layout, ids, tokens, context, stops))
-    finally:
-        runner.close()
-    return timings
+class Floor:
+    """The decoder stepped in this process, one long-lived session like the server's."""
+
+    def __init__(self, repo: Path, name: str, threads: int) -> None:
+        version_dir = repo / name / "1"
+        config_text = (repo / name / "config.pbtxt").read_text()
+        self.tokenizer = load_tokenizer("tokenizer.json" if "tokenizer.json" in config_text else "byte", version_dir)
+        self.stops = (2,) if "tokenizer.json" in config_text else ()
+        self.runner = OrtRunner(version_dir / "model.onnx", intra_op_threads=threads)
+        self.layout = read_layout(version_dir / "model.onnx")
+        self.context = self.layout.max_context or 256
+
+    def run(self, prompts: tuple[str, ...], tokens: int) -> list[StreamTiming]:
+        """TTFT and token times of each prompt, from the first step's start (prompt already tokenized)."""
+        return [
+            generate_once(self.runner, self.layout, self.tokenizer.encode(p), tokens, self.context, self.stops)
+            for p in prompts
+        ]
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class FloorChild:
+    """The floor in its own process (like the server: its own session, nothing else running there),
+    stepping one prompt per request over a pipe, so floor and server runs of a prompt are seconds apart."""
+
+    def __init__(self, repo: Path, name: str, tokens: int, threads: int) -> None:
+        spec = json.dumps([str(repo), name, tokens, threads])
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--floor-child", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def time(self, prompt: str) -> StreamTiming:
+        assert self.process.stdin is not None and self.process.stdout is not None  # pipes were requested
+        self.process.stdin.write(json.dumps(prompt) + "\n")
+        self.process.stdin.flush()
+        return StreamTiming(*json.loads(self.process.stdout.readline()))
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(60)
+
+
+def floor_child(spec: str) -> None:
+    repo, name, tokens, threads = json.loads(spec)
+    floor = Floor(Path(repo), name, threads)
+    for line in sys.stdin:
+        timing = floor.run((json.loads(line),), tokens)[0]
+        print(json.dumps([timing.ttft_ns, timing.last_ns, timing.tokens]), flush=True)
 
 
 def generate_once(
@@ -129,7 +162,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--floor-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_child:
+        floor_child(args.floor_child)
+        return
     cpu = probe_cpu()
     print(f"CPU: {cpu.model} ({cpu.cores} cores), ISA: {', '.join(cpu.isa()) or 'no AVX2/AVX-512/VNNI'}")
     floor: list[StreamTiming] = []
@@ -145,13 +182,18 @@ def main() -> None:
                 via = gateway.ready()
                 config = StreamBenchConfig(url=url, model=name, prompts=prompts, max_tokens=args.tokens)
                 through = replace(config, url=via, model=ROUTE)
+                child = FloorChild(repo, name, args.tokens, args.threads)
+                for prompt in prompts:  # every prompt once on every path, not timed
+                    child.time(prompt)
                 for warm in (config, through):
-                    time_each_request(replace(warm, prompts=prompts[:1], max_tokens=2))
+                    time_each_request(replace(warm, max_tokens=2))
                 for index in range(args.rounds):
-                    floor += floor_pass(repo, name, prompts, args.tokens, args.threads)
-                    served += time_each_request(config)
-                    gated += time_each_request(through)
+                    for prompt in prompts:  # the three paths of one prompt back to back
+                        floor.append(child.time(prompt))
+                        served += time_each_request(replace(config, prompts=(prompt,)))
+                        gated += time_each_request(replace(through, prompts=(prompt,)))
                     print(f"round {index + 1}/{args.rounds} done")
+                child.close()
             finally:
                 gateway.stop()
     report(description, cpu.isa(), args, floor, served, gated)
