@@ -1,6 +1,6 @@
 """Publishing under faults: a process killed at a chosen step, and publishes on a filling disk.
 
-``python -m harness.publish_faults kill REPO MODEL_ONNX STEP`` publishes ``lin-fp32-ort`` into REPO
+``python -m harness.publish_faults kill REPO MODEL_ONNX STEP [MAX_BATCH]`` publishes ``lin-fp32-ort`` into REPO
 and SIGKILLs itself just before step number STEP (1-based; the hook is the only seam, no
 environment variables). ``python -m harness.publish_faults diskfull WORKDIR`` must run as root of
 its own mount namespace (``unshare --user --map-root-user --mount``): it mounts a small tmpfs,
@@ -60,7 +60,7 @@ def record_steps(repo: Path, artifact: Path) -> list[str]:
     return steps
 
 
-def kill_at(repo: Path, artifact: Path, step: int) -> None:
+def kill_at(repo: Path, artifact: Path, step: int, max_batch_size: int = 8) -> None:
     """Publish, and SIGKILL this process just before hook call number ``step``."""
     calls = 0
 
@@ -70,7 +70,7 @@ def kill_at(repo: Path, artifact: Path, step: int) -> None:
         if calls == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    publish_linear(repo, artifact, hook=hook)
+    publish_linear(repo, artifact, hook=hook, max_batch_size=max_batch_size)
 
 
 def disk_full(work: Path) -> None:
@@ -126,8 +126,8 @@ def _used(mount: Path) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["kill"] and len(argv) == 4:
-        kill_at(Path(argv[1]), Path(argv[2]), int(argv[3]))
+    if argv[:1] == ["kill"] and len(argv) in (4, 5):
+        kill_at(Path(argv[1]), Path(argv[2]), int(argv[3]), *(int(a) for a in argv[4:]))
         return 0
     if argv[:1] == ["diskfull"] and len(argv) == 2:
         disk_full(Path(argv[1]))

@@ -205,7 +205,7 @@ def _stream_handlers(
     settings = cfg.server
     reaper = IdleReaper(settings.stream_idle_timeout_s)
     stops.append(reaper.stop)
-    admission = Admission(settings.threads, settings.max_streams)
+    admission = Admission(settings.threads, settings.max_streams, settings.max_in_flight_bytes)
     quiet = QuietLog(logging.getLogger("server.gateway.data_plane"))
     return ThreadHandlers(core, pool, cfg, admission, reaper, quiet)
 

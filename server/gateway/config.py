@@ -174,6 +174,8 @@ class ServerSettings(_Frozen):
     stream_idle_timeout_s: float = Field(default=30.0, gt=0.0, allow_inf_nan=False)  # no message either way
     upstream_timeout_s: float = Field(default=60.0, gt=0.0, allow_inf_nan=False)  # unary calls without a deadline
     max_message_bytes: int = Field(default=64 * 2**20, ge=2**20, le=2**31 - 1)  # = kiln serve's
+    # unary request bodies in flight together; beyond it RESOURCE_EXHAUSTED (one request always fits)
+    max_in_flight_bytes: int = Field(default=256 * 2**20, ge=2**20)
     tls: ServerTls | None = None
 
     @model_validator(mode="after")

@@ -1,9 +1,11 @@
 """Limits that keep the data plane answering: admission slots, stream idle timeouts, quiet logs.
 
 * ``Admission``: at most ``server.threads`` data-plane RPCs in flight, of them at most
-  ``server.max_streams`` open streams. A call over the limit is refused at once with
-  RESOURCE_EXHAUSTED instead of waiting for a thread, and health checks never take a slot, so a
-  pile of idle streams or calls to a stalled upstream cannot starve them.
+  ``server.max_streams`` open streams, and unary request bodies of at most
+  ``server.max_in_flight_bytes`` together (each forwarded body costs a few times its size). A
+  call over a limit is refused at once with RESOURCE_EXHAUSTED instead of waiting for a thread,
+  and health checks never take a slot, so a pile of idle streams or calls to a stalled upstream
+  cannot starve them.
 * ``StreamWatch`` / ``IdleReaper`` (threads mode): a stream with no message in either direction
   for ``server.stream_idle_timeout_s`` is ended with DEADLINE_EXCEEDED and its upstream call is
   cancelled, freeing its thread. One reaper thread watches every stream.
@@ -29,14 +31,20 @@ logger = logging.getLogger(__name__)
 class Admission:
     """Non-blocking counters of RPCs and streams in flight; ``enter`` refuses when full."""
 
-    def __init__(self, requests: int, streams: int) -> None:
-        self.limit_requests, self.limit_streams = requests, streams
-        self.requests = self.streams = 0
+    def __init__(self, requests: int, streams: int, limit_bytes: int = 2**62) -> None:
+        self.limit_requests, self.limit_streams, self.limit_bytes = requests, streams, limit_bytes
+        self.requests = self.streams = self.bytes = 0
         self.refused = 0
         self._lock = threading.Lock()
 
-    def enter(self, stream: bool = False) -> None:
+    def enter(self, stream: bool = False, size: int = 0) -> None:
+        """Take a slot (and ``size`` bytes of the in-flight budget; one request always fits)."""
         with self._lock:
+            if size and self.bytes and self.bytes + size > self.limit_bytes:
+                self.refused += 1
+                raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"gateway busy: {self.bytes} bytes of requests in flight, and this one has {size} "
+                               f"(server.max_in_flight_bytes {self.limit_bytes}); retry with backoff")  # fmt: skip
             if self.requests >= self.limit_requests:
                 self.refused += 1
                 raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -48,12 +56,14 @@ class Admission:
                                f"gateway busy: {self.streams} streams open, its limit (server.max_streams); "
                                "close idle streams or retry with backoff")  # fmt: skip
             self.requests += 1
+            self.bytes += size
             if stream:
                 self.streams += 1
 
-    def leave(self, stream: bool = False) -> None:
+    def leave(self, stream: bool = False, size: int = 0) -> None:
         with self._lock:
             self.requests -= 1
+            self.bytes -= size
             if stream:
                 self.streams -= 1
 

@@ -62,8 +62,9 @@ class AioHandlers:
         admission, quiet = self._admission, self._quiet
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            size = len(request)
             try:
-                admission.enter()
+                admission.enter(size=size)
             except RpcAbort as err:
                 await _abort(context, err)
             try:
@@ -77,7 +78,7 @@ class AioHandlers:
                 await context.abort(grpc.StatusCode.INTERNAL, f"the gateway failed handling {method} "
                                     f"({type(err).__name__}); see the gateway log")  # fmt: skip
             finally:
-                admission.leave()
+                admission.leave(size=size)
             raise RuntimeError("unreachable")  # pragma: no cover
 
         return handle
@@ -268,7 +269,7 @@ def serve_aio(
 
     async def start() -> tuple[grpc.aio.Server, UpstreamPool, int]:
         pool = UpstreamPool(config.upstreams, config.server.max_message_bytes, aio=True)
-        admission = Admission(config.server.threads, config.server.max_streams)
+        admission = Admission(config.server.threads, config.server.max_streams, config.server.max_in_flight_bytes)
         handlers = AioHandlers(core, pool, config, admission, quiet)
         server = grpc.aio.server(handlers=[handlers.generic_handler()], options=options)
         health_pb2_grpc.add_HealthServicer_to_server(AioHealth(report), server)

@@ -67,8 +67,9 @@ class ThreadHandlers:
         admission, quiet = self._admission, self._quiet
 
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            size = len(request)
             try:
-                admission.enter()
+                admission.enter(size=size)
             except RpcAbort as err:
                 _abort(context, err)
             try:
@@ -82,7 +83,7 @@ class ThreadHandlers:
                 context.abort(grpc.StatusCode.INTERNAL, f"the gateway failed handling {method} "
                               f"({type(err).__name__}); see the gateway log")  # fmt: skip
             finally:
-                admission.leave()
+                admission.leave(size=size)
             raise RuntimeError("unreachable")  # pragma: no cover
 
         return handle
@@ -228,7 +229,7 @@ def serve_threads(
 ) -> tuple[Callable[[], None], int]:
     """Start the thread-pool server; returns (stop, bound port)."""
     settings = config.server
-    admission = Admission(settings.threads, settings.max_streams)
+    admission = Admission(settings.threads, settings.max_streams, settings.max_in_flight_bytes)
     reaper = IdleReaper(settings.stream_idle_timeout_s)
     workers = settings.threads + HEALTH_THREADS
     server = grpc.server(

@@ -367,3 +367,20 @@ def test_restarted_upstream_takes_traffic_within_about_a_second(stub: UpstreamSe
             print(f"restarted upstream served again after {time.monotonic() - restarted:.2f} s")
         finally:
             second.stop(0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_bodies_in_flight_are_bounded(stub: UpstreamServer, mode: str) -> None:
+    big = request_bytes("digits") + b"\x1a\x80\x80\x60" + bytes(1_572_864)  # +1.5 MiB in field 3
+    server = {"max_in_flight_bytes": 2**21}  # 2 MiB: one big body fits, two do not
+    with start({"up": stub.address}, DIGITS, mode, server=server) as gw, grpc.insecure_channel(gw.address) as ch:
+        stub.behaviour.delay_s = 1.5
+        try:
+            first = ch.unary_unary(INFER).future(big, timeout=10)
+            time.sleep(0.4)
+            err = refused(ch, "ModelInfer", big)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server.max_in_flight_bytes" in err.details()
+            assert infer_ok(ch).model_name == "digits"  # small requests still fit
+            first.result(10)
+        finally:
+            stub.behaviour.delay_s = 0.0

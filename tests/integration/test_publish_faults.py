@@ -74,6 +74,22 @@ def test_sigkill_during_the_first_publish_of_a_model(tmp_path: Path, linear_mode
     assert verify_repository(repo) == [] and find_repository_leftovers(repo) == []
 
 
+def test_sigkill_after_the_config_write_keeps_existing_versions_serving(tmp_path: Path, linear_model: Path) -> None:
+    steps = record_steps(tmp_path / "probe", linear_model)
+    repo = tmp_path / "repo"
+    publish_linear(repo, linear_model)
+    kept = _published(repo)
+    index = steps.index("renaming the stage to version 1") + 1  # recorded on a fresh repository
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.publish_faults", "kill", str(repo), str(linear_model), str(index), "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert parse_config((repo / NAME / "config.pbtxt").read_text()).max_batch_size == 4  # the new build's
+    assert list_versions(repo / NAME) == [1] and _published(repo) == kept
+    assert verify_repository(repo) == []  # same platform and inputs/outputs: version 1 still verifies
+
+
 def _can_mount_tmpfs() -> bool:
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return False

@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from builders.model_config import ServingOptions
+from builders.tensors import TensorSpec
 from harness.infer_fuzz import (
     ACCEPTABLE,
     MODEL,
@@ -29,7 +30,7 @@ from harness.infer_fuzz import (
     valid_request,
 )
 from harness.models import tree_snapshot
-from harness.serve import PAIR_SPECS, make_pair_model, write_model
+from harness.serve import PAIR_SPECS, make_pair_model, make_string_model, write_model
 from server.app import ServerHandle, start_server
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fuzz") / "repo"
     artifact = make_pair_model(tmp_path_factory.mktemp("onnx") / "pair.onnx", offset=OFFSET)
     write_model(root, MODEL, {1: artifact}, *PAIR_SPECS, ServingOptions(max_batch_size=8))
+    words = make_string_model(tmp_path_factory.mktemp("onnx") / "words.onnx")
+    specs = ((TensorSpec("s", "object", (2,)),), (TensorSpec("t", "object", (2,)),))
+    write_model(root, "words", {1: words}, *specs, ServingOptions(max_batch_size=0))
     return root
 
 
@@ -201,3 +205,43 @@ def test_fuzz_model_infer_and_stream(
     assert total >= 3000
     messages = [r.getMessage() for r in caplog.records]
     assert not any("never retrieved" in m or "failed" in m for m in messages), messages[:5]
+
+
+def _bytes_body(rng: random.Random) -> tuple[bytes, list[bytes] | None]:
+    """A BYTES tensor for ``words`` (s: BYTES [2]): well framed (returns its elements) or not (None)."""
+    alphabet = "abc xyz\u00e9\u4e2d"
+    text = [("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))) for _ in range(rng.choice([2, 2, 0, 3]))]
+    elements = [t.encode() if rng.random() < 0.9 else rng.randbytes(8) for t in text]  # some not UTF-8
+    data = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+    if rng.random() < 0.5:
+        cut = rng.randrange(len(data)) if data else 0  # strictly shorter: a frame is cut
+        data = rng.choice([data[:cut], data + rng.randbytes(rng.randint(1, 9)), (2**32 - 1).to_bytes(4, "little")])
+        return data, None
+    return data, elements
+
+
+def test_fuzz_bytes_tensors(channel: grpc.Channel, capsys: pytest.CaptureFixture[str]) -> None:
+    """Length prefixes cut, overlong, trailing bytes and wrong counts in BYTES inputs: refused, never a crash;
+    well-framed ones come back unchanged (the model is the identity)."""
+    rng = random.Random(SEED + 7)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    codes: collections.Counter[str] = collections.Counter()
+    for _ in range(400):
+        data, elements = _bytes_body(rng)
+        shape = rng.choice([[2], [2], [1, 2], [0], [0, 2**62], [3]])
+        request = pb.ModelInferRequest(model_name="words")
+        request.inputs.add(name="s", datatype="BYTES", shape=shape)
+        request.raw_input_contents.append(data)
+        try:
+            response = stub.ModelInfer(request, timeout=10)
+        except grpc.RpcError as err:
+            codes[err.code().name] += 1
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, data[:40], err.details())
+            assert "input 's'" in err.details(), err.details()
+            continue
+        codes["OK"] += 1
+        assert shape == [2] and elements is not None and len(elements) == 2, (shape, data[:40])
+        assert response.raw_output_contents[0] == data
+    with capsys.disabled():
+        print(f"\nkiln serve BYTES fuzz (seed {SEED + 7}): 400 hostile BYTES inputs, codes {dict(codes)}")
+    assert codes["OK"] > 20 and codes["INVALID_ARGUMENT"] > 200, codes

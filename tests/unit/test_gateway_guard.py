@@ -128,3 +128,31 @@ def test_prober_readmits_an_ejected_upstream_that_answers_ready() -> None:
         assert not prober.probe("b") and detector.is_ejected("b")  # up but not ready: stays out
     finally:
         prober.stop()
+
+
+def test_envoy_routes_health_and_control_rpcs_to_kiln_first() -> None:
+    from server.gateway.config import CONTROL_METHODS
+    from server.gateway.envoy.render import LOCAL_CLUSTER, PREFIX, render_route_config
+
+    route = {"variants": [{"name": "a", "upstream": "u", "model": "m", "weight": 100}]}
+    config = parse_config({"upstreams": {"u": {"address": "h:1"}}, "default_upstream": "u", "routes": {"d": route}})
+    entries = render_route_config(config, config.routes)["virtual_hosts"][0]["routes"]
+    names = [e["name"] for e in entries]
+    control = [e for e in entries if e["name"].startswith("control:")]
+    assert entries[0]["match"] == {"prefix": "/grpc.health.v1.Health/"}
+    assert {e["match"]["path"] for e in control} == {PREFIX + m for m in CONTROL_METHODS}
+    assert all(e["route"]["cluster"] == LOCAL_CLUSTER for e in [entries[0], *control])
+    assert max(names.index(e["name"]) for e in control) < names.index("default-upstream")  # before the catch-all
+
+
+def test_admission_bounds_bytes_in_flight_but_always_admits_one() -> None:
+    gate = Admission(requests=10, streams=1, limit_bytes=100)
+    gate.enter(size=150)  # alone: admitted even above the budget
+    with pytest.raises(RpcAbort, match="150 bytes of requests in flight.*server.max_in_flight_bytes 100"):
+        gate.enter(size=1)
+    gate.leave(size=150)
+    gate.enter(size=60)
+    gate.enter(size=40)
+    with pytest.raises(RpcAbort):
+        gate.enter(size=1)
+    assert gate.bytes == 100
