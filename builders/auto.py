@@ -19,6 +19,7 @@ import onnx
 
 from builders.calib_data import Dataset
 from builders.calibrate import Calibration
+from builders.memory_budget import validation_batch
 from builders.prepare import BuildData, PreparedOnnx, prepare_onnx
 from builders.qdq_placement import TRT_QUANTIZED_OPS
 from builders.quantize import prepare_model
@@ -88,12 +89,13 @@ def layer_sensitivity(
 ) -> dict[str, float]:
     """Output MSE vs FP32 with only one layer quantized, per compute layer (higher = more sensitive)."""
     all_nodes = [n.name for n in prepare_model(model).model.graph.node]
-    reference, _ = predict(make_session(request.model), data, 256)
+    batch = validation_batch(calibration.bytes_per_sample, request.int8.calib_memory)
+    reference, _ = predict(make_session(request.model), data, batch)
     scores: dict[str, float] = {}
     for layer in compute_layers(model):
         others = [n for n in all_nodes if n != layer]
         prepared = prepare_onnx(request, model, "int8", workdir, calibration=calibration, exclude_nodes=others)
-        outputs, _ = predict(make_session(prepared.path), data, 256)
+        outputs, _ = predict(make_session(prepared.path), data, batch)
         scores[layer] = compare(reference, outputs, [])["mse"]
         prepared.path.unlink()
     logger.info("layer sensitivity: %s", scores)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import onnx
 
 from builders.auto import search_precision
 from builders.inspection import ModelInfo
+from builders.memory_budget import validation_batch
 from builders.model_config import ARTIFACTS
 from builders.prepare import BuildData, PreparedOnnx, cache_root, load_build_data, prepare_onnx, run_calibration
 from builders.publish import publish_artifact
@@ -48,6 +50,7 @@ def build_quantized(
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
         workdir = Path(tmp)
         calibration = run_calibration(request, model, info, opts, data.calibration)
+        opts = replace(opts, eval_batch=validation_batch(calibration.bytes_per_sample, opts.calib_memory))
         notes += [f"tensor {n!r} stays in float: {r}" for n, r in calibration.skipped.items()]
         if request.precision == "auto":
             chosen, validation, extra_files, details = search_precision(

@@ -77,7 +77,7 @@ def cache_root(request: BuildRequest, opts: Int8Options) -> Path:
 
 def run_calibration(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, opts: Int8Options,
                     data: Dataset) -> Calibration:  # fmt: skip
-    settings = CalibrationSettings(opts.calib_method, opts.percentile, opts.calib_batch)
+    settings = CalibrationSettings(opts.calib_method, opts.percentile, opts.calib_batch, memory=opts.calib_memory)
     result = calibrate(model, info.sha256, data, settings, cache_root(request, opts))
     if opts.amax_scale != 1.0:
         logger.warning("every calibrated amax is scaled by %g: this calibration is deliberately wrong", opts.amax_scale)

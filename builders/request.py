@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.inspection import ModelInfo
+from builders.memory_budget import DEFAULT_CALIB_MEMORY
 from builders.repository import Published
 from builders.thresholds import DEFAULT_PERCENTILE, METHODS
 from builders.validate import DEFAULT_MAX_DROP, METRICS, GateSettings
@@ -39,9 +40,11 @@ class Int8Options:
     amax_scale: float = 1.0  # != 1 only to demonstrate the gate (a deliberately bad calibration)
     cache_dir: Path | None = None
     preprocess: str | None = None
-    calib_batch: int = 32
+    calib_batch: int = 32  # the largest calibration batch; --calib-memory may choose a smaller one
+    calib_memory: int = DEFAULT_CALIB_MEMORY  # bytes of activations one calibration/validation batch may hold
     repeats: int = 30
     eval_fraction: float = 0.3
+    eval_batch: int = 64  # samples per validation run; int8 builds lower it to fit --calib-memory
 
     def __post_init__(self) -> None:
         if self.calib_method not in METHODS:
@@ -54,6 +57,8 @@ class Int8Options:
             raise InvalidInputError(f"amax scale must be > 0, got {self.amax_scale}")
         if not 0 < self.eval_fraction < 1:
             raise InvalidInputError(f"eval fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.calib_memory < 1 << 20:
+            raise InvalidInputError(f"--calib-memory must be at least 1 MiB, got {self.calib_memory} bytes")
         if self.calib_batch < 1 or self.repeats < 1:
             raise InvalidInputError(
                 f"calibration batch and latency repeats must be >= 1, got {self.calib_batch} and {self.repeats}"
@@ -61,7 +66,9 @@ class Int8Options:
 
     @property
     def gate(self) -> GateSettings:
-        return GateSettings(metric=self.metric, max_drop=self.max_drop, repeats=self.repeats)
+        return GateSettings(
+            metric=self.metric, max_drop=self.max_drop, repeats=self.repeats, batch_size=self.eval_batch
+        )
 
     @property
     def has_data(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from builders.memory_budget import parse_memory
 from builders.request import Int8Options
 from builders.thresholds import METHODS
 from builders.validate import METRICS
@@ -51,6 +52,11 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         "--calib-cache", type=Path, default=None,
         help="calibration cache directory (default .kiln-cache/calib beside --repo)",
     )  # fmt: skip
+    group.add_argument(
+        "--calib-memory", default="1GiB",
+        help="memory for one batch of activations in calibration and validation, e.g. 512MiB or 4GiB "
+        "(default 1GiB); the batch size follows from it",
+    )  # fmt: skip
     # gate demos only:
     group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
@@ -68,4 +74,5 @@ def int8_options(args: argparse.Namespace) -> Int8Options:
         preprocess=args.preprocess,
         cache_dir=args.calib_cache,
         amax_scale=args.amax_scale,
+        calib_memory=parse_memory(args.calib_memory),
     )
