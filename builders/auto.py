@@ -26,6 +26,8 @@ from builders.quantize import prepare_model
 from builders.request import BuildRequest, Int8Options
 from builders.validate import (
     Validation,
+    attention_mask_input,
+    batch_masks,
     choose_fastest,
     compare,
     latency_batches,
@@ -75,6 +77,7 @@ def _metric_value(v: Validation) -> float:
         "accuracy": m.get("accuracy_candidate", 0.0),
         "top1": m["top1_agreement"],
         "cosine": m["cosine"],
+        "pooled-cosine": m.get("pooled_cosine", 0.0),
         "mse": m["mse"],
     }[v.metric]
 
@@ -90,13 +93,14 @@ def layer_sensitivity(
     """Output MSE vs FP32 with only one layer quantized, per compute layer (higher = more sensitive)."""
     all_nodes = [n.name for n in prepare_model(model).model.graph.node]
     batch = validation_batch(calibration.bytes_per_sample, request.int8.calib_memory)
+    masks = batch_masks(data, batch, attention_mask_input(data))
     reference, _ = predict(make_session(request.model), data, batch)
     scores: dict[str, float] = {}
     for layer in compute_layers(model):
         others = [n for n in all_nodes if n != layer]
         prepared = prepare_onnx(request, model, "int8", workdir, calibration=calibration, exclude_nodes=others)
         outputs, _ = predict(make_session(prepared.path), data, batch)
-        scores[layer] = compare(reference, outputs, [])["mse"]
+        scores[layer] = compare(reference, outputs, [], masks)["mse"]
         prepared.path.unlink()
     logger.info("layer sensitivity: %s", scores)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))

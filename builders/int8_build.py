@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 
 from builders.auto import search_precision
+from builders.dynamic_quant import search_dynamic
 from builders.inspection import ModelInfo
 from builders.memory_budget import validation_batch
 from builders.model_config import ARTIFACTS
@@ -47,6 +48,8 @@ def build_quantized(
         )
     data = load_build_data(request, info, opts)
     notes = [*warnings, *data.warnings]
+    if opts.mode == "dynamic":
+        return _build_dynamic(request, model, info, batch, data, notes)
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
         workdir = Path(tmp)
         calibration = run_calibration(request, model, info, opts, data.calibration)
@@ -74,6 +77,33 @@ def build_quantized(
             files.update(chosen.calibration.files)
         published = _publish(request, info, artifact, batch, chosen, validation, gate, files, data, details)
     return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), **details})
+
+
+def _build_dynamic(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, batch: int, data: BuildData,
+                   notes: list[str]) -> BuildResult:  # fmt: skip
+    """``--int8-mode dynamic``: no calibration; the weight layers whose error is worst go back to float
+    one at a time until the gate passes (at most ``MAX_FLOAT_LAYERS``)."""
+    opts = request.int8
+    with tempfile.TemporaryDirectory(prefix="kiln-int8-dynamic-") as tmp:
+        workdir = Path(tmp)
+        found = search_dynamic(request.model, model, data.evaluation, opts.gate, workdir)
+        validation = validate(request.model, found.chosen.path, data.evaluation, opts.gate, batch)
+        details = {**found.chosen.details, "steps": list(found.tried)}
+        chosen = PreparedOnnx(found.chosen.path, "int8", request.target, None, found.chosen.notes, details)
+        notes += list(chosen.notes)
+        if found.chosen.float_layers:
+            notes.append(f"kept {len(found.chosen.float_layers)} layer(s) in float to meet the gate: "
+                         f"{', '.join(found.chosen.float_layers)}")  # fmt: skip
+        report = workdir / REPORT_FILE
+        report.write_text(_report(request, chosen, validation, data, {}))
+        gate = _gate_record(validation, opts)
+        if not validation.passed and not opts.skip_gate:
+            check_gate(validation, request.precision, None, _keep_rejected_report(request, opts, report), "dynamic")
+        if not validation.passed:
+            notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
+        artifact = _artifact(chosen, workdir)
+        published = _publish(request, info, artifact, batch, chosen, validation, gate, {REPORT_FILE: report}, data, {})
+    return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), "dynamic": details})
 
 
 def _keep_rejected_report(request: BuildRequest, opts: Int8Options, report: Path) -> Path:
@@ -125,6 +155,18 @@ def _publish(request: BuildRequest, info: ModelInfo, artifact: Path, batch: int,
     )  # fmt: skip
 
 
+def summarize_by_reason(reasons: dict[str, str], shown: int = 3) -> str:
+    """``12 tensor(s): 9 no calibrated range (a, b, c, ...); 3 ...`` -- the full list is in kiln.json."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in sorted(reasons.items()):
+        groups.setdefault(reason, []).append(name)
+    parts = [
+        f"{len(names)} {reason} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+        for reason, names in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    ]
+    return f"{len(reasons)} tensor(s): " + "; ".join(parts) + " -- full list in kiln.json (build.quantization)"
+
+
 def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation, data: BuildData,
             details: dict[str, Any]) -> str:  # fmt: skip
     cal = chosen.calibration
@@ -136,13 +178,24 @@ def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation,
     if cal is not None:
         facts["calibration"] = (
             f"{cal.method}, {cal.samples} samples, {len(cal.ranges)} tensors, "
-            f"{'reused' if cal.reused else 'computed'}; float tensors: {chosen.details.get('float_tensors', [])}"
+            f"{'reused' if cal.reused else 'computed'}, batches of {cal.batch_size or '?'} under --calib-memory"
+        )
+    reasons = chosen.details.get("float_reasons", {})
+    if reasons:
+        facts["float tensors"] = summarize_by_reason(reasons)
+    if chosen.details.get("mode") == "dynamic":
+        kept = chosen.details.get("float_layers", [])
+        facts["INT8 mode"] = (
+            f"dynamic ({chosen.details['scheme']}); {chosen.details['quantized_layers']} layer(s) quantized, "
+            f"{len(kept)} kept in float{': ' + ', '.join(kept) if kept else ''}"
         )
     if "format" in chosen.details:
         facts["ORT integer format"] = f"{chosen.details['format']} ({chosen.details['format_reason']})"
     if request.target == "tensorrt":
         facts["note"] = "validated with ONNX Runtime on the Q/DQ ONNX; TensorRT's kernels can differ slightly"
-    text = report_markdown(f"Kiln validation: {request.triton_name}", validation, facts)
+    tried = None if chosen.details.get("mode") == "dynamic" else request.int8.calib_method
+    text = report_markdown(f"Kiln validation: {request.triton_name}", validation, facts, calib_method=tried,
+                           mode=request.int8.mode)  # fmt: skip
     if details.get("table_markdown"):
         text += "\n## Precision trade-off (--precision auto)\n\n" + details["table_markdown"]
         text += f"\n![accuracy vs latency]({details.get('plot', 'tradeoff.png')})\n"

@@ -48,7 +48,18 @@ class PreparedOnnx:
 
 
 def load_build_data(request: BuildRequest, info: ModelInfo, opts: Int8Options) -> BuildData:
-    """Calibration data and held-out evaluation data (a disjoint split when --eval is absent)."""
+    """Calibration data and held-out evaluation data (a disjoint split when --eval is absent).
+
+    Dynamic INT8 needs no calibration: --eval alone is enough (the calibration part is then empty).
+    """
+    if opts.calib is None and opts.mode == "dynamic" and opts.eval is not None:
+        evaluation = load_dataset(opts.eval, info.inputs, preprocess=ImagePreprocess.parse(opts.preprocess))
+        return BuildData(evaluation, evaluation, str(opts.eval))
+    if opts.calib is None and opts.mode == "dynamic":
+        raise InvalidInputError(
+            "--int8-mode dynamic needs no calibration but held-out data for the accuracy gate: pass --eval DATA.npz "
+            "(or --calib DATA.npz, of which a disjoint 30% is held out)"
+        )
     if opts.calib is None:
         raise InvalidInputError(
             f"--precision {request.precision} needs calibration data: pass --calib DATA.npz "
@@ -117,5 +128,9 @@ def prepare_onnx(
         request.target,
         calibration,
         quantized.notes,
-        {**quantized.details, "float_tensors": sorted({**calibration.skipped, **quantized.skipped})},
+        {
+            **quantized.details,
+            "float_tensors": sorted({**calibration.skipped, **quantized.skipped}),
+            "float_reasons": {**calibration.skipped, **quantized.skipped},
+        },
     )

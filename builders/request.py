@@ -21,6 +21,7 @@ from core.errors import InvalidInputError
 from runtime.tensorrt.plan import HARDWARE_COMPAT, INT8_MODES
 
 PRECISIONS = ("fp32", "fp16", "int8", "auto")
+INT8_QUANT_MODES = ("static", "dynamic")
 TARGETS = ("ort", "tensorrt")
 MAX_INSTANCES = 128  # instance_group count; beyond this a typo exhausts the serving machine's memory
 DEFAULT_REPO = Path("model_repository")
@@ -45,10 +46,13 @@ class Int8Options:
     repeats: int = 30
     eval_fraction: float = 0.3
     eval_batch: int = 64  # samples per validation run; int8 builds lower it to fit --calib-memory
+    mode: str = "static"  # "static": calibrated activation ranges; "dynamic": ranges per run (ORT only)
 
     def __post_init__(self) -> None:
         if self.calib_method not in METHODS:
             raise InvalidInputError(f"--calib-method must be one of {list(METHODS)}, got {self.calib_method!r}")
+        if self.mode not in INT8_QUANT_MODES:
+            raise InvalidInputError(f"--int8-mode must be one of {list(INT8_QUANT_MODES)}, got {self.mode!r}")
         if self.metric is not None and self.metric not in METRICS:
             raise InvalidInputError(f"--metric must be one of {list(METRICS)}, got {self.metric!r}")
         if not math.isfinite(self.max_drop) or self.max_drop < 0:

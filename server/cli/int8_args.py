@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from builders.memory_budget import parse_memory
-from builders.request import Int8Options
+from builders.request import INT8_QUANT_MODES, Int8Options
 from builders.thresholds import METHODS
 from builders.validate import METRICS
 
@@ -57,6 +57,11 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory for one batch of activations in calibration and validation, e.g. 512MiB or 4GiB "
         "(default 1GiB); the batch size follows from it",
     )  # fmt: skip
+    group.add_argument(
+        "--int8-mode", default=DEFAULTS.mode, choices=INT8_QUANT_MODES,
+        help="static (default): activation ranges calibrated from --calib; dynamic (--target ort only): "
+        "int8 weights, activations quantized at run time, no calibration (transformer encoders); --eval gates it",
+    )  # fmt: skip
     # gate demos only:
     group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
@@ -75,4 +80,5 @@ def int8_options(args: argparse.Namespace) -> Int8Options:
         cache_dir=args.calib_cache,
         amax_scale=args.amax_scale,
         calib_memory=parse_memory(args.calib_memory),
+        mode=args.int8_mode,
     )
