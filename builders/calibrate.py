@@ -17,7 +17,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,25 +243,61 @@ def calibrate(
     console: Console | None = None,
 ) -> Calibration:
     """Calibrated ranges for ``model`` on ``dataset``, reusing a cached result when one matches."""
-    if settings.method not in METHODS:
-        raise InvalidInputError(f"--calib-method {settings.method!r} is unknown; choose one of {list(METHODS)}")
+    return calibrate_each(model, model_sha256, dataset, settings, (settings.method,), cache_root, console=console)[
+        settings.method
+    ]
+
+
+def calibrate_each(
+    model: onnx.ModelProto,
+    model_sha256: str,
+    dataset: Dataset,
+    settings: CalibrationSettings,
+    methods: Sequence[str],
+    cache_root: Path,
+    *,
+    console: Console | None = None,
+) -> dict[str, Calibration]:
+    """One calibration per threshold method, all from a single histogram pass over ``dataset``.
+
+    Each method's result is cached on its own (and reused when model, data and method match); the
+    FP32 model runs over the data once at most, whatever the number of methods.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InvalidInputError(f"--calib-method {unknown[0]!r} is unknown; choose one of {list(METHODS)} or auto")
     if not 0 < settings.percentile <= 100:
         raise InvalidInputError(f"--percentile must be in (0, 100], got {settings.percentile}")
     if cache_root.exists() and not cache_root.is_dir():
         raise RepositoryError(
             f"calibration cache {str(cache_root)!r} is a file; pass a directory with --calib-cache"
         )
-    directory = cache_root / f"{model_sha256[:16]}-{dataset.sha256[:16]}-{settings.key}"
-    cached = _load_cached(directory, settings, model_sha256, dataset.sha256)
-    if cached is not None:
-        logger.info("reusing calibration in %s", directory)
-        return cached
+    results: dict[str, Calibration] = {}
+    missing: dict[str, CalibrationSettings] = {}
+    for method in methods:
+        each = replace(settings, method=method)
+        directory = cache_root / f"{model_sha256[:16]}-{dataset.sha256[:16]}-{each.key}"
+        cached = _load_cached(directory, each, model_sha256, dataset.sha256)
+        if cached is not None:
+            logger.info("reusing calibration in %s", directory)
+            results[method] = cached
+        else:
+            missing[method] = each
+    if not missing:
+        return results
     start = time.perf_counter_ns()
-    tensors = calibration_tensors(model)
     collected = collect_histograms(
-        model, dataset, tensors, batch_size=settings.batch_size, memory=settings.memory, num_bins=settings.num_bins,
-        console=console,
+        model, dataset, calibration_tensors(model), batch_size=settings.batch_size, memory=settings.memory,
+        num_bins=settings.num_bins, console=console,
     )  # fmt: skip
+    seconds = (time.perf_counter_ns() - start) / 1e9
+    for method, each in missing.items():
+        results[method] = _from_histograms(collected, each, model_sha256, dataset, cache_root, seconds)
+    return {m: results[m] for m in methods}
+
+
+def _from_histograms(collected: Collected, settings: CalibrationSettings, model_sha256: str, dataset: Dataset,
+                     cache_root: Path, seconds: float) -> Calibration:  # fmt: skip
     histograms = collected.histograms
     amaxes, skipped = choose_amaxes(histograms, settings.method, percentile=settings.percentile)
     for name, reason in skipped.items():
@@ -278,8 +314,8 @@ def calibrate(
         data_sha256=dataset.sha256,
         samples=len(dataset),
         num_bins=settings.num_bins,
-        directory=directory,
-        seconds=(time.perf_counter_ns() - start) / 1e9,
+        directory=cache_root / f"{model_sha256[:16]}-{dataset.sha256[:16]}-{settings.key}",
+        seconds=seconds,
         extra={"percentile": settings.percentile} if settings.method == "percentile" else {},
         batch_size=collected.batch_size,
         bytes_per_sample=collected.bytes_per_sample,

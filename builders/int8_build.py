@@ -16,11 +16,12 @@ from typing import Any
 import onnx
 
 from builders.auto import search_precision
+from builders.calibrate import Calibration
 from builders.dynamic_quant import search_dynamic
 from builders.inspection import ModelInfo
 from builders.memory_budget import validation_batch
 from builders.model_config import ARTIFACTS
-from builders.prepare import BuildData, PreparedOnnx, cache_root, load_build_data, prepare_onnx, run_calibration
+from builders.prepare import BuildData, PreparedOnnx, cache_root, load_build_data, prepare_onnx, run_calibrations
 from builders.publish import publish_artifact
 from builders.repository import Published
 from builders.request import BuildRequest, BuildResult, Int8Options
@@ -52,8 +53,10 @@ def build_quantized(
         return _build_dynamic(request, model, info, batch, data, notes)
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
         workdir = Path(tmp)
-        calibration = run_calibration(request, model, info, opts, data.calibration)
-        opts = replace(opts, eval_batch=validation_batch(calibration.bytes_per_sample, opts.calib_memory))
+        calibrations = run_calibrations(request, model, info, opts, data.calibration)
+        first = next(iter(calibrations.values()))
+        opts = replace(opts, eval_batch=validation_batch(first.bytes_per_sample, opts.calib_memory))
+        calibration, choice = choose_calibration(request, model, calibrations, data, opts, workdir)
         notes += [f"tensor {n!r} stays in float: {r}" for n, r in calibration.skipped.items()]
         if request.precision == "auto":
             chosen, validation, extra_files, details = search_precision(
@@ -63,6 +66,8 @@ def build_quantized(
             chosen = prepare_onnx(request, model, "int8", workdir, calibration=calibration)
             validation = validate(request.model, chosen.path, data.evaluation, opts.gate, batch)
             extra_files, details = {}, {}
+        if choice:
+            chosen = replace(chosen, details={**chosen.details, "calibration_choice": choice})
         notes += list(chosen.notes)
         report = workdir / REPORT_FILE
         report.write_text(_report(request, chosen, validation, data, details))
@@ -155,6 +160,30 @@ def _publish(request: BuildRequest, info: ModelInfo, artifact: Path, batch: int,
     )  # fmt: skip
 
 
+def choose_calibration(
+    request: BuildRequest, model: onnx.ModelProto, calibrations: dict[str, Calibration], data: BuildData,
+    opts: Int8Options, workdir: Path,
+) -> tuple[Calibration, list[dict[str, Any]]]:
+    """The calibration whose INT8 model is closest to FP32 on the held-out data (gate metric, then MSE).
+
+    With one calibration there is nothing to choose; with several (``--calib-method auto``) each is
+    quantized and validated without latency, and the rows say what each method scored.
+    """
+    if len(calibrations) == 1:
+        return next(iter(calibrations.values())), []
+    rows: list[dict[str, Any]] = []
+    for method, calibration in calibrations.items():
+        prepared = prepare_onnx(request, model, "int8", workdir, calibration=calibration)
+        check = validate(request.model, prepared.path, data.evaluation, opts.gate, 1, latency=False)
+        prepared.path.unlink()
+        rows.append({"method": method, "metric": check.metric, "drop": check.drop, "mse": check.metrics["mse"],
+                     "passed": check.passed})  # fmt: skip
+        logger.info("calibration %s: %s drop %.5f, mse %.3g", method, check.metric, check.drop, check.metrics["mse"])
+    best = min(rows, key=lambda r: (r["drop"], r["mse"]))
+    best["chosen"] = True
+    return calibrations[best["method"]], rows
+
+
 def summarize_by_reason(reasons: dict[str, str], shown: int = 3) -> str:
     """``12 tensor(s): 9 no calibrated range (a, b, c, ...); 3 ...`` -- the full list is in kiln.json."""
     groups: dict[str, list[str]] = {}
@@ -175,6 +204,11 @@ def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation,
         "selected precision": chosen.precision,
         "evaluation data": data.eval_source,
     }
+    choice = chosen.details.get("calibration_choice", [])
+    if choice:
+        facts["calibration method (auto)"] = ", ".join(
+            f"{r['method']} {r['metric']} drop {r['drop']:.4f}{' (chosen)' if r.get('chosen') else ''}" for r in choice
+        )
     if cal is not None:
         facts["calibration"] = (
             f"{cal.method}, {cal.samples} samples, {len(cal.ranges)} tensors, "

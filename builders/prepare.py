@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from builders.calib_data import Dataset, ImagePreprocess, load_dataset
-from builders.calibrate import Calibration, CalibrationSettings, calibrate, scale_ranges, write_calibration
+from builders.calibrate import Calibration, CalibrationSettings, calibrate_each, scale_ranges, write_calibration
 from builders.convert import convert_fp16, optimize_fp32
 from builders.inspection import ModelInfo
 from builders.quantize import choose_ort_format, cpu_flags, quantize_model, save_model
@@ -25,6 +25,8 @@ from builders.request import BuildRequest, Int8Options
 from core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
+
+AUTO_METHODS = ("entropy", "percentile", "minmax")
 
 
 @dataclass(frozen=True)
@@ -86,17 +88,38 @@ def cache_root(request: BuildRequest, opts: Int8Options) -> Path:
     return request.repo.resolve().parent / ".kiln-cache" / "calib"
 
 
+def calibration_methods(request: BuildRequest, opts: Int8Options) -> tuple[str, ...]:
+    """The threshold methods to calibrate: ``auto`` tries all three on the ORT target (each validated,
+    the best kept); TensorRT builds use its own convention, entropy."""
+    if opts.calib_method != "auto":
+        return (opts.calib_method,)
+    return ("entropy",) if request.target == "tensorrt" else AUTO_METHODS
+
+
+def run_calibrations(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, opts: Int8Options,
+                     data: Dataset) -> dict[str, Calibration]:  # fmt: skip
+    """One calibration per method of ``calibration_methods``, from one pass over the data."""
+    settings = CalibrationSettings("entropy", opts.percentile, opts.calib_batch, memory=opts.calib_memory)
+    methods = calibration_methods(request, opts)
+    results = calibrate_each(model, info.sha256, data, settings, methods, cache_root(request, opts))
+    return {method: _scaled(result, opts) for method, result in results.items()}
+
+
 def run_calibration(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, opts: Int8Options,
                     data: Dataset) -> Calibration:  # fmt: skip
-    settings = CalibrationSettings(opts.calib_method, opts.percentile, opts.calib_batch, memory=opts.calib_memory)
-    result = calibrate(model, info.sha256, data, settings, cache_root(request, opts))
-    if opts.amax_scale != 1.0:
-        logger.warning("every calibrated amax is scaled by %g: this calibration is deliberately wrong", opts.amax_scale)
-        extra = {**result.extra, "amax_scale": opts.amax_scale}
-        directory = result.directory.with_name(f"{result.directory.name}-amax-x{opts.amax_scale:g}")
-        ranges = scale_ranges(result.ranges, opts.amax_scale)
-        result = replace(result, ranges=ranges, extra=extra, directory=directory, reused=False)
-        write_calibration(result)  # the published calibration files show the amax actually used
+    """The calibration of the first method (TensorRT builds: the only one)."""
+    return next(iter(run_calibrations(request, model, info, opts, data).values()))
+
+
+def _scaled(result: Calibration, opts: Int8Options) -> Calibration:
+    if opts.amax_scale == 1.0:
+        return result
+    logger.warning("every calibrated amax is scaled by %g: this calibration is deliberately wrong", opts.amax_scale)
+    extra = {**result.extra, "amax_scale": opts.amax_scale}
+    directory = result.directory.with_name(f"{result.directory.name}-amax-x{opts.amax_scale:g}")
+    ranges = scale_ranges(result.ranges, opts.amax_scale)
+    result = replace(result, ranges=ranges, extra=extra, directory=directory, reused=False)
+    write_calibration(result)  # the published calibration files show the amax actually used
     return result
 
 

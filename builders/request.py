@@ -22,6 +22,7 @@ from runtime.tensorrt.plan import HARDWARE_COMPAT, INT8_MODES
 
 PRECISIONS = ("fp32", "fp16", "int8", "auto")
 INT8_QUANT_MODES = ("static", "dynamic")
+CALIB_METHODS = (*METHODS, "auto")
 TARGETS = ("ort", "tensorrt")
 MAX_INSTANCES = 128  # instance_group count; beyond this a typo exhausts the serving machine's memory
 DEFAULT_REPO = Path("model_repository")
@@ -32,7 +33,7 @@ class Int8Options:
     """Calibration, evaluation and gate settings of INT8 and ``auto`` builds (and of gated plans)."""
 
     calib: Path | None = None
-    calib_method: str = "entropy"
+    calib_method: str = "auto"  # a threshold method, or auto: each one tried and validated, the best kept
     percentile: float = DEFAULT_PERCENTILE
     eval: Path | None = None
     max_drop: float = DEFAULT_MAX_DROP
@@ -49,8 +50,8 @@ class Int8Options:
     mode: str = "static"  # "static": calibrated activation ranges; "dynamic": ranges per run (ORT only)
 
     def __post_init__(self) -> None:
-        if self.calib_method not in METHODS:
-            raise InvalidInputError(f"--calib-method must be one of {list(METHODS)}, got {self.calib_method!r}")
+        if self.calib_method not in CALIB_METHODS:
+            raise InvalidInputError(f"--calib-method must be one of {list(CALIB_METHODS)}, got {self.calib_method!r}")
         if self.mode not in INT8_QUANT_MODES:
             raise InvalidInputError(f"--int8-mode must be one of {list(INT8_QUANT_MODES)}, got {self.mode!r}")
         if self.metric is not None and self.metric not in METRICS:

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from builders.memory_budget import parse_memory
-from builders.request import INT8_QUANT_MODES, Int8Options
-from builders.thresholds import METHODS
+from builders.request import CALIB_METHODS, INT8_QUANT_MODES, Int8Options
 from builders.validate import METRICS
 
 DEFAULTS = Int8Options()
@@ -21,8 +20,9 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         "a directory of .npz files, or an image folder",
     )  # fmt: skip
     group.add_argument(
-        "--calib-method", default=DEFAULTS.calib_method, choices=METHODS,
-        help=f"threshold rule (default {DEFAULTS.calib_method})",
+        "--calib-method", default=DEFAULTS.calib_method, choices=CALIB_METHODS,
+        help=f"threshold rule (default {DEFAULTS.calib_method}: entropy, percentile and minmax from one "
+        "calibration pass, each validated, the best kept; TensorRT builds use entropy)",
     )  # fmt: skip
     group.add_argument(
         "--percentile", type=float, default=DEFAULTS.percentile,

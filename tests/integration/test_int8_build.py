@@ -38,7 +38,13 @@ def test_int8_build_is_validated_and_published_with_calibration(tmp_path: Path) 
     assert validation["metric"] == "accuracy" and validation["drop"] <= 0.01
     assert validation["metrics"]["accuracy_candidate"] > 0.95
     assert set(validation["latency_ms"]) == {"1", "32"}
-    assert calibration["method"] == "entropy" and calibration["tensors"] > 5 and not calibration["reused"]
+    assert calibration["tensors"] > 5 and not calibration["reused"]
+    # --calib-method auto (the default): three methods from one pass, each validated, the best kept
+    choice = manifest["build"]["quantization"]["calibration_choice"]
+    assert [r["method"] for r in choice] == ["entropy", "percentile", "minmax"]
+    best = min(choice, key=lambda r: (r["drop"], r["mse"]))
+    assert best.get("chosen") and calibration["method"] == best["method"]
+    assert "calibration method (auto)" in (version / "report.md").read_text()
     for name in ("model.onnx", "report.md", "calibration.json", "calibration.cache"):
         assert (version / name).is_file(), name
     assert "Gate: **PASSED**" in (version / "report.md").read_text()
