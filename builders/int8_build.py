@@ -21,12 +21,22 @@ from builders.dynamic_quant import search_dynamic
 from builders.inspection import ModelInfo
 from builders.memory_budget import validation_batch
 from builders.model_config import ARTIFACTS
-from builders.prepare import BuildData, PreparedOnnx, cache_root, load_build_data, prepare_onnx, run_calibrations
+from builders.op_speed import SLOWER_ABOVE, compute_nodes, slow_nodes
+from builders.prepare import (
+    BuildData,
+    PreparedOnnx,
+    cache_root,
+    load_build_data,
+    op_speed_ratios,
+    prepare_onnx,
+    run_calibrations,
+)
 from builders.publish import publish_artifact
+from builders.quantize import prepare_model
 from builders.repository import Published
 from builders.request import BuildRequest, BuildResult, Int8Options
 from builders.validate import Validation, check_gate, report_markdown, validate
-from core.errors import InvalidInputError
+from core.errors import AccuracyGateError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +61,8 @@ def build_quantized(
     notes = [*warnings, *data.warnings]
     if opts.mode == "dynamic":
         return _build_dynamic(request, model, info, batch, data, notes)
+    if request.precision == "int8":
+        _refuse_if_every_op_is_slower(request, model)
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
         workdir = Path(tmp)
         calibrations = run_calibrations(request, model, info, opts, data.calibration)
@@ -74,6 +86,8 @@ def build_quantized(
         gate = _gate_record(validation, opts)
         if not validation.passed and not opts.skip_gate:
             check_gate(validation, request.precision, opts.calib_method, _keep_rejected_report(request, opts, report))
+        if request.precision == "int8":
+            check_speed(validation, opts, _keep_rejected_report(request, opts, report))
         if not validation.passed:
             notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
         artifact = _artifact(chosen, workdir)
@@ -104,6 +118,7 @@ def _build_dynamic(request: BuildRequest, model: onnx.ModelProto, info: ModelInf
         gate = _gate_record(validation, opts)
         if not validation.passed and not opts.skip_gate:
             check_gate(validation, request.precision, None, _keep_rejected_report(request, opts, report), "dynamic")
+        check_speed(validation, opts, _keep_rejected_report(request, opts, report))
         if not validation.passed:
             notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
         artifact = _artifact(chosen, workdir)
@@ -158,6 +173,41 @@ def _publish(request: BuildRequest, info: ModelInfo, artifact: Path, batch: int,
         request, info, artifact, batch,
         build_extra=build_extra, calibration=calibration, validation=validation_dict, extra_files=files,
     )  # fmt: skip
+
+
+SLOWER_THAN_FP32 = 0.95  # a speedup below this at every measured batch size is "slower than FP32"
+
+
+def check_speed(validation: Validation, opts: Int8Options, report: Path | None = None) -> None:
+    """The speed half of the gate: an INT8 candidate slower than FP32 at every batch size is not
+    published unless the user insists (``--allow-slower``)."""
+    rows = validation.latency_ms
+    if opts.allow_slower or not rows or any(r.get("speedup", 0.0) >= SLOWER_THAN_FP32 for r in rows.values()):
+        return
+    measured = ", ".join(f"batch {b}: {r['speedup']:.2f}x" for b, r in rows.items())
+    raise AccuracyGateError(
+        f"speed gate: this INT8 candidate is slower than FP32 on this CPU ({measured} FP32's speed, interleaved "
+        f"medians); nothing was published. Use --precision fp32 (or --precision auto, which publishes the fastest "
+        f"candidate within budget), or --allow-slower to publish it anyway"
+        + (f". Report: {report}" if report is not None else "")
+    )
+
+
+def _refuse_if_every_op_is_slower(request: BuildRequest, model: onnx.ModelProto) -> None:
+    """Refuse before any calibration when every quantizable op of the model is slower in INT8 here."""
+    if request.int8.allow_slower:
+        return
+    prepared = prepare_model(model).model
+    compute = compute_nodes(prepared)
+    ratios = op_speed_ratios(request)
+    slow = slow_nodes(prepared, ratios)
+    if compute and all(n in slow for n in compute):
+        measured = ", ".join(f"{p} {r:.2f}x" for p, r in sorted(ratios.items()) if r > SLOWER_ABOVE)
+        raise AccuracyGateError(
+            f"speed gate: every quantizable op of this model ({len(compute)} ops) runs slower in INT8 than in FP32 "
+            f"on this CPU (INT8/FP32 latency measured here: {measured}); nothing was published. "
+            "Use --precision fp32, or --allow-slower to build INT8 anyway"
+        )
 
 
 def choose_calibration(

@@ -20,7 +20,8 @@ from builders.calib_data import Dataset, ImagePreprocess, load_dataset
 from builders.calibrate import Calibration, CalibrationSettings, calibrate_each, scale_ranges, write_calibration
 from builders.convert import convert_fp16, optimize_fp32
 from builders.inspection import ModelInfo
-from builders.quantize import choose_ort_format, cpu_flags, quantize_model, save_model
+from builders.op_speed import load_or_measure, slow_nodes
+from builders.quantize import choose_ort_format, cpu_flags, prepare_model, quantize_model, save_model
 from builders.request import BuildRequest, Int8Options
 from core.errors import InvalidInputError
 
@@ -142,9 +143,12 @@ def prepare_onnx(
     if precision != "int8" or calibration is None:
         raise InvalidInputError(f"cannot prepare {precision!r} ONNX (int8 needs a calibration)")
     fmt = choose_ort_format(cpu_flags())
-    quantized = quantize_model(model, calibration.ranges, request.target, exclude_nodes=exclude_nodes, ort_format=fmt)
+    slow = measured_slow_nodes(request, model) if request.target == "ort" else {}
+    excluded = [*exclude_nodes, *(n for n in slow if n not in exclude_nodes)]
+    quantized = quantize_model(model, calibration.ranges, request.target, exclude_nodes=excluded, ort_format=fmt)
     for name, reason in quantized.skipped.items():
         logger.info("tensor %r stays in float: %s", name, reason)
+    kept_float = {f"node {n}": r for n, r in slow.items()}
     return PreparedOnnx(
         save_model(quantized.model, dest),
         precision,
@@ -154,6 +158,21 @@ def prepare_onnx(
         {
             **quantized.details,
             "float_tensors": sorted({**calibration.skipped, **quantized.skipped}),
-            "float_reasons": {**calibration.skipped, **quantized.skipped},
+            "float_reasons": {**calibration.skipped, **quantized.skipped, **kept_float},
+            "slower_in_int8": sorted(slow),
         },
     )
+
+
+def op_speed_ratios(request: BuildRequest) -> dict[str, float]:
+    """INT8/FP32 latency per op pattern on this CPU (measured once per ISA, cached beside the repository)."""
+    fmt = choose_ort_format(cpu_flags())
+    return load_or_measure(cache_root(request, request.int8).parent / "op-speed", cpu_flags(), fmt.name)
+
+
+def measured_slow_nodes(request: BuildRequest, model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes (named as the placement names them) whose pattern runs slower in INT8 on this CPU;
+    none when the user insists (``--allow-slower``)."""
+    if request.int8.allow_slower:
+        return {}
+    return slow_nodes(prepare_model(model).model, op_speed_ratios(request))

@@ -62,6 +62,11 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         help="static (default): activation ranges calibrated from --calib; dynamic (--target ort only): "
         "int8 weights, activations quantized at run time, no calibration (transformer encoders); --eval gates it",
     )  # fmt: skip
+    group.add_argument(
+        "--allow-slower", action="store_true",
+        help="quantize op patterns measured slower in INT8 on this CPU and publish an INT8 model slower than "
+        "FP32 (by default such ops stay float, and a slower INT8 is refused)",
+    )  # fmt: skip
     # gate demos only:
     group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
@@ -81,4 +86,5 @@ def int8_options(args: argparse.Namespace) -> Int8Options:
         amax_scale=args.amax_scale,
         calib_memory=parse_memory(args.calib_memory),
         mode=args.int8_mode,
+        allow_slower=bool(args.allow_slower),
     )
