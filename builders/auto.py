@@ -19,6 +19,7 @@ import onnx
 
 from builders.calib_data import Dataset
 from builders.calibrate import Calibration
+from builders.dynamic_quant import search_dynamic, weight_layers
 from builders.memory_budget import validation_batch
 from builders.prepare import BuildData, PreparedOnnx, prepare_onnx
 from builders.qdq_placement import TRT_QUANTIZED_OPS
@@ -106,6 +107,16 @@ def layer_sensitivity(
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
 
 
+def _dynamic_applies(request: BuildRequest, model: onnx.ModelProto) -> bool:
+    """Dynamic INT8 is worth a candidate on the ORT target when MatMul/Gemm layers make up most of the model."""
+    if request.target != "ort":
+        return False
+    prepared = prepare_model(model).model
+    layers = weight_layers(prepared)
+    convs = sum(1 for n in prepared.graph.node if n.op_type in ("Conv", "ConvTranspose"))
+    return len(layers) >= 2 and len(layers) >= convs
+
+
 def search_precision(
     request: BuildRequest,
     model: onnx.ModelProto,
@@ -127,7 +138,14 @@ def search_precision(
 
     candidates = [evaluate("int8", "int8")]
     sensitivity: dict[str, float] = {}
-    if not candidates[0].validation.passed:
+    if not candidates[0].validation.passed and _dynamic_applies(request, model):
+        found = search_dynamic(request.model, model, data.evaluation, opts.gate, workdir)
+        dynamic = PreparedOnnx(found.chosen.path, "int8", request.target, None, found.chosen.notes,
+                               {**found.chosen.details, "steps": list(found.tried)})  # fmt: skip
+        kept = len(found.chosen.float_layers)
+        label = "int8 dynamic" + (f" ({kept} layer(s) float)" if kept else "")
+        candidates.append(Candidate(label, dynamic, found.chosen.float_layers, found.validation))
+    if not any(c.validation.passed for c in candidates):
         sensitivity = layer_sensitivity(request, model, calibration, data.evaluation, workdir)
         ranked = list(sensitivity)
         for k in range(1, min(len(ranked) - 1, MAX_EXCLUDED) + 1):

@@ -137,3 +137,16 @@ def test_pooled_cosine_without_a_sequence_axis_says_what_to_use(
             "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 2
     assert "use --metric cosine" in " ".join(capsys.readouterr().err.split())
+
+
+def test_auto_tries_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) -> None:
+    calib = _save(tmp_path / "calib.npz", _tokens(24, 12, seed=6))
+    evaluation = _save(tmp_path / "eval.npz", _tokens(16, 12, seed=7))
+    argv = ["build", str(encoder), "--name", "bert", "--repo", str(tmp_path / "repo"), "--precision", "auto",
+            "--calib", str(calib), "--eval", str(evaluation), "--max-accuracy-drop", "0",
+            "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "repo" / "bert-auto-ort" / "1" / "kiln.json").read_text())
+    labels = [row["candidate"] for row in manifest["build"]["auto"]["candidates"]]
+    assert labels[0] == "int8" and any(label.startswith("int8 dynamic") for label in labels)
+    assert labels[-2:] == ["fp16", "fp32"]
