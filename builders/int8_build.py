@@ -26,6 +26,7 @@ from builders.prepare import (
     BuildData,
     PreparedOnnx,
     cache_root,
+    kept_float_nodes,
     load_build_data,
     op_speed_ratios,
     prepare_onnx,
@@ -57,6 +58,7 @@ def build_quantized(
         raise InvalidInputError(
             f"build_quantized makes ONNX Runtime artifacts; --target {request.target} has its own builder"
         )
+    kept_float_nodes(model, opts.keep_float)  # an unknown --keep-float name is refused before any work
     data = load_build_data(request, info, opts)
     notes = [*warnings, *data.warnings]
     if opts.mode == "dynamic":

@@ -20,7 +20,7 @@ from builders.calib_data import Dataset, ImagePreprocess, load_dataset
 from builders.calibrate import Calibration, CalibrationSettings, calibrate_each, scale_ranges, write_calibration
 from builders.convert import convert_fp16, optimize_fp32
 from builders.inspection import ModelInfo
-from builders.op_speed import load_or_measure, slow_nodes
+from builders.op_speed import compute_nodes, load_or_measure, slow_nodes
 from builders.quantize import choose_ort_format, cpu_flags, prepare_model, quantize_model, save_model
 from builders.request import BuildRequest, Int8Options
 from core.errors import InvalidInputError
@@ -144,11 +144,12 @@ def prepare_onnx(
         raise InvalidInputError(f"cannot prepare {precision!r} ONNX (int8 needs a calibration)")
     fmt = choose_ort_format(cpu_flags())
     slow = measured_slow_nodes(request, model) if request.target == "ort" else {}
-    excluded = [*exclude_nodes, *(n for n in slow if n not in exclude_nodes)]
+    asked = kept_float_nodes(model, request.int8.keep_float)
+    excluded = list(dict.fromkeys([*exclude_nodes, *asked, *slow]))
     quantized = quantize_model(model, calibration.ranges, request.target, exclude_nodes=excluded, ort_format=fmt)
     for name, reason in quantized.skipped.items():
         logger.info("tensor %r stays in float: %s", name, reason)
-    kept_float = {f"node {n}": r for n, r in slow.items()}
+    kept_float = {f"node {n}": r for n, r in slow.items()} | {f"node {n}": r for n, r in asked.items()}
     return PreparedOnnx(
         save_model(quantized.model, dest),
         precision,
@@ -162,6 +163,28 @@ def prepare_onnx(
             "slower_in_int8": sorted(slow),
         },
     )
+
+
+def kept_float_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> dict[str, str]:
+    """node -> reason for ``--keep-float``: ``first``/``last`` compute layer (Conv/Gemm/MatMul with constant
+    weights, in graph order) and node names; an unknown name is refused, naming the choices."""
+    if not keep:
+        return {}
+    prepared = prepare_model(model).model
+    compute = compute_nodes(prepared)
+    names = {n.name for n in prepared.graph.node}
+    chosen: dict[str, str] = {}
+    for item in keep:
+        if item in ("first", "last") and compute:
+            chosen[compute[0] if item == "first" else compute[-1]] = f"kept float (--keep-float {item})"
+        elif item in names:
+            chosen[item] = "kept float (--keep-float)"
+        else:
+            raise InvalidInputError(
+                f"--keep-float {item!r} is neither first, last nor a node of this model; compute nodes are "
+                f"{compute[:8]}{' ...' if len(compute) > 8 else ''} (see kiln inspect)"
+            )
+    return chosen
 
 
 def op_speed_ratios(request: BuildRequest) -> dict[str, float]:

@@ -67,6 +67,10 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         help="quantize op patterns measured slower in INT8 on this CPU and publish an INT8 model slower than "
         "FP32 (by default such ops stay float, and a slower INT8 is refused)",
     )  # fmt: skip
+    group.add_argument(
+        "--keep-float", default="",
+        help="comma-separated layers left in float: first, last (compute layers) and/or node names",
+    )  # fmt: skip
     # gate demos only:
     group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
@@ -87,4 +91,5 @@ def int8_options(args: argparse.Namespace) -> Int8Options:
         calib_memory=parse_memory(args.calib_memory),
         mode=args.int8_mode,
         allow_slower=bool(args.allow_slower),
+        keep_float=tuple(x.strip() for x in args.keep_float.split(",") if x.strip()),
     )

@@ -118,3 +118,23 @@ def test_speed_gate_refuses_an_int8_slower_at_every_batch_size() -> None:
         check_speed(validation(0.53, 0.80), Int8Options())
     check_speed(validation(0.53, 1.30), Int8Options())  # faster at the max batch: published
     check_speed(validation(0.53, 0.80), Int8Options(allow_slower=True))  # asked for
+
+
+def test_keep_float_first_and_last_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _separable(tmp_path / "sep.onnx")
+    repo = tmp_path / "repo"
+    _write_ratios(repo, dict.fromkeys(PATTERNS, 0.5))  # every pattern faster here: only --keep-float decides
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).standard_normal((40, 8, 16, 16)).astype(np.float32))
+    argv = ["build", str(model), "--name", "sep", "--precision", "int8", "--repo", str(repo), "--calib",
+            str(tmp_path / "d.npz"), "--skip-gate", "--allow-slower"]  # fmt: skip
+    assert main([*argv, "--keep-float", "first,last"]) == 0
+    quant = json.loads((repo / "sep-int8-ort" / "1" / "kiln.json").read_text())["build"]["quantization"]
+    assert quant["float_reasons"]["node depthwise"] == "kept float (--keep-float first)"
+    assert quant["float_reasons"]["node dense"] == "kept float (--keep-float last)"
+    graph = onnx.load(str(repo / "sep-int8-ort" / "1" / "model.onnx")).graph
+    produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
+    assert convs["depthwise"].input[1] not in produced_by_dq and convs["dense"].input[1] not in produced_by_dq
+    assert convs["pointwise"].input[1] in produced_by_dq  # the middle layer is INT8
+    assert main([*argv, "--keep-float", "no_such_layer"]) == 2
+    assert "--keep-float 'no_such_layer' is neither first, last nor a node" in " ".join(capsys.readouterr().err.split())
