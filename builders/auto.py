@@ -1,8 +1,10 @@
 """``--precision auto``: the fastest candidate within the accuracy budget, and the whole trade-off.
 
-Search order: INT8 everywhere; INT8 with the most sensitive layers kept in float (one more layer
-each step, until within budget); FP16; FP32. Sensitivity of a layer is the output MSE against
-FP32 when *only that layer* is quantized (a continuous signal, unlike accuracy on a small set).
+Search order: INT8 everywhere (one calibration, its threshold method chosen by ``--calib-method
+auto``); dynamic INT8 on MatMul-dominated models; INT8 with the most sensitive layers kept in float
+(one more layer each step, until within budget); FP16; FP32. Sensitivity of a layer is the relative
+error of its own output under INT8, from one FP32 run (``builders.layer_profile``), not a rebuild
+per layer.
 Every candidate is validated; the published one is the candidate within budget with the best
 speedup over FP32 at the max batch (ties: batch 1), measured in the same interleaved runs.
 """
@@ -20,21 +22,17 @@ import onnx
 from builders.calib_data import Dataset
 from builders.calibrate import Calibration
 from builders.dynamic_quant import search_dynamic, weight_layers
-from builders.memory_budget import validation_batch
-from builders.prepare import BuildData, PreparedOnnx, prepare_onnx
+from builders.layer_profile import static_error_profile
+from builders.prepare import BuildData, PreparedOnnx, measured_slow_nodes, prepare_onnx
 from builders.qdq_placement import TRT_QUANTIZED_OPS
 from builders.quantize import prepare_model
 from builders.request import BuildRequest, Int8Options
 from builders.validate import (
     Validation,
-    attention_mask_input,
-    batch_masks,
     choose_fastest,
-    compare,
     latency_batches,
     make_session,
     measure_latency,
-    predict,
     validate,
     with_speedup,
 )
@@ -91,20 +89,11 @@ def compute_layers(model: onnx.ModelProto) -> list[str]:
 def layer_sensitivity(
     request: BuildRequest, model: onnx.ModelProto, calibration: Calibration, data: Dataset, workdir: Path
 ) -> dict[str, float]:
-    """Output MSE vs FP32 with only one layer quantized, per compute layer (higher = more sensitive)."""
-    all_nodes = [n.name for n in prepare_model(model).model.graph.node]
-    batch = validation_batch(calibration.bytes_per_sample, request.int8.calib_memory)
-    masks = batch_masks(data, batch, attention_mask_input(data))
-    reference, _ = predict(make_session(request.model), data, batch)
-    scores: dict[str, float] = {}
-    for layer in compute_layers(model):
-        others = [n for n in all_nodes if n != layer]
-        prepared = prepare_onnx(request, model, "int8", workdir, calibration=calibration, exclude_nodes=others)
-        outputs, _ = predict(make_session(prepared.path), data, batch)
-        scores[layer] = compare(reference, outputs, [], masks)["mse"]
-        prepared.path.unlink()
-    logger.info("layer sensitivity: %s", scores)
-    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+    """Relative output error of each compute layer under static INT8, worst first, from one FP32 run
+    (``builders.layer_profile``); layers the placement keeps float anyway (measured slower) are left out."""
+    slow = measured_slow_nodes(request, model) if request.target == "ort" else {}
+    profile = static_error_profile(model, calibration.ranges, data)
+    return {k: v for k, v in profile.items() if k not in slow}
 
 
 def _dynamic_applies(request: BuildRequest, model: onnx.ModelProto) -> bool:
