@@ -39,11 +39,13 @@ def test_int8_build_is_validated_and_published_with_calibration(tmp_path: Path) 
     assert validation["metrics"]["accuracy_candidate"] > 0.95
     assert set(validation["latency_ms"]) == {"1", "32"}
     assert calibration["tensors"] > 5 and not calibration["reused"]
-    # --calib-method auto (the default): three methods from one pass, each validated, the best kept
+    # --calib-method auto (the default): three methods from one pass, each validated, then the best
+    # one with bias correction; the closest to FP32 is kept
     choice = manifest["build"]["quantization"]["calibration_choice"]
-    assert [r["method"] for r in choice] == ["entropy", "percentile", "minmax"]
+    methods = [r["method"] for r in choice]
+    assert methods[:3] == ["entropy", "percentile", "minmax"] and methods[3].endswith(" + bias correction")
     best = min(choice, key=lambda r: (r["drop"], r["mse"]))
-    assert best.get("chosen") and calibration["method"] == best["method"]
+    assert best.get("chosen") and best["method"].startswith(calibration["method"])
     assert "calibration method (auto)" in (version / "report.md").read_text()
     for name in ("model.onnx", "report.md", "calibration.json", "calibration.cache"):
         assert (version / name).is_file(), name
