@@ -6,6 +6,7 @@ TensorRT builder (``builders.tensorrt_build``) uses too; the artifact here is th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from builders.bias_correction import apply as apply_bias_correction
 from builders.bias_correction import bias_corrections
 from builders.calibrate import Calibration
 from builders.dynamic_quant import search_dynamic
+from builders.equalization import equalize
 from builders.inspection import ModelInfo
 from builders.memory_budget import validation_batch
 from builders.model_config import ARTIFACTS
@@ -67,9 +69,14 @@ def build_quantized(
         return _build_dynamic(request, model, info, batch, data, notes)
     if request.precision == "int8":
         _refuse_if_every_op_is_slower(request, model)
+    calib_info = info
+    if opts.equalize:
+        model, pairs = equalize(model)
+        notes.append(f"cross-layer equalization rescaled {pairs} conv pair(s) (FP32 function unchanged)")
+        calib_info = replace(info, sha256=hashlib.sha256(f"{info.sha256}-equalized".encode()).hexdigest())
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
         workdir = Path(tmp)
-        calibrations = run_calibrations(request, model, info, opts, data.calibration)
+        calibrations = run_calibrations(request, model, calib_info, opts, data.calibration)
         first = next(iter(calibrations.values()))
         opts = replace(opts, eval_batch=validation_batch(first.bytes_per_sample, opts.calib_memory))
         calibration, model, choice = choose_calibration(request, model, calibrations, data, opts, workdir)

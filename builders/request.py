@@ -49,6 +49,7 @@ class Int8Options:
     eval_batch: int = 64  # samples per validation run; int8 builds lower it to fit --calib-memory
     mode: str = "static"  # "static": calibrated activation ranges; "dynamic": ranges per run (ORT only)
     allow_slower: bool = False  # quantize ops measured slower in INT8, and publish an INT8 slower than FP32
+    equalize: bool = False  # cross-layer equalization of conv pairs before calibration
     keep_float: tuple[str, ...] = ()  # "first", "last" (compute layers) and/or node names left in float
 
     def __post_init__(self) -> None:

@@ -71,6 +71,11 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep-float", default="",
         help="comma-separated layers left in float: first, last (compute layers) and/or node names",
     )  # fmt: skip
+    group.add_argument(
+        "--equalize", action="store_true",
+        help="cross-layer equalization before calibration: rescale conv -> (ReLU) -> conv channel pairs so "
+        "per-channel weight ranges even out (FP32 outputs unchanged)",
+    )  # fmt: skip
     # gate demos only:
     group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
@@ -91,5 +96,6 @@ def int8_options(args: argparse.Namespace) -> Int8Options:
         calib_memory=parse_memory(args.calib_memory),
         mode=args.int8_mode,
         allow_slower=bool(args.allow_slower),
+        equalize=bool(args.equalize),
         keep_float=tuple(x.strip() for x in args.keep_float.split(",") if x.strip()),
     )

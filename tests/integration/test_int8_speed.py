@@ -138,3 +138,28 @@ def test_keep_float_first_and_last_layers(tmp_path: Path, capsys: pytest.Capture
     assert convs["pointwise"].input[1] in produced_by_dq  # the middle layer is INT8
     assert main([*argv, "--keep-float", "no_such_layer"]) == 2
     assert "--keep-float 'no_such_layer' is neither first, last nor a node" in " ".join(capsys.readouterr().err.split())
+
+
+def test_equalize_flag_rescales_relu_conv_pairs_and_keeps_the_gate(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * np.logspace(-2, 1, 8)[:, None, None, None])
+                                     .astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2")]  # fmt: skip
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]  # fmt: skip
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16, 16])
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))  # fmt: skip
+    repo = tmp_path / "repo"
+    _write_ratios(repo, dict.fromkeys(PATTERNS, 0.5))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 8, 16, 16)).astype(np.float32))
+    argv = ["build", str(tmp_path / "m.onnx"), "--name", "eq", "--precision", "int8", "--repo", str(repo),
+            "--calib", str(tmp_path / "d.npz"), "--skip-gate", "--allow-slower", "--equalize"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((repo / "eq-int8-ort" / "1" / "kiln.json").read_text())
+    captured = capsys.readouterr()
+    assert "cross-layer equalization rescaled 1 conv pair(s)" in " ".join((captured.out + captured.err).split())
+    assert manifest["validation"]["metrics"]["cosine"] > 0.99
