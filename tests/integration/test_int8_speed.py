@@ -140,8 +140,9 @@ def test_keep_float_first_and_last_layers(tmp_path: Path, capsys: pytest.Capture
     assert "--keep-float 'no_such_layer' is neither first, last nor a node" in " ".join(capsys.readouterr().err.split())
 
 
-def test_equalize_flag_rescales_relu_conv_pairs_and_keeps_the_gate(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_equalize_flag_rescales_relu_conv_pairs_and_keeps_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * np.logspace(-2, 1, 8)[:, None, None, None])
                                      .astype(np.float32), "w1"),
