@@ -9,7 +9,7 @@
 Also ``mlp`` (two 2048x2048 MatMuls): weight-bound, a batch of 16 costs about what one sample
 costs, the case dynamic batching exists for.
 
-Goals (issue): throughput at concurrency 16 with batching / without >= 2x; p99 at concurrency 1
+Goals: throughput at concurrency 16 with batching / without >= 2x; p99 at concurrency 1
 with / without <= 1.1x. Both servers serve the same repository (one instance, one ONNX Runtime
 thread); the second is started with ``--no-batching``. Measurements alternate between the two
 servers so that background load on this shared machine hits both alike; the best round of each is

@@ -31,7 +31,7 @@ from builders.convert import optimize_fp32  # noqa: E402
 from builders.examples import example_data_path, example_model_path  # noqa: E402
 from builders.inspection import describe_model, load_model  # noqa: E402
 from builders.quantize import OrtFormat, choose_ort_format, cpu_flags, quantize_model, save_model  # noqa: E402
-from builders.validate import compare, latency_batches, make_session, measure_latency, predict  # noqa: E402
+from builders.validate import compare, latency_batches, make_runner, measure_latency, predict  # noqa: E402
 
 MAX_BATCH = 32
 FORMATS = {
@@ -55,7 +55,7 @@ def run(seconds: float, threads: int) -> dict[str, Any]:
             paths[f"int8 {name}"] = save_model(quantized, work / f"{name}.onnx")
         trt = quantize_model(model, calibration.ranges, "tensorrt").model
         paths["int8 tensorrt-placement"] = save_model(trt, work / "trt.onnx")
-        sessions = {k: make_session(p, threads) for k, p in paths.items()}
+        sessions = {k: make_runner(p, threads) for k, p in paths.items()}
         reference, labels = predict(sessions["fp32"], held, 256)
         accuracy = {}
         for name, session in sessions.items():

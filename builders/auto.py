@@ -31,7 +31,7 @@ from builders.validate import (
     Validation,
     choose_fastest,
     latency_batches,
-    make_session,
+    make_runner,
     measure_latency,
     validate,
     with_speedup,
@@ -165,10 +165,14 @@ def search_precision(
 def time_together(
     request: BuildRequest, candidates: list[Candidate], data: Dataset, opts: Int8Options, batch: int
 ) -> list[Candidate]:
-    """Latency of every candidate and the reference in one interleaved measurement."""
-    sessions = {"reference": make_session(request.model)}
-    sessions.update({c.label: make_session(c.prepared.path) for c in candidates})
-    timings = measure_latency(sessions, latency_batches(data, batch), opts.repeats)
+    """Latency of every candidate and the reference in one interleaved measurement (serving's threads)."""
+    runners = {"reference": make_runner(request.model)}
+    try:
+        runners.update({c.label: make_runner(c.prepared.path) for c in candidates})
+        timings = measure_latency(runners, latency_batches(data, batch), opts.repeats)
+    finally:
+        for runner in runners.values():
+            runner.close()
     timed = []
     for c in candidates:
         latency = {size: with_speedup(row["reference"], row[c.label]) for size, row in timings.items()}

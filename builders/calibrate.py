@@ -16,7 +16,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 RANGES_FILE = "ranges.json"
 CALIBRATION_FILE = "calibration.json"
 TRT_CACHE_FILE = "calibration.cache"
-RangeHook = Callable[[dict[str, TensorRange]], dict[str, TensorRange]]
 
 
 @dataclass(frozen=True)

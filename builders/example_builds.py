@@ -11,14 +11,18 @@ from builders.request import BuildRequest, BuildResult, Int8Options
 BAD_AMAX_SCALE = 0.05  # every threshold at 5% of its calibrated value: heavy clipping
 
 
-def build_example_int8(repo: Path, *, name: str = "digits", cache_dir: Path | None = None) -> BuildResult:
+def build_example_int8(
+    repo: Path, *, name: str = "digits", cache_dir: Path | None = None, calib: Path | None = None
+) -> BuildResult:
     """INT8 (``--target ort``) of the example, gated and published with ``report.md``.
 
     Equivalent to ``kiln build digits.onnx --name NAME --precision int8 --calib digits_heldout.npz``
     (a disjoint 30% of the data is held out for validation). The Triton model is ``NAME-int8-ort``;
-    ``result.published.path / "report.md"`` is the validation report.
+    ``result.published.path / "report.md"`` is the validation report. ``calib``: other calibration
+    data (default the bundled held-out set); a rebuild publishes the next version.
     """
-    return build_model(_request(repo, name, Int8Options(calib=example_data_path(), cache_dir=cache_dir)))
+    options = Int8Options(calib=calib or example_data_path(), cache_dir=cache_dir)
+    return build_model(_request(repo, name, options))
 
 
 def build_example_bad_int8(

@@ -58,3 +58,12 @@ def example_metadata() -> dict[str, Any]:
             "JSON object; regenerate it with 'python examples/digits/train.py'"
         )
     return metadata
+
+
+TINY_DECODER_FILE = "tiny_decoder.onnx"
+
+
+def tiny_decoder_path() -> Path:
+    """Path of the tiny random-weight llama-style decoder with KV cache (byte tokenizer, context 256),
+    written by ``examples/llm/export_tiny_decoder.py``."""
+    return _bundled(TINY_DECODER_FILE)

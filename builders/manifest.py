@@ -54,8 +54,12 @@ def build_manifest(
     calibration: dict[str, Any] | None = None,
     validation: dict[str, Any] | None = None,
     tools: dict[str, str] | None = None,
+    replaces: int | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict; ``version`` is filled in by publish once it is allocated."""
+    """The manifest dict; ``version`` is filled in by publish once it is allocated.
+
+    ``replaces``: the version that was the newest when this one was built (None for the first).
+    """
     return {
         "format": FORMAT_VERSION,
         "model": model_name,
@@ -70,6 +74,7 @@ def build_manifest(
         "calibration": calibration,
         "validation": validation,
         "files": files,
+        "replaces": replaces,
     }
 
 

@@ -108,6 +108,66 @@ def _apply_version_policy(config: mc.ModelConfig, policy: str) -> None:
         ) from err
 
 
+DEFAULT_KEEP_VERSIONS = "2"  # a new version is published beside the one serving, so a canary can compare them
+
+
+def parse_keep_versions(text: str) -> str:
+    """``--keep-versions N|all|specific:1,3`` as a version policy: ``latest:N``, ``all`` or ``specific:1,3``."""
+    value = text.strip()
+    if value == "all":
+        return "all"
+    if value.startswith("specific:"):
+        parts = [p.strip() for p in value.removeprefix("specific:").split(",")]
+        if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise InvalidInputError(
+                f"--keep-versions {text!r}: 'specific:' needs version numbers >= 1, e.g. specific:1,2"
+            )
+        return "specific:" + ",".join(str(v) for v in sorted({int(p) for p in parts}))
+    if value.isdigit() and int(value) >= 1:
+        return f"latest:{int(value)}"
+    if value.lstrip("-").isdigit():
+        raise InvalidInputError(
+            f"--keep-versions {text} would serve no version; use 1 (only the newest), 2 (the newest and the one "
+            "before, the default, so a canary can compare them) or more, 'all', or 'specific:1,2'"
+        )
+    raise InvalidInputError(
+        f"--keep-versions {text!r} is not understood; use a number of latest versions (e.g. 2), 'all', or "
+        "'specific:1,2'"
+    )
+
+
+def policy_of(config: mc.ModelConfig) -> str:
+    """A config's version policy in ``--keep-versions`` words (Triton's default: ``latest:1``)."""
+    kind = config.version_policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return "all"
+    if kind == "specific":
+        return "specific:" + ",".join(str(v) for v in sorted(config.version_policy.specific.versions))
+    if kind == "latest":
+        return f"latest:{max(1, int(config.version_policy.latest.num_versions))}"
+    return "latest:1"
+
+
+def served_by_policy(policy: str, available: list[int]) -> list[int]:
+    """Which of ``available`` versions a policy serves (those it names that exist, for ``specific``)."""
+    kind, _, arg = policy.partition(":")
+    ordered = sorted(available)
+    if kind == "all":
+        return ordered
+    if kind == "specific":
+        return [v for v in ordered if v in {int(x) for x in arg.split(",")}]
+    return ordered[-max(1, int(arg or "1")) :]
+
+
+def set_version_policy(config: mc.ModelConfig, policy: str) -> mc.ModelConfig:
+    """A copy of ``config`` with ``policy`` (``latest:N``, ``all``, ``specific:1,3``)."""
+    updated = mc.ModelConfig()
+    updated.CopyFrom(config)
+    updated.ClearField("version_policy")
+    _apply_version_policy(updated, policy)
+    return updated
+
+
 def config_text(config: mc.ModelConfig) -> str:
     """The config.pbtxt text of a ModelConfig."""
     return text_format.MessageToString(config)

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builders.quantize import TensorRange, quantize_model, save_model
-from builders.validate import make_session, measure_latency
+from builders.validate import make_runner, measure_latency
 from core.atomic_file import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -112,13 +112,16 @@ def measure_patterns(seconds: float = 0.25) -> dict[str, float]:
         for name, (op, x_shape, w_shape, group) in PATTERNS.items():
             model = _one_node(op, x_shape, w_shape, group, rng)
             x = rng.standard_normal(x_shape).astype(np.float32)
-            y = make_session(model.SerializeToString()).run(None, {"x": x})[0]
-            ranges = {"x": _range(x), "y": _range(y)}
-            quantized = quantize_model(model, ranges, "ort").model
             fp32 = save_model(model, Path(tmp) / f"{name}-fp32.onnx")
-            int8 = save_model(quantized, Path(tmp) / f"{name}-int8.onnx")
-            sessions = {"fp32": make_session(fp32, threads=1), "int8": make_session(int8, threads=1)}
-            timings = measure_latency(sessions, {"1": {"x": x}}, repeats=20, min_seconds=seconds)["1"]
+            runners = {"fp32": make_runner(fp32)}
+            try:
+                y = runners["fp32"].run({"x": x})["y"]
+                quantized = quantize_model(model, {"x": _range(x), "y": _range(y)}, "ort").model
+                runners["int8"] = make_runner(save_model(quantized, Path(tmp) / f"{name}-int8.onnx"))
+                timings = measure_latency(runners, {"1": {"x": x}}, repeats=20, min_seconds=seconds)["1"]
+            finally:
+                for runner in runners.values():
+                    runner.close()
             ratios[name] = round(timings["int8"] / timings["fp32"], 3)
     logger.info("INT8/FP32 latency per op pattern on this CPU: %s", ratios)
     return ratios

@@ -14,15 +14,17 @@ from pathlib import Path
 import onnx
 
 from builders.convert import convert_fp16, optimize_fp32
+from builders.decoder_build import build_decoder, is_decoder
 from builders.hardware import check_build
-from builders.inspection import describe_model, load_model, max_batch_size
+from builders.inspection import ModelInfo, describe_model, load_model, max_batch_size
 from builders.int8_build import build_quantized
-from builders.model_config import ARTIFACTS
+from builders.model_config import ARTIFACTS, parse_keep_versions
 from builders.publish import publish_artifact
 from builders.repository import check_model_name
-from builders.request import MAX_INSTANCES, PRECISIONS, TARGETS, BuildRequest, BuildResult
+from builders.request import MAX_INSTANCES, PRECISIONS, TARGETS, BuildRequest, BuildResult, DecoderOptions
 from builders.tensorrt_build import build_tensorrt
 from builders.tensorrt_plan import parse_shapes
+from builders.version_policy import decide_policy
 from core.errors import InvalidInputError
 from runtime.machine import probe_machine
 
@@ -39,6 +41,8 @@ def check_request(request: BuildRequest) -> None:
     check_model_name(request.triton_name)
     if request.instances < 1:
         raise InvalidInputError(f"--instances must be >= 1, got {request.instances}")
+    if request.keep_versions is not None:
+        parse_keep_versions(request.keep_versions)
     if request.instances > MAX_INSTANCES:
         raise InvalidInputError(
             f"--instances {request.instances} is over {MAX_INSTANCES}; each instance is a full copy of the model "
@@ -68,8 +72,11 @@ def build_model(request: BuildRequest) -> BuildResult:
     check_request(request)
     machine = probe_machine(accelerators=request.target == "tensorrt")
     hardware_warnings = check_build(machine, request.target, request.precision)  # refuse before any work
+    hardware_warnings += decide_policy(request.repo, request.triton_name, request.keep_versions).warnings
     model = load_model(request.model)
     info = describe_model(model, request.model)
+    if request.decoder is not None or is_decoder(model):
+        return _build_decoder(request, info, hardware_warnings)
     batch = max_batch_size(info, request.max_batch)
     if request.target == "tensorrt":
         return build_tensorrt(request, model, info, batch, machine, hardware_warnings)
@@ -84,3 +91,20 @@ def build_model(request: BuildRequest) -> BuildResult:
             onnx.save(convert_fp16(onnx.load(str(fp32))), str(artifact))
         published = publish_artifact(request, info, artifact, batch, build_extra={})
     return BuildResult(published, info, tuple(hardware_warnings))
+
+
+def _build_decoder(request: BuildRequest, info: ModelInfo, warnings: list[str]) -> BuildResult:
+    if request.target != "ort":
+        raise InvalidInputError(
+            f"decoders build for --target ort only (got {request.target!r}); TensorRT decoders are not supported yet"
+        )
+    published, check = build_decoder(
+        request.model,
+        info,
+        name=request.triton_name,
+        precision=request.precision,
+        repo=request.repo,
+        instances=request.instances,
+        options=request.decoder or DecoderOptions(),
+    )
+    return BuildResult(published, info, tuple(warnings), {"token_agreement": check})

@@ -6,6 +6,7 @@ this reader is shared by ``kiln repo``, ``kiln serve`` and the gateway.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from builders.manifest import MANIFEST_NAME, file_checksums, read_manifest
 from builders.model_config import mismatches, parse_config
+from builders.staging import Leftover, find_leftovers, remove_leftover, repository_lock
 from core.errors import InvalidInputError, KilnError, NotFoundError, RepositoryError
 
 CONFIG_NAME = "config.pbtxt"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}\Z", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,15 @@ class Published:
     manifest: dict[str, Any]
 
 
+def is_version_number(text: str) -> bool:
+    """Triton's rule for a version: ASCII decimal digits, not starting with 0 (no sign, space,
+    '_' or other scripts' digits, all of which ``int()`` would accept)."""
+    return bool(_VERSION_RE.match(text))
+
+
 def is_version_dir(path: Path) -> bool:
-    """Triton's rule: a numeric name not starting with 0."""
-    return path.is_dir() and path.name.isdigit() and not path.name.startswith("0")
+    """A version directory: its name is a version number."""
+    return is_version_number(path.name) and path.is_dir()
 
 
 def check_model_name(name: str) -> str:
@@ -146,6 +155,8 @@ def verify_version(entry: ModelEntry, version: VersionInfo) -> list[str]:
 def _config_vs_artifact(entry: ModelEntry, version: VersionInfo, artifact: str) -> list[str]:
     if entry.config is None or not artifact.endswith(".onnx") or not (version.path / artifact).exists():
         return []
+    if entry.config.model_transaction_policy.decoupled:  # a decoder: kiln serve checks its KV layout instead
+        return []
     where = f"{entry.name}/{version.version}"
     return [f"{where}: {p}" for p in _artifact_mismatches(entry.config, version.path / artifact)]
 
@@ -180,15 +191,52 @@ def _missing_external_data(model: Any, artifact: Path) -> list[str]:
 
 
 def verify_repository(repo: Path | str) -> list[str]:
-    """Every problem found in a repository; empty means it verifies."""
+    """Every problem found in a repository; empty means it verifies.
+
+    Stages left by killed publishes are not problems (nothing of them is visible; see
+    ``find_repository_leftovers``), and neither is the model directory an interrupted first
+    publish leaves with no version in it.
+    """
     problems: list[str] = []
     for entry in list_models(repo):
-        if entry.config_error:
+        interrupted = not entry.versions and bool(find_leftovers(entry.path))
+        if entry.config_error and not interrupted:
             problems.append(f"{entry.name}: {entry.config_error}")
         elif entry.config is not None and entry.config.name and entry.config.name != entry.name:
             problems.append(f"{entry.name}: config.pbtxt names the model {entry.config.name!r}")
-        if not entry.versions:
+        if not entry.versions and not interrupted:
             problems.append(f"{entry.name}: no versions")
         for version in entry.versions:
             problems.extend(verify_version(entry, version))
     return problems
+
+
+def find_repository_leftovers(repo: Path | str) -> list[Leftover]:
+    """Stages of publishes that were killed, in every model directory (ones in flight are not listed)."""
+    root = repository_root(repo)
+    found: list[Leftover] = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found.extend(find_leftovers(model_dir))
+    return found
+
+
+def clean_leftovers(repo: Path | str) -> list[Leftover]:
+    """Remove the stages of killed publishes, and model directories that held nothing else; returns them."""
+    root = repository_root(repo)
+    with repository_lock(root):
+        found = find_repository_leftovers(root)
+        for leftover in found:
+            remove_leftover(leftover)
+        for model_dir in {leftover.path.parent for leftover in found}:
+            _remove_interrupted_first_publish(model_dir)
+    return found
+
+
+def _remove_interrupted_first_publish(model_dir: Path) -> None:
+    """A model directory with no version and nothing but config.pbtxt is what a first publish killed
+    before its rename leaves; remove it (a directory with anything else in it is kept)."""
+    if list_versions(model_dir) or {p.name for p in model_dir.iterdir()} - {CONFIG_NAME}:
+        return
+    with contextlib.suppress(OSError):
+        (model_dir / CONFIG_NAME).unlink(missing_ok=True)
+        model_dir.rmdir()

@@ -26,6 +26,7 @@ CALIB_METHODS = (*METHODS, "auto")
 TARGETS = ("ort", "tensorrt")
 MAX_INSTANCES = 128  # instance_group count; beyond this a typo exhausts the serving machine's memory
 DEFAULT_REPO = Path("model_repository")
+DEFAULT_MAX_NEW_TOKENS = 512  # a decoder's bound on max_tokens per request
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,25 @@ class TensorRTOptions:
 
 
 @dataclass(frozen=True)
+class DecoderOptions:
+    """``kiln build --decoder`` settings."""
+
+    tokenizer: Path | None = None  # a tokenizer.json; None: byte-level (token id = UTF-8 byte)
+    max_context: int | None = None  # None: the ONNX metadata max_position_embeddings
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop_token_ids: tuple[int, ...] = ()
+    check_tokens: int = 16  # tokens generated per check prompt when comparing candidate and source
+
+    def __post_init__(self) -> None:
+        if self.max_context is not None and self.max_context < 2:
+            raise InvalidInputError(f"--max-context must be >= 2 tokens, got {self.max_context}")
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.tokenizer is not None and not self.tokenizer.is_file():
+            raise InvalidInputError(f"--tokenizer {str(self.tokenizer)!r} is not a file; give a tokenizer.json")
+
+
+@dataclass(frozen=True)
 class BuildRequest:
     """Everything ``kiln build`` was asked to do; ``builders.pipeline.check_request`` validates it."""
 
@@ -124,6 +144,8 @@ class BuildRequest:
     instances: int = 1
     int8: Int8Options = field(default_factory=Int8Options)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    keep_versions: str | None = None  # --keep-versions for a new model (None: 2, or an existing model's own)
+    decoder: DecoderOptions | None = None  # a decoder with KV cache, served token by token
 
     @property
     def triton_name(self) -> str:

@@ -15,10 +15,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import onnx
 
 from builders.calib_data import ImagePreprocess, load_dataset
@@ -52,7 +50,7 @@ from builders.validate import (
     choose_fastest,
     compare,
     latency_batches,
-    make_session,
+    make_runner,
     measure_latency,
     metric_drop,
     predict,
@@ -60,10 +58,11 @@ from builders.validate import (
 )
 from core.errors import InvalidInputError, KilnError
 from runtime.machine import MachineInfo
+from runtime.runner import Runner
 
 logger = logging.getLogger(__name__)
 
-RunnerFactory = Callable[[Path], Any]  # plan path -> object with run(dict)->dict, output_names, close()
+RunnerFactory = Callable[[Path], Runner]  # plan path -> the runtime's TensorRT runner (a fake in tests)
 EngineBuilder = Callable[..., Any]  # engine.build_engine's signature, returning an EngineBuild
 
 
@@ -198,20 +197,6 @@ def _build_candidate(
     return PlanCandidate(precision, tuple(plans), directory, settings, prepared, None)
 
 
-class RunnerSession:
-    """An embedded runner dressed as an ONNX Runtime session, for builders/validate.py."""
-
-    def __init__(self, runner: Any) -> None:
-        self._runner = runner
-
-    def get_outputs(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(name=n) for n in self._runner.output_names]
-
-    def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = self._runner.run(feed)
-        return [outputs[n] for n in (names or self._runner.output_names)]
-
-
 def _validated(
     candidate: PlanCandidate,
     request: BuildRequest,
@@ -226,18 +211,18 @@ def _validated(
     gate = int8.gate
     mask = attention_mask_input(data.evaluation)
     metric = gate.resolved_metric(data.evaluation.has_labels, mask is not None)
-    reference = make_session(request.model)
+    reference = make_runner(request.model)
     runner = factory(candidate.directory / candidate.plans[0].file)
     try:
-        session = RunnerSession(runner)
         ref_out, labels = predict(reference, data.evaluation, gate.batch_size)
-        cand_out, _ = predict(session, data.evaluation, gate.batch_size)
+        cand_out, _ = predict(runner, data.evaluation, gate.batch_size)
         metrics = compare(ref_out, cand_out, labels, batch_masks(data.evaluation, gate.batch_size, mask))
         timings = measure_latency(
-            {"reference": reference, "candidate": session}, latency_batches(data.evaluation, batch), gate.repeats
+            {"reference": reference, "candidate": runner}, latency_batches(data.evaluation, batch), gate.repeats
         )
     finally:
         runner.close()
+        reference.close()
     latency = {size: with_speedup(row["reference"], row["candidate"]) for size, row in timings.items()}
     validation = Validation(
         metric, gate.max_drop, metric_drop(metrics, metric), metrics, latency, len(data.evaluation),
@@ -296,7 +281,7 @@ def _publish(
 
 
 def _default_runner(machine: MachineInfo) -> RunnerFactory:
-    def factory(plan: Path) -> Any:
+    def factory(plan: Path) -> Runner:
         from runtime.tensorrt.runner import TensorRTRunner
 
         return TensorRTRunner(plan, machine=machine, check_manifest=False)

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from builders.calib_data import Batch, Dataset
-from core.errors import AccuracyGateError, InvalidInputError
+from core.errors import AccuracyGateError, InvalidInputError, KilnError
+from runtime.onnxruntime import OrtRunner
+from runtime.runner import DEFAULT_INTRA_OP_THREADS, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -73,28 +75,22 @@ class Validation:
         return data
 
 
-def make_session(model: Path | bytes, threads: int = 0) -> Any:
-    """A CPU ONNX Runtime session with full graph optimization (what serving uses)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    source = str(model) if isinstance(model, Path) else model
+def make_runner(model: Path, threads: int = DEFAULT_INTRA_OP_THREADS) -> Runner:
+    """The runtime's ONNX Runtime runner, with serving's threading (``kiln serve``'s default), so the
+    latency validated is the latency served; ``threads=0`` lets ONNX Runtime use every core."""
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own untyped errors
-        raise InvalidInputError(f"ONNX Runtime cannot load the candidate for validation: {err}") from err
+        return OrtRunner(Path(model), intra_op_threads=threads, model=Path(model).name)
+    except KilnError as err:
+        raise InvalidInputError(f"ONNX Runtime cannot load the model for validation: {err}") from err
 
 
-def predict(session: Any, dataset: Dataset, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def predict(runner: Runner, dataset: Dataset, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """First-output batches and matching label batches (empty when unlabeled)."""
     outputs: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    first = session.get_outputs()[0].name
+    first = runner.output_names[0]
     for inputs, batch_labels in dataset.batches(batch_size):
-        outputs.append(np.asarray(session.run([first], inputs)[0], dtype=np.float64))
+        outputs.append(np.asarray(runner.run(inputs)[first], dtype=np.float64))
         if batch_labels is not None:
             labels.append(batch_labels)
     return outputs, labels
@@ -226,26 +222,26 @@ def latency_batches(dataset: Dataset, max_batch: int) -> dict[str, Batch]:
 
 
 def measure_latency(
-    sessions: dict[str, Any], batches: dict[str, Batch], repeats: int, min_seconds: float = 0.3
+    runners: dict[str, Runner], batches: dict[str, Batch], repeats: int, min_seconds: float = 0.3
 ) -> dict[str, dict[str, float]]:
-    """Median ms per session and batch size.
+    """Median ms per runner and batch size.
 
-    Sessions are interleaved, in alternating order (ABBA), so drift and noise from other
+    Runners are interleaved, in alternating order (ABBA), so drift and noise from other
     processes hit all alike; at least ``repeats`` rounds, more until ``min_seconds`` have passed
     (tiny models need thousands of runs for a stable median), at most 5000.
     """
     result: dict[str, dict[str, float]] = {}
-    names = list(sessions)
+    names = list(runners)
     for size, inputs in batches.items():
         times: dict[str, list[float]] = {name: [] for name in names}
-        for session in sessions.values():
-            session.run(None, inputs)  # warm-up
+        for runner in runners.values():
+            runner.run(inputs)  # warm-up
         begin = time.perf_counter_ns()
         rounds = 0
         while rounds < max(1, repeats) or (time.perf_counter_ns() - begin < min_seconds * 1e9 and rounds < 5000):
             for name in names if rounds % 2 == 0 else reversed(names):
                 start = time.perf_counter_ns()
-                sessions[name].run(None, inputs)
+                runners[name].run(inputs)
                 times[name].append((time.perf_counter_ns() - start) / 1e6)
             rounds += 1
         result[size] = {name: round(statistics.median(t), 4) for name, t in times.items()}
@@ -254,7 +250,7 @@ def measure_latency(
 
 def validate(
     reference: Path,
-    candidate: Path | bytes,
+    candidate: Path,
     dataset: Dataset,
     settings: GateSettings,
     max_batch: int,
@@ -264,16 +260,19 @@ def validate(
     """Measure ``candidate`` against ``reference`` on ``dataset`` (metrics, and latency unless not asked)."""
     mask = attention_mask_input(dataset)
     metric = settings.resolved_metric(dataset.has_labels, mask is not None)
-    ref_session, cand_session = make_session(reference), make_session(candidate)
-    ref_out, labels = predict(ref_session, dataset, settings.batch_size)
-    cand_out, _ = predict(cand_session, dataset, settings.batch_size)
-    metrics = compare(ref_out, cand_out, labels, batch_masks(dataset, settings.batch_size, mask))
-    del ref_out, cand_out
-    timings: dict[str, dict[str, float]] = {}
-    if latency:
-        sessions = {"reference": ref_session, "candidate": cand_session}
-        timings = measure_latency(sessions, latency_batches(dataset, max_batch), settings.repeats)
-        timings = {size: with_speedup(row["reference"], row["candidate"]) for size, row in timings.items()}
+    runners = {"reference": make_runner(reference), "candidate": make_runner(candidate)}
+    try:
+        ref_out, labels = predict(runners["reference"], dataset, settings.batch_size)
+        cand_out, _ = predict(runners["candidate"], dataset, settings.batch_size)
+        metrics = compare(ref_out, cand_out, labels, batch_masks(dataset, settings.batch_size, mask))
+        del ref_out, cand_out
+        timings: dict[str, dict[str, float]] = {}
+        if latency:
+            timings = measure_latency(runners, latency_batches(dataset, max_batch), settings.repeats)
+            timings = {size: with_speedup(row["reference"], row["candidate"]) for size, row in timings.items()}
+    finally:
+        for runner in runners.values():
+            runner.close()
     drop = metric_drop(metrics, metric)
     logger.info("validation: %s drop %.5f (budget %.5f)", metric, drop, settings.max_drop)
     return Validation(metric, settings.max_drop, drop, metrics, timings, len(dataset), dataset.sha256)

@@ -28,7 +28,7 @@ class ResourceExhaustedError(KilnError):
 
 
 class MissingDependencyError(KilnError):
-    """An optional dependency (TensorRT, pycuda, a GPU) is absent on this machine."""
+    """An optional dependency (TensorRT, Polygraphy, a GPU) is absent on this machine."""
 
 
 class RepositoryError(KilnError):
@@ -47,6 +47,10 @@ class PermissionDeniedError(KilnError):
     """A control-plane request lacked valid credentials."""
 
 
+class UnauthenticatedError(PermissionDeniedError):
+    """The request carried no credentials, or wrong ones (HTTP 401, gRPC UNAUTHENTICATED)."""
+
+
 class ConflictError(KilnError):
     """The request conflicts with current state (e.g. a rollout already running)."""
 
@@ -62,5 +66,6 @@ ALL_ERRORS: tuple[type[KilnError], ...] = (
     AccuracyGateError,
     IncompatibleEngineError,
     PermissionDeniedError,
+    UnauthenticatedError,
     ConflictError,
 )

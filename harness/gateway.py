@@ -118,3 +118,31 @@ def publish_example(repo: Path, name: str, onnx_path: Path, versions: int = 1) -
         for _ in range(versions):
             publish_artifact(request, info, artifact, 32, build_extra={}, serving=serving)
     return request.triton_name
+
+
+def envoy_unusable() -> str | None:
+    """Why the Envoy data plane cannot run here (None when it can): tests skip with this reason."""
+    from core.errors import MissingDependencyError
+    from server.gateway.envoy.binary import find_envoy
+
+    try:
+        find_envoy()
+    except MissingDependencyError as err:
+        return str(err)
+    return None
+
+
+def plane_options(mode: str) -> dict[str, Any]:
+    """start_gateway keyword arguments for a test mode: 'threads'/'aio' (Python data plane) or 'envoy'."""
+    import pytest
+
+    if mode != "envoy":
+        return {"data_plane": "python"}
+    reason = envoy_unusable()
+    if reason is not None:
+        pytest.skip(f"Envoy data plane unavailable: {reason}")
+    return {"data_plane": "envoy"}
+
+
+MODES = ("threads", "aio", "envoy")  # Python data plane (two server flavours) and Envoy
+PLANES = ("python", "envoy")

@@ -52,7 +52,7 @@ class Workload:
         return request.SerializeToString()
 
 
-DIGITS = Workload("digits (issue conditions)", "digits-fp32-ort", "input", (1, 1, 8, 8))
+DIGITS = Workload("digits (small model)", "digits-fp32-ort", "input", (1, 1, 8, 8))
 CNN = Workload("cnn 224x224 (compute-dominated)", "cnn-fp32-ort", "image", (1, 3, 224, 224))
 
 

@@ -1,4 +1,4 @@
-"""What this machine has: CPU ISA, ONNX Runtime, NVIDIA GPUs, TensorRT and pycuda.
+"""What this machine has: CPU ISA, ONNX Runtime, NVIDIA GPUs, TensorRT and Polygraphy.
 
 ``probe_machine`` is I/O at the edge and returns a ``MachineInfo``; parsing is pure and tested on
 recorded ``/proc/cpuinfo`` and ``nvidia-smi`` text. What Kiln decides from it (the support table)
@@ -90,7 +90,7 @@ class MachineInfo:
     gpus: tuple[GpuInfo, ...] = ()
     gpu_source: str = "none"  # "nvml", "nvidia-smi" or "none"
     tensorrt_version: str | None = None
-    pycuda_version: str | None = None
+    polygraphy_version: str | None = None
     notes: tuple[str, ...] = ()
 
     @property
@@ -252,13 +252,13 @@ def probe_tensorrt() -> tuple[str | None, str | None]:
     return str(getattr(tensorrt, "__version__", "unknown")), None
 
 
-def probe_pycuda() -> tuple[str | None, str | None]:
+def probe_polygraphy() -> tuple[str | None, str | None]:
+    """(version, why-not) of ``polygraphy`` (its TensorRT backend loads and runs Kiln's plans)."""
     try:
-        import pycuda
+        import polygraphy
     except (ImportError, OSError) as err:
-        return None, f"pycuda not importable ({err})"
-    version = getattr(pycuda, "VERSION_TEXT", None) or ".".join(str(v) for v in getattr(pycuda, "VERSION", ()))
-    return str(version or "unknown"), None
+        return None, f"polygraphy not importable ({err})"
+    return str(getattr(polygraphy, "__version__", "unknown")), None
 
 
 def probe_onnxruntime() -> tuple[str | None, tuple[str, ...]]:
@@ -272,15 +272,15 @@ def probe_onnxruntime() -> tuple[str | None, tuple[str, ...]]:
 def probe_machine(smi: SmiRunner = _run_nvidia_smi, *, accelerators: bool = True) -> MachineInfo:
     """Probe this machine (bounded: nvidia-smi gets a few seconds at most).
 
-    ``accelerators=False`` skips GPUs, TensorRT and pycuda (enough for a CPU build's decisions).
+    ``accelerators=False`` skips GPUs, TensorRT and Polygraphy (enough for a CPU build's decisions).
     """
     ort_version, providers = probe_onnxruntime()
     if not accelerators:
         return MachineInfo(cpu=probe_cpu(), onnxruntime_version=ort_version, ort_providers=providers)
     gpus, source, notes = probe_gpus(smi)
     trt_version, trt_note = probe_tensorrt()
-    cuda_version, cuda_note = probe_pycuda()
-    extra = tuple(n for n in (trt_note, cuda_note) if n)
+    polygraphy_version, polygraphy_note = probe_polygraphy()
+    extra = tuple(n for n in (trt_note, polygraphy_note) if n)
     return MachineInfo(
         cpu=probe_cpu(),
         onnxruntime_version=ort_version,
@@ -288,7 +288,7 @@ def probe_machine(smi: SmiRunner = _run_nvidia_smi, *, accelerators: bool = True
         gpus=gpus,
         gpu_source=source,
         tensorrt_version=trt_version,
-        pycuda_version=cuda_version,
+        polygraphy_version=polygraphy_version,
         notes=notes + extra,
     )
 
@@ -305,8 +305,8 @@ def missing_for_tensorrt(machine: MachineInfo) -> tuple[str, ...]:
     missing = []
     if machine.tensorrt_version is None:
         missing.append("TensorRT (python package 'tensorrt')")
-    if machine.pycuda_version is None:
-        missing.append("pycuda")
+    if machine.polygraphy_version is None:
+        missing.append("Polygraphy (python package 'polygraphy')")
     if not machine.gpus:
         missing.append("an NVIDIA GPU with a CUDA driver")
     return tuple(missing)

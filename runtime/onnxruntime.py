@@ -15,9 +15,10 @@ logger = logging.getLogger(__name__)
 
 
 class OrtRunner:
-    """A CPU session with ``intra_op_threads`` threads; BYTES tensors cross as bytes objects."""
+    """A CPU session with ``intra_op_threads`` threads (0: ONNX Runtime's default, every core); BYTES
+    tensors cross as bytes objects."""
 
-    def __init__(self, path: Path, *, intra_op_threads: int = 1, model: str = "") -> None:
+    def __init__(self, path: Path, *, intra_op_threads: int, model: str = "") -> None:
         self.model = model or path.parent.parent.name
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads

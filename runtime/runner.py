@@ -16,9 +16,13 @@ import numpy as np
 from core.errors import InvalidInputError, MissingDependencyError
 from runtime.layout import ORT_PLATFORM, TENSORRT_PLATFORM
 
+DEFAULT_INTRA_OP_THREADS = 1  # per instance; serving and validation both use it, so latencies agree
+
 
 class Runner(Protocol):
     """One model instance: thread-confined, called by one worker thread at a time."""
+
+    output_names: tuple[str, ...]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -33,7 +37,7 @@ class RunnerSpec:
     version: int
     platform: str
     artifact: Path
-    intra_op_threads: int = 1
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
     instance_index: int = 0
 
 

@@ -19,17 +19,18 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from builders.repository import list_models
 from core.errors import InvalidInputError, KilnError, NotFoundError, UnavailableError
 from runtime.runner import RunnerFactory, create_runner
-from server.model_store import ModelStore, StoreOptions
-from server.servicer import InferenceServicer
+from server.model_store import CONTROL_MODES, ModelStore, StoreOptions
+from server.repository_watch import RepositoryPoller
+from server.servicer import InferenceServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_MB = 64
+DEFAULT_POLL_S = 15.0  # Triton's --repository-poll-secs default
 SERVICE_NAME = "inference.GRPCInferenceService"
 
 
@@ -45,6 +46,8 @@ class ServerOptions:
     dynamic_batching: bool | None = None  # None: as each config.pbtxt says
     grace_s: float = 10.0
     runner_factory: RunnerFactory = field(default=create_runner)
+    model_control_mode: str = "none"  # as Triton's --model-control-mode: none, poll or explicit
+    poll_s: float = DEFAULT_POLL_S  # poll mode: seconds between repository scans
 
 
 class _Server:
@@ -52,8 +55,12 @@ class _Server:
 
     def __init__(self, repo: Path, options: ServerOptions) -> None:
         self.options = options
-        store_options = StoreOptions(options.intra_op_threads, options.dynamic_batching, options.runner_factory)
+        store_options = StoreOptions(
+            options.intra_op_threads, options.dynamic_batching, options.runner_factory, options.model_control_mode
+        )
         self.store = ModelStore(repo, store_options)
+        self.poller = RepositoryPoller(self.store, options.models) if options.model_control_mode == "poll" else None
+        self._poll_task: asyncio.Task[None] | None = None
         self.ready = False
         self.health = health_aio.HealthServicer()
         limit = options.max_message_bytes
@@ -64,9 +71,7 @@ class _Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.store, is_ready=lambda: self.ready), self.grpc
-        )
+        add_to_server(InferenceServicer(self.store, is_ready=lambda: self.ready), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.port = 0
 
@@ -80,7 +85,11 @@ class _Server:
                 "pick another --port or --host"
             ) from err
         await self.grpc.start()
+        if self.poller is not None:
+            self.poller.remember()  # changes made while the start-up load runs are noticed by the first poll
         await self._load_models()
+        if self.poller is not None:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever(self.poller))
         self.ready = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -111,9 +120,22 @@ class _Server:
         if not names:
             logger.warning("repository %s holds no models; nothing is served until one is loaded", self.store.root)
 
+    async def _poll_forever(self, poller: RepositoryPoller) -> None:
+        while True:
+            await asyncio.sleep(self.options.poll_s)
+            try:
+                changed = await poller.poll()
+            except Exception:  # one bad pass (e.g. the repository briefly unreadable) must not end polling
+                logger.exception("repository poll failed; trying again in %.1f s", self.options.poll_s)
+                continue
+            if changed:
+                logger.info("repository poll: reloaded or unloaded %s", changed)
+
     async def stop(self, grace_s: float) -> None:
         """Refuse new RPCs, let in-flight ones finish (up to ``grace_s``), then release models."""
         self.ready = False
+        if self._poll_task is not None:
+            self._poll_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(grace_s)
         await self.store.close()
@@ -163,9 +185,14 @@ def start_server(
     intra_op_threads: int = 1,
     dynamic_batching: bool | None = None,
     runner_factory: RunnerFactory = create_runner,
+    model_control_mode: str = "none",
+    poll_s: float = DEFAULT_POLL_S,
 ) -> ServerHandle:
     """Start a server in this process on ``host:port`` (0: a free port, see ``.port``); loads models first."""
-    options = make_options(host, port, models, max_message_mb, intra_op_threads, dynamic_batching, runner_factory)
+    options = make_options(
+        host, port, models, max_message_mb, intra_op_threads, dynamic_batching, runner_factory,
+        model_control_mode=model_control_mode, poll_s=poll_s,
+    )
     loop = asyncio.new_event_loop()
     server_box: list[_Server] = []
 
@@ -204,8 +231,17 @@ def make_options(
     dynamic_batching: bool | None = None,
     runner_factory: RunnerFactory = create_runner,
     grace_s: float = 10.0,
+    *,
+    model_control_mode: str = "none",
+    poll_s: float = DEFAULT_POLL_S,
 ) -> ServerOptions:
     """Validated ServerOptions."""
+    if model_control_mode not in CONTROL_MODES:
+        raise InvalidInputError(
+            f"--model-control-mode {model_control_mode!r} is not one of {list(CONTROL_MODES)} (Triton's modes)"
+        )
+    if not 0 < poll_s <= 86400:
+        raise InvalidInputError(f"--repository-poll-secs must be in (0, 86400] seconds, got {poll_s:g}")
     if not 0 <= port <= 65535:
         raise InvalidInputError(f"port {port} is outside 0..65535")
     if not 0 < max_message_mb <= 2047:
@@ -221,6 +257,8 @@ def make_options(
         dynamic_batching=dynamic_batching,
         grace_s=grace_s,
         runner_factory=runner_factory,
+        model_control_mode=model_control_mode,
+        poll_s=poll_s,
     )
 
 
@@ -234,7 +272,11 @@ async def serve(repo: Path | str, options: ServerOptions, on_ready: threading.Ev
     try:
         port = await server.start()
         logger.info("serving %s on %s:%s", repo, options.host, port)
-        print(f"kiln serve: listening on {options.host}:{port} (repository {repo})", flush=True)
+        control = options.model_control_mode
+        if control == "poll":
+            control += f", every {options.poll_s:g} s"
+        print(f"kiln serve: listening on {options.host}:{port} (repository {repo}, model control {control})",
+              flush=True)
         if on_ready is not None:
             on_ready.set()
         await stop.wait()

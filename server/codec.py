@@ -18,6 +18,9 @@ from tritonclient.grpc import service_pb2 as pb
 from builders.tensors import kserve_dtype, numpy_dtype_from_kserve
 from core.errors import InvalidInputError
 
+MAX_DIMS = 64  # numpy's (and so ONNX Runtime's Python API's) limit
+MAX_ELEMENTS = 2**40
+
 _TYPED_FIELDS = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
@@ -45,15 +48,37 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     for index, tensor in enumerate(request.inputs):
         if tensor.name in arrays:
             raise InvalidInputError(f"input {tensor.name!r} appears twice in the request; send it once")
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInputError(f"input {tensor.name!r} has shape {list(shape)}; dims must be >= 0")
+        shape = _checked_shape(tensor.name, tensor.shape)
         dtype = _dtype(tensor.name, tensor.datatype)
         if raw:
             arrays[tensor.name] = _from_raw(tensor.name, tensor.datatype, dtype, shape, raw[index])
         else:
             arrays[tensor.name] = _from_typed(tensor, dtype, shape)
     return arrays
+
+
+def _checked_shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
+    """The shape of an input if it can describe a real tensor: at most 64 dims, none negative, and
+    (zero dims aside) not more elements than any message could carry."""
+    if len(dims) > MAX_DIMS:
+        raise InvalidInputError(
+            f"input {name!r} has {len(dims)} dims ({_shown(dims)}); at most {MAX_DIMS} are supported"
+        )
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input {name!r} has shape {_shown(shape)}; dims must be >= 0")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidInputError(
+            f"input {name!r} has shape {_shown(shape)}: even with its zero dims left out that is more than "
+            f"2**{MAX_ELEMENTS.bit_length() - 1} elements, which no request can carry; send the tensor's real shape"
+        )
+    return shape
+
+
+def _shown(shape: Sequence[int]) -> str:
+    """A shape for a message: the first dims of a long one only."""
+    dims = [str(int(d)) for d in shape[:8]]
+    return "[" + ",".join(dims) + (",...]" if len(shape) > 8 else "]")
 
 
 def encode_outputs(

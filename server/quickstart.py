@@ -3,7 +3,9 @@
 build (FP32, FP16, INT8 with its validation report, and a deliberately miscalibrated INT8
 published with the gate overridden) -> serve the repository -> real tritonclient requests ->
 a short bench -> gateway -> canary INT8 against FP32 to promotion -> canary of the broken build,
-rolled back automatically -> summary table and a PNG of weights and per-variant p99 over time.
+rolled back automatically -> INT8 rebuilt with other calibration data as version 2 of the same model,
+loaded beside version 1 through the repository API, canaried v1 -> v2, promoted, version 1 retired
+-> summary table and a PNG of weights and per-variant p99 over time.
 """
 
 from __future__ import annotations
@@ -168,9 +170,40 @@ def summary_table(runs: list[tuple[RolloutRun, LoadTally]]) -> Table:
     table = Table("candidate", "vs", "outcome", "took", "client OK", "client errors", title="rollouts")
     for run, tally in runs:
         errors = ", ".join(f"{k}={v}" for k, v in sorted(tally.errors.items())) or "0"
-        table.add_row(run.plan.candidate.model, run.plan.baseline, run.outcome, f"{run.duration_s:.1f}s",
-                      str(tally.ok), errors)
+        cand = run.plan.candidate
+        name = f"{cand.model}:{cand.version}" if cand.version else cand.model
+        table.add_row(name, run.plan.baseline, run.outcome, f"{run.duration_s:.1f}s", str(tally.ok), errors)
     return table
+
+
+def version_rollout(gateway: GatewayHandle, repo: Path, out_dir: Path, console: Console,
+                    *, interval_s: float) -> tuple[RolloutRun, LoadTally, str]:
+    """Rebuild INT8 with other calibration data (version 2 of the same model) and roll it out over
+    version 1 on the same route: loaded before traffic moves, canaried, promoted, version 1 retired."""
+    from server.cli.build_cmd import print_result
+    from server.rollout.plugin import controller_for
+
+    data = np.load(example_data_path())
+    calib = out_dir / "calibration-v2.npz"
+    np.savez(calib, **{key: data[key][::2] for key in data.files})  # every other sample: new data
+    print_result(build_example_int8(repo, name=BASE, calib=calib), console)
+    model = f"{BASE}-int8-ort"
+    gateway.routes.replace_route(BASE, {"variants": [
+        {"name": "int8-v1", "upstream": "local", "model": model, "version": "1", "weight": 100}]},
+        reason="name the version serving today before a version rollout")
+    plan = plan_from_mapping({
+        **canary_plan("int8-v1", "int8-v2", model, interval_s=interval_s).to_dict(),
+        "candidate": {"name": "int8-v2", "upstream": "local", "model": model, "version": "2"},
+        "steps": [25, 50], "retire_previous": True, "retain_for_s": 0,
+    }, source="(quickstart)")
+    run, tally = run_with_load(gateway, plan, console)
+    controller = controller_for(gateway)
+    for _ in range(200):  # the retirement follows promotion on the controller's next tick (bounded)
+        if controller.status(BASE).get("retire"):
+            break
+        time.sleep(0.05)
+    retire = controller.status(BASE).get("retire") or {"state": "not done", "message": ""}
+    return run, tally, f"{retire['state']}: {retire['message']}"
 
 
 def print_reasons(runs: list[tuple[RolloutRun, LoadTally]], console: Console) -> None:
@@ -189,7 +222,7 @@ def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: f
     report = builds["int8"].published.path / "report.md" if builds["int8"].published else None
     console.print(f"INT8 validation report: {report}")
     console.rule("[bold]2. serve the repository (embedded KServe v2 server, ONNX Runtime on CPU)")
-    with start_server(repo, port=0) as server:
+    with start_server(repo, port=0, model_control_mode="explicit") as server:
         console.print(f"kiln serve listening on {server.url}")
         check_requests(server, console)
         direct = run_bench(BenchConfig(url=server.url, model=f"{BASE}-int8-ort", concurrency=(1, 8),
@@ -205,22 +238,30 @@ def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: f
             console.print(f"[bold]canary: miscalibrated INT8 replacing {baseline}[/]")
             second = run_with_load(gateway, canary_plan(baseline, "int8-bad", f"{BROKEN}-int8-ort",
                                                         interval_s=interval_s), console)
-    console.rule("[bold]4. summary")
-    runs = [first, second]
+            runs = [first, second]
+            retired = "skipped: INT8 was not promoted"
+            if first[0].outcome == "promoted":
+                console.rule("[bold]4. a new engine version: INT8 recalibrated as version 2, canary v1 -> v2")
+                run, tally, retired = version_rollout(gateway, repo, out_dir, console, interval_s=interval_s / 2)
+                runs.append((run, tally))
+    console.rule("[bold]5. summary")
     console.print(summary_table(runs))
     print_reasons(runs, console)
+    console.print(f"{BASE}-int8-ort version 1 after the version rollout: {escape(retired)}")
     png = plot_rollouts([r for r, _ in runs], out_dir / "quickstart-rollouts.png")
     console.print(f"plot of weights and per-variant p99 over time: {png}")
     took = (time.perf_counter_ns() - began) / 1e9
-    ok = first[0].outcome == "promoted" and second[0].outcome == "rolled_back"
+    outcomes = [run.outcome for run, _ in runs]
+    ok = outcomes == ["promoted", "rolled_back", "promoted"] and retired.startswith("retired")
     verdict = "as expected" if ok else "[red]NOT as expected[/]"
-    console.print(f"quickstart finished in {took:.0f}s: INT8 {first[0].outcome}, broken build "
-                  f"{second[0].outcome} ({verdict})")
+    version_two = outcomes[2] if len(outcomes) > 2 else "not run"
+    console.print(f"quickstart finished in {took:.0f}s: INT8 {outcomes[0]}, broken build {outcomes[1]}, "
+                  f"INT8 version 2 {version_two} ({verdict})")
     console.print(f"next: [bold]kiln serve --repo {repo}[/], [bold]kiln bench --url 127.0.0.1:8001 "
                   f"--model {BASE}-int8-ort --concurrency 1,4,16 --plot bench.png[/], [bold]kiln doctor[/]")
     if not ok:
-        raise KilnError(f"quickstart rollouts ended {first[0].outcome}/{second[0].outcome}, expected "
-                        "promoted/rolled_back; see the events above and the plot")
+        raise KilnError(f"quickstart rollouts ended {'/'.join(outcomes)} (version 1 {retired}), expected "
+                        "promoted/rolled_back/promoted with version 1 retired; see the events above and the plot")
     return 0
 
 

@@ -21,6 +21,7 @@ STATUS_CODES: dict[type[errors.KilnError], grpc.StatusCode] = {
     errors.AccuracyGateError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IncompatibleEngineError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     errors.ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

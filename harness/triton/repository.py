@@ -72,6 +72,22 @@ def write_python_backend_model(
     return model_dir
 
 
+def add_python_backend_version(model_dir: Path, version: int, onnx_path: Path) -> Path:
+    """Add version ``version`` serving ``onnx_path`` to a model written by ``write_python_backend_model``.
+
+    The files are staged in a hidden directory and renamed into place, so a polling Triton never
+    sees half a version. Returns the version directory.
+    """
+    model_dir = Path(model_dir)
+    if version < 1 or (model_dir / str(version)).exists():
+        raise InvalidInputError(f"version {version} of {str(model_dir)!r} exists or is not >= 1; pick a new one")
+    stage = model_dir / f".stage-{version}"
+    stage.mkdir()
+    shutil.copyfile(triton_python_model.__file__, stage / "model.py")
+    shutil.copyfile(onnx_path, stage / triton_python_model.MODEL_FILENAME)
+    return stage.rename(model_dir / str(version))
+
+
 def python_backend_config(
     name: str,
     inputs: tuple[TensorSpec, ...],

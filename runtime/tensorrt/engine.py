@@ -1,28 +1,28 @@
-"""Build one TensorRT plan from a prepared ONNX file: the only builder code that imports tensorrt.
+"""Build one TensorRT plan from a prepared ONNX file, through Polygraphy's TensorRT loaders.
 
 Every decision (profiles, pool size, optimization level, compatibility, INT8 mode) arrives made
-in a ``PlanSettings`` (``builders/tensorrt_plan.py``, tested on the CPU); this module translates
-it into documented TensorRT 10/11 Python calls and nothing more:
+in a ``PlanSettings`` (``builders/tensorrt_plan.py``, tested on the CPU). This module only hands
+it to NVIDIA's own tested loaders (``NetworkFromOnnxPath`` -> ``CreateConfig`` with a
+``Profile`` and the timing cache -> ``EngineBytesFromNetwork``), for TensorRT 10 and 11:
 
-* strongly typed network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): precision comes
-  from the ONNX graph (FP16-converted, or Q/DQ with Kiln's scales) — the TensorRT 11 way;
-* TensorRT 10 only, ``int8_mode="calibrator"``: FP32 ONNX + ``BuilderFlag.INT8`` + a calibrator
+* strongly typed network: precision comes from the ONNX graph (FP16-converted, or Q/DQ with
+  Kiln's scales), the TensorRT 11 way;
+* TensorRT 10 only, ``int8_mode="calibrator"``: FP32 ONNX + the INT8 builder flag + a calibrator
   that serves Kiln's calibration cache and never asks for data.
+
+``tensorrt`` and ``polygraphy.backend.trt`` are imported inside functions only.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from core.atomic_file import write_atomic
 from core.errors import InvalidInputError, KilnError, MissingDependencyError
 from runtime.machine import INSTALL_HINT
 from runtime.tensorrt.plan import HARDWARE_COMPAT, PlanSettings
@@ -38,29 +38,28 @@ class EngineBuild:
     tensorrt_version: str
 
 
-def require_tensorrt() -> ModuleType:
-    """The tensorrt module, or MissingDependencyError naming what to install."""
+def require_tensorrt() -> tuple[ModuleType, ModuleType]:
+    """``tensorrt`` and ``polygraphy.backend.trt``, or MissingDependencyError naming what to install."""
     try:
         import tensorrt
     except (ImportError, OSError) as err:
         raise MissingDependencyError(f"TensorRT is not importable here ({err}); {INSTALL_HINT}") from err
-    return tensorrt
-
-
-@contextmanager
-def cuda_device(device: int) -> Iterator[None]:
-    """Make GPU ``device``'s primary context current while TensorRT builds on it."""
     try:
-        import pycuda.driver as cuda
+        from polygraphy.backend import trt as polygraphy_trt
     except (ImportError, OSError) as err:
-        raise MissingDependencyError(f"pycuda is not importable here ({err}); {INSTALL_HINT}") from err
-    cuda.init()
-    context = cuda.Device(device).retain_primary_context()
-    context.push()
-    try:
-        yield
-    finally:
-        context.pop()
+        raise MissingDependencyError(f"Polygraphy is not importable here ({err}); {INSTALL_HINT}") from err
+    return tensorrt, polygraphy_trt
+
+
+def select_device(device: int) -> None:
+    """Make GPU ``device`` current for this thread (CUDA runtime, as loaded by Polygraphy)."""
+    if device == 0:
+        return  # the runtime's default device
+    from polygraphy import cuda
+
+    status = cuda.wrapper().handle.cudaSetDevice(int(device))
+    if status != 0:
+        raise KilnError(f"cudaSetDevice({device}) failed with CUDA error {status}; is GPU {device} visible?")
 
 
 def build_engine(
@@ -73,83 +72,66 @@ def build_engine(
     calibration_cache: bytes | None = None,
 ) -> EngineBuild:
     """Parse ``onnx_path``, build and save ``plan_name`` and its layer JSON into ``out_dir``."""
-    trt = require_tensorrt()
-    with cuda_device(device):
-        start = time.perf_counter_ns()
-        trt_logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(trt_logger)
-        network = builder.create_network(_network_flags(trt, settings))
-        _parse(trt, network, trt_logger, onnx_path)
-        config = _config(trt, builder, settings, calibration_cache)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise KilnError(
-                f"TensorRT {trt.__version__} could not build a plan from {str(onnx_path)!r} "
-                f"(precision {settings.precision}); the TensorRT log above says why. Try --precision fp32, "
-                "a larger --workspace-mb, or wider --shapes"
-            )
-        seconds = (time.perf_counter_ns() - start) / 1e9
-        if settings.timing_cache is not None:
-            _save_timing_cache(config, settings.timing_cache)
-        plan = out_dir / plan_name
-        plan.write_bytes(memoryview(serialized))
-        layers = out_dir / (Path(plan_name).stem + ".layers.json")
-        layers.write_text(_layer_json(trt, trt_logger, serialized))
+    trt, ptrt = require_tensorrt()
+    select_device(device)
+    start = time.perf_counter_ns()
+    network = ptrt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=settings.strongly_typed)
+    config = ptrt.CreateConfig(**config_arguments(trt, ptrt, settings, calibration_cache))
+    timing_cache = str(settings.timing_cache) if settings.timing_cache is not None else None
+    if settings.timing_cache is not None:
+        settings.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        serialized = ptrt.EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
+    except Exception as err:  # Polygraphy reports parser and builder failures as its own exceptions
+        raise KilnError(
+            f"TensorRT {trt.__version__} could not build a plan from {str(onnx_path)!r} (precision "
+            f"{settings.precision}): {err}. Check the ops against TensorRT's ONNX support, or try --precision "
+            "fp32, a larger --workspace-mb, wider --shapes, or --target ort"
+        ) from err
+    seconds = (time.perf_counter_ns() - start) / 1e9
+    plan = out_dir / plan_name
+    write_atomic(plan, bytes(serialized))
+    layers = out_dir / (Path(plan_name).stem + ".layers.json")
+    write_atomic(layers, layer_json(trt, ptrt, serialized).encode())
     logger.info("built %s in %.1f s with TensorRT %s", plan, seconds, trt.__version__)
     return EngineBuild(plan, layers, seconds, str(trt.__version__))
 
 
-def _network_flags(trt: ModuleType, settings: PlanSettings) -> int:
-    if not settings.strongly_typed:
-        return 0
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)  # TensorRT 11 may drop the flag: always strongly typed
-
-
-def _parse(trt: ModuleType, network: Any, trt_logger: Any, onnx_path: Path) -> None:
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        problems = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise InvalidInputError(
-            f"TensorRT's ONNX parser rejected {str(onnx_path)!r}: {problems or 'no details'}; check the ops "
-            "against TensorRT's ONNX operator support, or build --target ort"
-        )
-
-
-def _config(trt: ModuleType, builder: Any, settings: PlanSettings, calibration_cache: bytes | None) -> Any:
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    config.builder_optimization_level = settings.opt_level
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer JSON names tactics and precisions
-    profile = builder.create_optimization_profile()
+def config_arguments(
+    trt: ModuleType, ptrt: ModuleType, settings: PlanSettings, calibration_cache: bytes | None
+) -> dict[str, Any]:
+    """``CreateConfig`` keyword arguments for ``settings`` (documented Polygraphy names)."""
+    profile = ptrt.Profile()
     for shape in settings.profiles:
-        profile.set_shape(shape.name, shape.min, shape.opt, shape.max)
-    config.add_optimization_profile(profile)
+        profile.add(shape.name, min=shape.min, opt=shape.opt, max=shape.max)
+    arguments: dict[str, Any] = {
+        "profiles": [profile],
+        "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE: settings.workspace_mb << 20},
+        "builder_optimization_level": settings.opt_level,
+        "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,  # layer JSON names tactics and precisions
+    }
+    if settings.timing_cache is not None and settings.timing_cache.is_file():
+        arguments["load_timing_cache"] = str(settings.timing_cache)
     if settings.hardware_compat != "none":
-        config.hardware_compatibility_level = getattr(
+        arguments["hardware_compatibility_level"] = getattr(
             trt.HardwareCompatibilityLevel, HARDWARE_COMPAT[settings.hardware_compat]
         )
     if settings.version_compat:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if settings.timing_cache is not None:
-        data = settings.timing_cache.read_bytes() if settings.timing_cache.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(data), False)
+        arguments["version_compatible"] = True
     if not settings.strongly_typed:
-        _use_calibrator(trt, config, profile, calibration_cache)
-    return config
+        arguments.update(calibrator_arguments(trt, ptrt, calibration_cache))
+    return arguments
 
 
-def _use_calibrator(trt: ModuleType, config: Any, profile: Any, cache: bytes | None) -> None:
+def calibrator_arguments(trt: ModuleType, ptrt: ModuleType, cache: bytes | None) -> dict[str, Any]:
     """TensorRT 10 implicit INT8: the INT8 flag and a calibrator that only serves Kiln's cache."""
     if cache is None:
         raise InvalidInputError("--trt-int8 calibrator needs Kiln's calibration cache; pass --calib DATA")
-    if not hasattr(trt, "IInt8EntropyCalibrator2") or not hasattr(trt.BuilderFlag, "INT8"):
+    if not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise InvalidInputError(
             f"TensorRT {trt.__version__} has no INT8 calibrators; use --trt-int8 qdq (explicit quantization)"
         )
-    config.set_flag(trt.BuilderFlag.INT8)
-    config.int8_calibrator = _cache_calibrator(trt, cache)
-    config.set_calibration_profile(profile)
+    return {"int8": True, "calibrator": _cache_calibrator(trt, cache)}
 
 
 def _cache_calibrator(trt: ModuleType, cache: bytes) -> Any:
@@ -176,21 +158,9 @@ def _cache_calibrator(trt: ModuleType, cache: bytes) -> Any:
     return KilnCacheCalibrator()
 
 
-def _save_timing_cache(config: Any, path: Path) -> None:
-    """Write the (possibly grown) timing cache atomically so the next build reuses it."""
-    cache = config.get_timing_cache()
-    if cache is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(memoryview(cache.serialize()))
-    os.replace(tmp, path)
-
-
-def _layer_json(trt: ModuleType, trt_logger: Any, serialized: Any) -> str:
+def layer_json(trt: ModuleType, ptrt: ModuleType, serialized: Any) -> str:
     """The engine inspector's per-layer JSON (names, precisions, tactics)."""
-    runtime = trt.Runtime(trt_logger)
-    engine = runtime.deserialize_cuda_engine(serialized)
+    engine = ptrt.engine_from_bytes(serialized)
     if engine is None:
         raise KilnError("TensorRT built a plan it cannot deserialize; see the TensorRT log above")
     inspector = engine.create_engine_inspector()

@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from builders.calib_data import NPZ_HOW, read_npz
 from builders.tensors import numpy_dtype_from_kserve
 from core.errors import InvalidInputError, NotFoundError, UnavailableError
-from server.bench.stats import BenchResult, LoadPoint, make_point
+from server.bench.stats import BenchResult, LoadPoint, StopRule, make_point
 from server.codec import to_raw
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class BenchConfig:
     max_message_bytes: int = 256 * 2**20
     max_in_flight: int = 4096  # open loop only
     by_variant: bool = False  # read ``kiln-variant`` from each response's trailing metadata
+    variant: str = ""  # pin every request to this gateway variant (``kiln-variant`` request header)
 
     def check(self) -> None:
         if self.rates and any(r <= 0 for r in self.rates):
@@ -87,28 +88,14 @@ def run_bench(config: BenchConfig, on_point: PointHook | None = None) -> BenchRe
 async def bench(config: BenchConfig, on_point: PointHook | None = None) -> BenchResult:
     """Run a bench on the current event loop; one LoadPoint per concurrency or rate."""
     config.check()
-    options = [
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-    ]
-    async with grpc.aio.insecure_channel(config.url, options=options) as channel:
+    async with grpc.aio.insecure_channel(config.url, options=grpc_options(config)) as channel:
         payloads = await prepare_payloads(channel, config)
-        call = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
-
-        async def send(payload: bytes) -> str:
-            if not config.by_variant:
-                await call(payload, timeout=config.timeout_s)
-                return ""
-            pending = call(payload, timeout=config.timeout_s)
-            await pending
-            return _variant(await pending.trailing_metadata())
-
+        send = make_send(channel, config)
         points: list[LoadPoint] = []
+        mode = "rate" if config.rates else "concurrency"
         loads: Sequence[float] = config.rates or config.concurrency
         for load in loads:
-            if config.warmup_s > 0:
-                await _run_point(send, payloads, config, load, config.warmup_s, None)
-            points.append(await _run_point(send, payloads, config, load, config.duration_s, config.requests))
+            points.append(await run_level(send, payloads, config, mode, load, config.duration_s, config.requests))
             if on_point is not None:
                 on_point(points[-1])
     settings = {
@@ -120,23 +107,75 @@ async def bench(config: BenchConfig, on_point: PointHook | None = None) -> Bench
     return BenchResult(config.url, config.model, config.version, config.batch, tuple(points), settings)
 
 
-async def _run_point(
-    send: Send, payloads: list[bytes], config: BenchConfig, load: float, duration_s: float | None, requests: int | None
+def grpc_options(config: BenchConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+
+
+def make_send(channel: grpc.aio.Channel, config: BenchConfig) -> Send:
+    """One ModelInfer call with pre-serialized bytes; returns the serving variant when tracked."""
+    call = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+    metadata = ((VARIANT_KEY, config.variant),) if config.variant else None
+
+    async def send(payload: bytes) -> str:
+        if not config.by_variant:
+            await call(payload, timeout=config.timeout_s, metadata=metadata)
+            return ""
+        pending = call(payload, timeout=config.timeout_s, metadata=metadata)
+        await pending
+        return _variant(await pending.trailing_metadata())
+
+    return send
+
+
+async def run_level(
+    send: Send,
+    payloads: list[bytes],
+    config: BenchConfig,
+    mode: str,
+    load: float,
+    duration_s: float | None,
+    requests: int | None = None,
+    stop: StopRule | None = None,
 ) -> LoadPoint:
-    if config.rates:
+    """One load level: ``config.warmup_s`` of warm-up at the same load (not measured), then the level.
+
+    ``stop``: end the level (and its warm-up) early once it has certainly broken the SLO.
+    """
+    if config.warmup_s > 0:
+        warm = await _level(send, payloads, config, mode, load, config.warmup_s, None, stop)
+        if warm.stopped_early:
+            return replace(warm, stopped_early=f"in warm-up: {warm.stopped_early}")
+    return await _level(send, payloads, config, mode, load, duration_s, requests, stop)
+
+
+async def _level(
+    send: Send, payloads: list[bytes], config: BenchConfig, mode: str, load: float, seconds: float | None,
+    requests: int | None, stop: StopRule | None,
+) -> LoadPoint:
+    if mode == "rate":
         rng = np.random.default_rng(config.seed)
-        return await open_loop(send, payloads, float(load), duration_s, requests, rng, config.max_in_flight)
-    return await closed_loop(send, payloads, int(load), duration_s, requests)
+        return await open_loop(send, payloads, float(load), seconds, requests, rng, config.max_in_flight, stop)
+    return await closed_loop(send, payloads, int(load), seconds, requests, stop)
 
 
 async def closed_loop(
-    send: Send, payloads: list[bytes], concurrency: int, duration_s: float | None, requests: int | None
+    send: Send,
+    payloads: list[bytes],
+    concurrency: int,
+    duration_s: float | None,
+    requests: int | None,
+    stop: StopRule | None = None,
 ) -> LoadPoint:
-    """``concurrency`` requests always in flight, until ``requests`` are done or time is up."""
-    tally = _Tally()
+    """``concurrency`` requests always in flight, until ``requests`` are done, time is up or ``stop`` fires."""
+    tally = _Tally(stop)
     issued = 0
     start = time.perf_counter_ns()
     end = start + int((duration_s or 0) * 1e9)
+    lags: list[int] = []
+    watch = asyncio.get_running_loop().create_task(_loop_lag(lags))
 
     async def worker(offset: int) -> None:
         nonlocal issued
@@ -148,13 +187,26 @@ async def closed_loop(
                 issued += 1
             elif time.perf_counter_ns() >= end:
                 return
+            if tally.broken(0):
+                return
             sent = time.perf_counter_ns()
             code, variant, detail = await _timed_call(send, payloads[index % len(payloads)])
             tally.add(code, variant, time.perf_counter_ns() - sent, detail)
             index += concurrency
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return tally.point("concurrency", concurrency, time.perf_counter_ns() - start)
+    try:
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    finally:
+        watch.cancel()
+    return tally.point("concurrency", concurrency, time.perf_counter_ns() - start, loop_lags_ns=lags)
+
+
+async def _loop_lag(lags: list[int], period_ns: int = 5_000_000) -> None:
+    """How late this event loop wakes from a 5 ms sleep: the client's own load (until cancelled)."""
+    while True:
+        due = time.perf_counter_ns() + period_ns
+        await asyncio.sleep(period_ns / 1e9)
+        lags.append(max(0, time.perf_counter_ns() - due))
 
 
 async def open_loop(
@@ -165,15 +217,18 @@ async def open_loop(
     requests: int | None,
     rng: np.random.Generator,
     max_in_flight: int = 4096,
+    stop: StopRule | None = None,
 ) -> LoadPoint:
     """Poisson arrivals at ``rate``/s; each latency counts from its scheduled send time.
 
     At most ``max_in_flight`` requests are outstanding: an arrival beyond that is not sent and
     counts as ``CLIENT_BACKLOG`` (the endpoint is not keeping up with the offered rate), so a
     mistyped rate cannot exhaust the client's memory and the overload is visible, not hidden.
+    With ``stop``, sending ends (and the outstanding requests are awaited) once the level has
+    certainly broken the SLO; requests still waiting longer than the SLO count as slow.
     """
-    tally = _Tally()
-    tasks: set[asyncio.Task[None]] = set()
+    tally = _Tally(stop)
+    tasks: dict[asyncio.Task[None], int] = {}  # outstanding request -> its scheduled send time
     lags: list[int] = []
     start = time.perf_counter_ns()
     horizon = start + int((duration_s or 0) * 1e9)
@@ -184,25 +239,36 @@ async def open_loop(
         code, variant, detail = await _timed_call(send, payload)
         tally.add(code, variant, time.perf_counter_ns() - due, detail)
 
+    last_due = start
     while (count < requests) if requests is not None else (scheduled < horizon):
-        due = int(scheduled)
+        due = last_due = int(scheduled)
         delay = due - time.perf_counter_ns()
         if delay > 0:
             await asyncio.sleep(delay / 1e9)
         lags.append(time.perf_counter_ns() - due)
+        if stop is not None and count % 16 == 0 and tally.broken(_waiting(tasks, stop.slow_ns)):
+            break
         if len(tasks) >= max_in_flight:
             tally.add(BACKLOG, "", 0, f"{max_in_flight} requests already in flight; arrival not sent")
             count += 1
             scheduled += rng.exponential(1e9 / rate)
             continue
         task = asyncio.get_running_loop().create_task(one(payloads[count % len(payloads)], due))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        tasks[task] = due
+        task.add_done_callback(lambda done: tasks.pop(done, None))
         count += 1
         scheduled += rng.exponential(1e9 / rate)
+    # how fast the client got through its schedule: the offered rate when it kept up, less when it fell behind
+    sent_rps = rate * max(last_due - start, 0) / max(time.perf_counter_ns() - start, 1)
     if tasks:
         await asyncio.gather(*tasks)
-    return tally.point("rate", rate, time.perf_counter_ns() - start, lags)
+    return tally.point("rate", rate, time.perf_counter_ns() - start, lags, sent_rps=sent_rps)
+
+
+def _waiting(tasks: dict[asyncio.Task[None], int], slow_ns: int) -> int:
+    """Outstanding requests already waiting longer than ``slow_ns`` since their scheduled time."""
+    now = time.perf_counter_ns()
+    return sum(1 for due in tasks.values() if now - due > slow_ns)
 
 
 async def _timed_call(send: Send, payload: bytes) -> tuple[str, str, str]:
@@ -224,11 +290,25 @@ def _variant(metadata: grpc.aio.Metadata | None) -> str:
 class _Tally:
     """Latencies of successful requests (overall and per variant) and errors by status code."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: StopRule | None = None) -> None:
         self.latencies: list[int] = []
         self.errors: Counter[str] = Counter()
         self.error_examples: dict[str, str] = {}
         self.by_variant: dict[str, list[int]] = {}
+        self.stop = stop
+        self.slow = 0  # successful requests slower than stop.slow_ns
+        self.stopped = ""
+
+    def broken(self, waiting_slow: int) -> bool:
+        """Has the level certainly broken the SLO (``waiting_slow``: outstanding requests already slow)?"""
+        if self.stop is None:
+            return False
+        errors = sum(self.errors.values())
+        if self.slow + waiting_slow > self.stop.max_slow:
+            self.stopped = f"{self.slow + waiting_slow} requests over {self.stop.slow_ns / 1e6:g} ms"
+        elif errors > self.stop.max_errors:
+            self.stopped = f"{errors} errors"
+        return bool(self.stopped)
 
     def add(self, code: str, variant: str, latency_ns: int, detail: str = "") -> None:
         if code != "OK":
@@ -236,11 +316,25 @@ class _Tally:
             self.error_examples.setdefault(code, detail)
             return
         self.latencies.append(latency_ns)
+        if self.stop is not None and latency_ns > self.stop.slow_ns:
+            self.slow += 1
         if variant:
             self.by_variant.setdefault(variant, []).append(latency_ns)
 
-    def point(self, mode: str, load: float, duration_ns: int, send_lags_ns: list[int] | None = None) -> LoadPoint:
-        point = make_point(mode, load, self.latencies, dict(self.errors), duration_ns, send_lags_ns, self.by_variant)
+    def point(
+        self,
+        mode: str,
+        load: float,
+        duration_ns: int,
+        send_lags_ns: list[int] | None = None,
+        *,
+        sent_rps: float = 0.0,
+        loop_lags_ns: list[int] | None = None,
+    ) -> LoadPoint:
+        point = make_point(
+            mode, load, self.latencies, dict(self.errors), duration_ns, send_lags_ns, self.by_variant,
+            sent_rps=sent_rps, loop_lags_ns=loop_lags_ns, stopped_early=self.stopped,
+        )
         return replace(point, error_examples=dict(sorted(self.error_examples.items())))
 
 

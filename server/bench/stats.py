@@ -31,12 +31,27 @@ class LoadPoint:
     latency_us: dict[str, float]  # p50 ... p99.9, max, mean of successful requests
     send_lag_us_p50: float = 0.0  # open loop: lateness of sends vs their schedule (client timers)
     send_lag_us_max: float = 0.0
+    send_lag_us_p99: float = 0.0
+    sent_rps: float = 0.0  # open loop: the rate the client kept (offered rate x schedule covered / time it took)
+    loop_lag_us_p50: float = 0.0  # closed loop: how late the client's event loop woke up (its own load)
+    loop_lag_us_p99: float = 0.0
+    stopped_early: str = ""  # why the level stopped before its time (a StopRule fired), "" if it ran out
     variants: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> ok count and latencies
     error_examples: dict[str, str] = field(default_factory=dict)  # status code -> first message seen
 
     @property
     def total(self) -> int:
         return self.ok + sum(self.errors.values())
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Stop a level once it has certainly broken the SLO: more than ``max_slow`` requests slower than
+    ``slow_ns`` (answered, or still waiting that long), or more than ``max_errors`` errors."""
+
+    slow_ns: int
+    max_slow: int
+    max_errors: int
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,10 @@ def make_point(
     duration_ns: int,
     send_lags_ns: list[int] | None = None,
     by_variant: dict[str, list[int]] | None = None,
+    *,
+    sent_rps: float = 0.0,
+    loop_lags_ns: list[int] | None = None,
+    stopped_early: str = "",
 ) -> LoadPoint:
     duration_s = max(duration_ns, 1) / 1e9
     return LoadPoint(
@@ -107,6 +126,11 @@ def make_point(
         latency_us=summarize(latencies_ns),
         send_lag_us_p50=float(np.percentile(send_lags_ns, 50)) / 1e3 if send_lags_ns else 0.0,
         send_lag_us_max=max(send_lags_ns) / 1e3 if send_lags_ns else 0.0,
+        send_lag_us_p99=float(np.percentile(send_lags_ns, 99)) / 1e3 if send_lags_ns else 0.0,
+        sent_rps=sent_rps,
+        loop_lag_us_p50=float(np.percentile(loop_lags_ns, 50)) / 1e3 if loop_lags_ns else 0.0,
+        loop_lag_us_p99=float(np.percentile(loop_lags_ns, 99)) / 1e3 if loop_lags_ns else 0.0,
+        stopped_early=stopped_early,
         variants={
             name: {"ok": float(len(values)), **summarize(values)} for name, values in sorted((by_variant or {}).items())
         },

@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.cli.gateway_cmd",
     "server.cli.routes_cmd",
     "server.cli.rollout_cmd",
+    "server.cli.deploy_cmd",
 )
 
 # One exit code per error class (2 is also argparse's usage error).

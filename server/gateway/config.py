@@ -19,6 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.errors import InvalidInputError, NotFoundError
 
 WEIGHT_TOTAL = 100.0
+# The GRPCInferenceService methods that change or reveal an upstream's state (repository, shared
+# memory, trace and log settings). The gateway refuses them unless an upstream enables them in
+# ``control_rpcs`` and the call carries the admin token (``server/gateway/control.py``).
+CONTROL_METHODS: tuple[str, ...] = (
+    "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+    "TraceSetting", "LogSettings",
+)  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _ADDRESS = re.compile(r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
@@ -60,12 +69,26 @@ class Upstream(_Frozen):
     address: str
     tls: ClientTls | None = None
     channels: int = Field(default=1, ge=1, le=16)  # gRPC channels (HTTP/2 connections) to it
+    # control methods (CONTROL_METHODS, or "all") forwarded to it for callers with the admin token
+    control_rpcs: tuple[str, ...] = ()
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         if not _ADDRESS.match(value):
             raise ValueError(f"address {value!r} must be host:port, e.g. 127.0.0.1:8001")
+        return value
+
+    @field_validator("control_rpcs")
+    @classmethod
+    def _control_rpcs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "all" in value:
+            return CONTROL_METHODS
+        unknown = [m for m in value if m not in CONTROL_METHODS]
+        if unknown:
+            raise ValueError(
+                f"control_rpcs {unknown} are not control methods; use 'all' or some of {list(CONTROL_METHODS)}"
+            )
         return value
 
 
@@ -76,7 +99,7 @@ class Variant(_Frozen):
     upstream: str
     model: str
     version: str = ""  # "" = the upstream's version policy decides
-    weight: float = Field(ge=0.0, le=WEIGHT_TOTAL, allow_inf_nan=False)
+    weight: float = Field(ge=0.0, le=WEIGHT_TOTAL, allow_inf_nan=False, strict=True)  # strict: `true` is no weight
 
     @field_validator("name")
     @classmethod
@@ -97,6 +120,9 @@ class Route(_Frozen):
     variants: tuple[Variant, ...] = Field(min_length=1)
     sticky: str | None = None  # "header:<metadata key>"
     shadow: Shadow | None = None
+    # which variants a client may pin with ``kiln-variant`` (or choose by ``model_version``) without
+    # the admin token: None/"weighted" = those with weight > 0 (never a shadow-only candidate); "any"
+    pinning: Literal["weighted", "any"] | None = None
 
     @field_validator("sticky")
     @classmethod
@@ -143,14 +169,21 @@ class Route(_Frozen):
 class ServerSettings(_Frozen):
     mode: Literal["aio", "threads"] = "threads"  # grpc.aio event loop, or grpc's thread-pool server
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"  # "aio" mode's loop; uvloop: ~10-15 % less CPU
-    threads: int = Field(default=32, ge=2, le=1024)  # "threads" mode: max concurrent RPCs in flight
-    max_message_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    threads: int = Field(default=32, ge=2, le=1024)  # max data-plane RPCs in flight (streams included)
+    max_streams: int = Field(default=16, ge=1, le=1024)  # of those, at most this many open streams
+    stream_idle_timeout_s: float = Field(default=30.0, gt=0.0, allow_inf_nan=False)  # no message either way
+    upstream_timeout_s: float = Field(default=60.0, gt=0.0, allow_inf_nan=False)  # unary calls without a deadline
+    max_message_bytes: int = Field(default=64 * 2**20, ge=2**20, le=2**31 - 1)  # = kiln serve's
+    # unary request bodies in flight together; beyond it RESOURCE_EXHAUSTED (one request always fits)
+    max_in_flight_bytes: int = Field(default=256 * 2**20, ge=2**20)
     tls: ServerTls | None = None
 
     @model_validator(mode="after")
     def _loop_needs_aio(self) -> ServerSettings:
         if self.event_loop != "asyncio" and self.mode != "aio":
             raise ValueError(f"event_loop {self.event_loop!r} only applies to mode 'aio' (got mode {self.mode!r})")
+        if self.max_streams > self.threads:
+            raise ValueError(f"max_streams {self.max_streams} exceeds threads {self.threads}; streams count against it")
         return self
 
 

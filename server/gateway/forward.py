@@ -24,29 +24,32 @@ from tritonclient.grpc import service_pb2
 
 from core.errors import InvalidInputError, NotFoundError
 from server.gateway.config import GatewayConfig
+from server.gateway.control import (
+    Metadata,
+    RpcAbort,
+    bearer_token,
+    check_credential,
+    client_details,
+    control_upstream,
+    is_admin,
+    shown,
+)
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.resilience import OutlierDetector
-from server.gateway.routing import PIN_HEADER, choose_variant
+from server.gateway.routing import PIN_HEADER, choose_pinned, choose_sticky, choose_variant, choose_weighted
 from server.gateway.shadow import ShadowSender
+from server.gateway.stream_metrics import StreamMetrics
+from server.gateway.streams import StreamMeter, StreamTarget, TokenReplayer
 from server.gateway.table import LiveRoute, RouteTable
 from server.gateway.upstreams import UpstreamPool
-from server.gateway.wire import encode_string_field, name_version_suffix, read_model_name
+from server.gateway.wire import encode_string_field, name_version_suffix, read_model_name, read_name_version
 
 PASSTHROUGH_ROUTE = "(passthrough)"
 MODEL_METHODS = ("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics")
 LOCAL_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
 NO_DEADLINE_S = 1e6  # time_remaining() above this means the client set no deadline
-_DROP_METADATA = ("kiln-", "grpc-", ":", "user-agent")
+_DROP_METADATA = ("kiln-", "grpc-", ":", "user-agent", "authorization")  # never pass the admin token on
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-Metadata = tuple[tuple[str, str], ...]
-
-
-class RpcAbort(Exception):
-    """Raised by the core; the transport turns it into ``context.abort(code, details)``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, metadata: Metadata = ()) -> None:
-        super().__init__(details)
-        self.code, self.details, self.metadata = code, details, metadata
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Forwarder:
         health: OutlierDetector,
         shadow: ShadowSender,
         shadow_pool: UpstreamPool,
+        streams: StreamMetrics | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self._config = config
         self._table = table
@@ -92,15 +97,18 @@ class Forwarder:
         self._health = health
         self._shadow = shadow
         self._shadow_pool = shadow_pool
+        self.streams = streams if streams is not None else StreamMetrics(config.metrics.max_samples)
+        self._replayer = TokenReplayer(self.streams, shadow, shadow_pool)
         self._retry = config.resilience.retry_on_baseline
         self._random = random.random
         self._metadata: dict[tuple[str, str], Metadata] = {}
+        self._admin_token = admin_token.encode() if admin_token else None
 
     # ---- ModelInfer / ModelStreamInfer --------------------------------------------------------
     def decide(self, request: bytes, metadata: Sequence[Any], start: int, masked: bool = True) -> Decision:
         """The variant and bytes for one request (``metadata``: (key, value) pairs)."""
         try:
-            public = read_model_name(request)
+            public, version = read_name_version(request)
         except InvalidInputError as err:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
         live = self._table.snapshot.routes.get(public)
@@ -112,25 +120,72 @@ class Forwarder:
         sticky = live.sticky_header
         for item in metadata:
             if item[0] == PIN_HEADER:
-                pin = item[1]
+                pin = str(item[1])
             elif item[0] == sticky:
                 key = item[1].encode() if isinstance(item[1], str) else item[1]
         allowed = self._allowed(live) if masked and self._health.any_ejected else None
-        try:
-            index = choose_variant(live.options, draw=self._random(), key=key, pin=pin, allowed=allowed).index
-        except NotFoundError as err:
-            raise RpcAbort(grpc.StatusCode.NOT_FOUND, str(err)) from err
+        if pin is None and not version:
+            index = choose_variant(live.options, draw=self._random(), key=key, allowed=allowed).index
+        else:
+            index = self._chosen(live, pin, version, key, allowed, metadata)
+            pin = live.route.variants[index].name  # a chosen version is a pin too: never retried elsewhere
         variant = live.route.variants[index]
         return Decision(public, variant.name, variant.upstream, request + live.request_suffixes[index], live, index,
                         pin, forwarded_metadata(metadata), start)  # fmt: skip
+
+    def _chosen(self, live: LiveRoute, pin: str | None, version: str, key: bytes | None,
+                allowed: list[bool] | None, metadata: Sequence[Any]) -> int:  # fmt: skip
+        """The variant a ``kiln-variant`` pin or a client's ``model_version`` asks for, if it may have it."""
+        variants = live.route.variants
+        if pin is not None:
+            try:
+                index = choose_pinned(live.options, pin)
+            except NotFoundError as err:
+                raise RpcAbort(grpc.StatusCode.NOT_FOUND, str(err)) from err
+            if version and variants[index].version != version:
+                raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{PIN_HEADER} pins {shown(pin)}, which serves model_version "
+                               f"{variants[index].version or '(the upstream default)'!r}, but the request asks for "
+                               f"model_version {shown(version)}; send one or the other")  # fmt: skip
+            self._check_pinnable(live, [index], metadata, f"{PIN_HEADER} {shown(pin)}")
+            return index
+        matching = [i for i, v in enumerate(variants) if v.version == version]
+        if not matching:
+            offered = sorted({v.version for v in variants if v.version})
+            raise RpcAbort(grpc.StatusCode.NOT_FOUND,
+                           f"route {live.public!r} does not serve model_version {shown(version)} (its variants pin "
+                           f"versions {offered}); send an empty model_version to let the gateway choose")  # fmt: skip
+        self._check_pinnable(live, matching, metadata, f"model_version {shown(version)}")
+        open_ = [i for i in matching if variants[i].weight > 0] or matching
+        mask = [i in open_ and (allowed is None or allowed[i]) for i in range(len(variants))]
+        if not any(mask):  # every one of them is ejected: try them anyway
+            mask = [i in open_ for i in range(len(variants))]
+        if key is not None:
+            return choose_sticky(live.options, key, mask)
+        return choose_weighted(live.options, self._random(), mask)
+
+    def _check_pinnable(self, live: LiveRoute, indices: list[int], metadata: Sequence[Any], what: str) -> None:
+        """Clients may pin only variants with weight > 0 unless the route says ``pinning: any`` or they are admin."""
+        variants = live.route.variants
+        if live.route.pinning == "any" or any(variants[i].weight > 0 for i in indices):
+            return
+        if is_admin(metadata, self._admin_token):
+            return
+        names = [variants[i].name for i in indices]
+        open_ = [v.name for v in variants if v.weight > 0]
+        if bearer_token(metadata) is not None:
+            check_credential(metadata, self._admin_token, f"{what} (variants {names} at weight 0)")
+        raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED,
+                       f"{what} selects variant(s) {names} of route {live.public!r}, which have weight 0 "
+                       f"(a candidate or shadow); clients may pin {open_}. Pinning it needs the admin credential "
+                       f"('authorization: Bearer <token>') or the route's 'pinning: any'")  # fmt: skip
 
     def unrouted_upstream(self, public: str) -> str:
         upstream = self._config.default_upstream
         if self._config.unknown_models != "passthrough" or upstream is None:
             routed = sorted(self._table.snapshot.routes)
-            raise RpcAbort(
-                grpc.StatusCode.NOT_FOUND, f"model {public!r} is not routed by this gateway; routed models are {routed}"
-            )
+            raise RpcAbort(grpc.StatusCode.NOT_FOUND,
+                           f"model {shown(public)} is not routed by this gateway; routed models are {routed}")
         return upstream
 
     def succeeded(self, decision: Decision, sent: int, request: bytes, response: bytes) -> tuple[Metadata, bytes]:
@@ -145,6 +200,11 @@ class Forwarder:
         if shadow is not None and shadow != decision.index and self._random() < live.shadow_fraction:
             self._send_shadow(live, shadow, request, response)
         return self.response_metadata(decision), live.response_suffix
+
+    def stream_meter(self, decision: Decision) -> StreamMeter:
+        """Times one ModelStreamInfer call's token responses (TTFT, ITL) and samples greedy replays."""
+        target = StreamTarget(decision.route, decision.variant, decision.live, decision.index)
+        return StreamMeter(target, self._metrics, self.streams, self._replayer, self._random)
 
     def failed(self, decision: Decision, code: grpc.StatusCode, details: str, sent: int) -> Decision | None:
         """Record a failure; on UNAVAILABLE eject the upstream and return a retry decision (once)."""
@@ -164,7 +224,7 @@ class Forwarder:
         return replace(decision, variant=variant.name, upstream=variant.upstream, body=body, index=index, retried=True)
 
     def abort_of(self, decision: Decision, code: grpc.StatusCode, details: str) -> RpcAbort:
-        return RpcAbort(code, details, self.response_metadata(decision) if decision.live else ())
+        return RpcAbort(code, client_details(details), self.response_metadata(decision) if decision.live else ())
 
     def response_metadata(self, decision: Decision) -> Metadata:
         key = (decision.route, decision.variant)
@@ -199,7 +259,10 @@ class Forwarder:
     # ---- model-scoped control methods: answered by the baseline under the public name --------
     def model_target(self, method: str, request: bytes) -> tuple[str, bytes, str | None]:
         """(upstream, request bytes, public name to put in the answer or None) for ``method``."""
-        public = read_model_name(request)
+        try:
+            public = read_model_name(request)
+        except InvalidInputError as err:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
         live = self._table.snapshot.routes.get(public) if public else None
         if live is None:
             return self.default_upstream(method, public), request, None
@@ -212,9 +275,20 @@ class Forwarder:
             upstream = None
         if upstream is None:
             code = grpc.StatusCode.NOT_FOUND if public else grpc.StatusCode.UNIMPLEMENTED
-            what = f"model {public!r} is not routed by this gateway" if public else f"{method} has no default_upstream"
+            what = f"model {shown(public)} is not routed by this gateway" if public else f"{method} has no upstream"
             raise RpcAbort(code, f"{what}; routed models are {sorted(self._table.snapshot.routes)}")
         return upstream
+
+
+    def control_target(self, method: str, metadata: Sequence[Any]) -> str:
+        """The upstream a control RPC goes to, if it is enabled there and the caller is admin."""
+        config = self._config
+        return control_upstream(method, metadata, config.upstreams, config.default_upstream, self._admin_token)
+
+
+def upstream_abort(err: grpc.RpcError) -> RpcAbort:
+    """An upstream's error as the client gets it: same code, details without addresses or paths."""
+    return RpcAbort(err.code(), client_details(err.details()))  # type: ignore[attr-defined]
 
 
 def rename_response(method: str, response: bytes, public: str | None) -> bytes:

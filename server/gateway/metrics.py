@@ -15,7 +15,7 @@ import bisect
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -153,8 +153,12 @@ _PROM_BOUNDS_NS = tuple(int(b * 1e9) for b in PROM_BOUNDS_S)
 class GatewayMetrics:
     """Thread-safe per (route, variant) recorders; read with ``window`` / ``cumulative``."""
 
-    def __init__(self, window_s: float = 60.0, max_samples: int = 100_000) -> None:
+    def __init__(
+        self, window_s: float = 60.0, max_samples: int = 100_000, clock: Callable[[], int] = time.perf_counter_ns
+    ) -> None:
+        """``clock`` returns monotonic nanoseconds (tests pass a fake one to move time by hand)."""
         self.window_s = window_s
+        self._clock = clock
         self._max_samples = max_samples
         self._recorders: dict[tuple[str, str], _Recorder] = {}
         self._shadows: dict[tuple[str, str], _ShadowRecorder] = {}
@@ -177,7 +181,7 @@ class GatewayMetrics:
     def record(self, route: str, variant: str, code: str, upstream_ns: int, total_ns: int) -> None:
         """One served request (hot path)."""
         recorder = self._recorders.get((route, variant)) or self._recorder(route, variant)
-        now = time.perf_counter_ns()
+        now = self._clock()
         fine_t = bisect.bisect_left(_FINE_BOUNDS_NS, total_ns)
         fine_u = bisect.bisect_left(_FINE_BOUNDS_NS, upstream_ns)
         prom_t = bisect.bisect_left(_PROM_BOUNDS_NS, total_ns)
@@ -196,7 +200,7 @@ class GatewayMetrics:
         """One shadow comparison; ``None`` = the shadow call failed."""
         recorder = self._shadow(route, variant)
         with recorder.lock:
-            recorder.samples.append((time.perf_counter_ns(), result))
+            recorder.samples.append((self._clock(), result))
             if result is None:
                 recorder.errors += 1
             else:
@@ -215,7 +219,7 @@ class GatewayMetrics:
     def window(self, route: str, variant: str, window_s: float | None = None) -> VariantWindow:
         """Figures over the last ``window_s`` seconds (default: the configured window)."""
         span = self.window_s if window_s is None else window_s
-        since = time.perf_counter_ns() - int(span * 1e9)
+        since = self._clock() - int(span * 1e9)
         recorder = self._recorders.get((route, variant))
         rows: list[tuple[int, int, int, str]] = []
         if recorder is not None:

@@ -3,6 +3,10 @@ rotation for a growing interval (base * 2^(n-1), capped), and its share goes to 
 
 After the interval the upstream is tried again; a success keeps it in, a failure ejects it for
 twice as long. The ejection count decays back to zero after ``max_ejection_s`` without failures.
+Meanwhile ``ReadinessProber`` asks each ejected upstream ``ServerReady`` every
+``PROBE_INTERVAL_S`` and readmits it as soon as it answers ready, so a restarted upstream takes
+traffic again within about that interval (plus gRPC's reconnect backoff, at most 0.5 s), however
+long its ejection had grown.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from tritonclient.grpc import service_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +106,20 @@ class OutlierDetector:
         )
         return True
 
+    def readmit(self, upstream: str) -> bool:
+        """End ``upstream``'s ejection now (an active probe found it ready); True when it was ejected."""
+        state = self._states.get(upstream)
+        if state is None:
+            return False
+        with self._lock:
+            was = state.ejected_until > self._now()
+            state.ejected_until = 0
+            state.consecutive = 0
+            self._refresh()
+        if was:
+            logger.info("upstream %s readmitted: it answers ServerReady again", upstream)
+        return was
+
     def _refresh(self) -> None:
         now = self._now()
         self.any_ejected = any(s.ejected_until > now for s in self._states.values())
@@ -125,3 +146,40 @@ class OutlierDetector:
                 )
                 for name, s in sorted(self._states.items())
             ]
+
+
+PROBE_INTERVAL_S = 0.25
+_READY_REQUEST = service_pb2.ServerReadyRequest().SerializeToString()
+
+ReadyCall = Callable[[str], Callable[..., bytes]]  # upstream name -> ServerReady bytes callable
+
+
+class ReadinessProber:
+    """A daemon thread asking ejected upstreams ``ServerReady``; readmits those that answer ready."""
+
+    def __init__(self, detector: OutlierDetector, ready_call: ReadyCall, interval_s: float = PROBE_INTERVAL_S):
+        self._detector = detector
+        self._ready_call = ready_call
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kiln-gw-prober", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if not self._detector.any_ejected:
+                continue
+            for upstream in self._detector.ejected_set():
+                self.probe(upstream)
+
+    def probe(self, upstream: str) -> bool:
+        try:
+            answer = self._ready_call(upstream)(_READY_REQUEST, timeout=self._interval)
+            ready = service_pb2.ServerReadyResponse.FromString(answer).ready
+        except Exception:  # refused, timed out, or not a KServe v2 server: stays ejected
+            return False
+        return bool(ready) and self._detector.readmit(upstream)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

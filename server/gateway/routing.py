@@ -104,7 +104,7 @@ def choose_pinned(options: WeightedSet, name: str) -> int:
         return options.names.index(name)
     except ValueError as err:
         raise NotFoundError(
-            f"{PIN_HEADER} pins variant {name!r}, which this route does not have; "
+            f"{PIN_HEADER} pins variant {name[:60]!r}, which this route does not have; "
             f"its variants are {list(options.names)}"
         ) from err
 

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from core.errors import KilnError
 from server.gateway.metrics import GatewayMetrics, ShadowResult
 
 logger = logging.getLogger(__name__)
@@ -97,25 +98,29 @@ class ShadowSender:
 
     def submit(self, route: str, variant: str, call: Callable[[], bytes], served: bytes) -> bool:
         """Queue one shadow copy; returns False (and counts a drop) when the cap is reached."""
+        return self.submit_compared(route, variant, lambda: compare_responses(served, call()))
+
+    def submit_compared(self, route: str, variant: str, compare: Callable[[], ShadowResult]) -> bool:
+        """Queue one comparison that makes its own calls (a greedy token replay); capped like a copy."""
         if not self._slots.acquire(blocking=False):
             self._metrics.record_shadow_dropped(route, variant)
             return False
         try:
-            self._pool.submit(self._run, route, variant, call, served)
+            self._pool.submit(self._run, route, variant, compare)
         except RuntimeError:  # pool shut down: the gateway is stopping
             self._slots.release()
             return False
         return True
 
-    def _run(self, route: str, variant: str, call: Callable[[], bytes], served: bytes) -> None:
+    def _run(self, route: str, variant: str, compare: Callable[[], ShadowResult]) -> None:
         try:
             try:
-                answer = call()
-            except grpc.RpcError as err:
+                result = compare()
+            except (grpc.RpcError, KilnError) as err:
                 logger.debug("shadow call to %s/%s failed: %s", route, variant, err)
                 self._metrics.record_shadow(route, variant, None)
                 return
-            self._metrics.record_shadow(route, variant, compare_responses(served, answer))
+            self._metrics.record_shadow(route, variant, result)
         except Exception:  # a bad answer must never take the shadow pool down
             logger.exception("shadow comparison for %s/%s failed", route, variant)
             self._metrics.record_shadow(route, variant, None)

@@ -76,6 +76,7 @@ class RouteChange:
 
 
 Persist = Callable[[Mapping[str, Route]], None]
+Check = Callable[[Mapping[str, Route]], None]  # raises (a KilnError) to refuse a change before it applies
 Listener = Callable[[RoutesSnapshot, RouteChange], None]
 
 
@@ -89,6 +90,7 @@ class RouteTable:
         self._persist = persist
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
+        self._checks: list[Check] = []
         self.snapshot = RoutesSnapshot(0, _compile(routes))
 
     @property
@@ -106,6 +108,11 @@ class RouteTable:
         with self._lock:
             self._listeners.append(listener)
 
+    def add_check(self, check: Check) -> None:
+        """Call ``check(routes)`` on every validated change before it is persisted and swapped in."""
+        with self._lock:
+            self._checks.append(check)
+
     def apply(self, change: RouteChange, actor: str = "api") -> RoutesSnapshot:
         """Validate, persist, swap in and log ``change``; raises and changes nothing if any part is bad."""
         with self._lock:
@@ -116,6 +123,8 @@ class RouteTable:
                     "read them again and retry"
                 )
             routes = self._validated(current, change)
+            for check in self._checks:
+                check(routes)
             if self._persist is not None:
                 self._persist(routes)
             updated = RoutesSnapshot(current.version + 1, _compile(routes))
@@ -162,6 +171,9 @@ def _reweighted(public: str, route: Route, weights: Mapping[str, float], upstrea
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise InvalidInputError(f"route {public!r} has no variants {unknown}; its variants are {names}")
+    bad = {name: weight for name, weight in weights.items() if isinstance(weight, bool)}
+    if bad:
+        raise InvalidInputError(f"route {public!r}: weights must be numbers, got {bad}")
     data = route_to_dict(route)
     for variant in data["variants"]:
         if variant["name"] in weights:

@@ -48,10 +48,19 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             raise InvalidInputError("request bytes hold a varint longer than 10 bytes; not protobuf")
 
 
-def read_string_field(data: bytes, field: int) -> str:
-    """The last value of top-level string ``field`` in serialized ``data`` ("" when absent)."""
-    pos, end, found = 0, len(data), None
-    tag_byte = (field << 3) | _WIRE_LEN
+def _truncated() -> InvalidInputError:
+    return InvalidInputError("request bytes end inside a field; the message is truncated")
+
+
+def _spans(data: bytes, field: int, second: int = 0) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """Spans of the last top-level length-delimited ``field`` (and ``second``, if not 0) in ``data``.
+
+    Every length and skip is bounds-checked, so no input reads past the end: hostile bytes get an
+    InvalidInputError saying what is wrong, never an IndexError.
+    """
+    pos, end = 0, len(data)
+    tag_a, tag_b = (field << 3) | _WIRE_LEN, (second << 3) | _WIRE_LEN if second else -1
+    found_a = found_b = None
     while pos < end:
         if data[pos] < 0x80:  # one-byte tag, the common case
             tag = data[pos]
@@ -59,14 +68,22 @@ def read_string_field(data: bytes, field: int) -> str:
         else:
             tag, pos = _varint(data, pos)
         wire = tag & 7
+        if tag < 8:
+            raise InvalidInputError("request bytes use protobuf field number 0, which is invalid; not protobuf")
         if wire == _WIRE_LEN:
+            if pos >= end:
+                raise _truncated()
             if data[pos] < 0x80:
                 length = data[pos]
                 pos += 1
             else:
                 length, pos = _varint(data, pos)
-            if tag == tag_byte:
-                found = (pos, pos + length)
+            if pos + length > end:
+                raise _truncated()
+            if tag == tag_a:
+                found_a = (pos, pos + length)
+            elif tag == tag_b:
+                found_b = (pos, pos + length)
             pos += length
         elif wire == _WIRE_VARINT:
             _, pos = _varint(data, pos)
@@ -77,15 +94,30 @@ def read_string_field(data: bytes, field: int) -> str:
         else:
             raise InvalidInputError(f"request bytes use protobuf wire type {wire}, which KServe v2 never uses")
     if pos != end:
-        raise InvalidInputError("request bytes end inside a field; the message is truncated")
-    if found is None:
+        raise _truncated()
+    return found_a, found_b
+
+
+def _text(data: bytes, span: tuple[int, int] | None, field: int) -> str:
+    if span is None:
         return ""
     try:
-        return data[found[0] : found[1]].decode("utf-8")
+        return data[span[0] : span[1]].decode("utf-8")
     except UnicodeDecodeError as err:
         raise InvalidInputError(f"field {field} of the request is not UTF-8 text") from err
+
+
+def read_string_field(data: bytes, field: int) -> str:
+    """The last value of top-level string ``field`` in serialized ``data`` ("" when absent)."""
+    return _text(data, _spans(data, field)[0], field)
 
 
 def read_model_name(data: bytes) -> str:
     """``model_name`` (field 1) of a serialized ModelInferRequest or Model*Request."""
     return read_string_field(data, 1)
+
+
+def read_name_version(data: bytes) -> tuple[str, str]:
+    """(``model_name``, ``model_version``): fields 1 and 2, in one walk over the top-level fields."""
+    name, version = _spans(data, 1, 2)
+    return _text(data, name, 1), _text(data, version, 2)

@@ -7,6 +7,7 @@
 | `GET /rollouts/<route>` | | status: phase, step, weights, each SLO measured vs limit |
 | `GET /rollouts/<route>/events?since=N` | | `{"events": [...]}` (seq > N) |
 | `POST /rollouts/<route>/<pause\\|resume\\|abort\\|promote>` | `{"expect_version": n}`? | command; status |
+| `POST /rollouts/<route>/retire` | | retire the promoted rollout's previous version; 409 while a route points at it |
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def register_endpoints(app: AdminApp, controller: RolloutController) -> None:
 
     def act_on_one(request: AdminRequest) -> AdminResponse:
         route, _, verb = request.path.removeprefix(PREFIX).partition("/")
+        if verb == "retire":
+            return AdminResponse(200, controller.retire(route))
         try:
             cmd = Command(verb)
         except ValueError as err:

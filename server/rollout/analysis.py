@@ -19,6 +19,8 @@ class VariantWindow:
     requests: int = 0
     errors: int = 0
     p99_ms: float | None = None
+    ttft_p99_ms: float | None = None  # token streams only: time to first token
+    itl_p99_ms: float | None = None  # ... and inter-token latency
 
     @property
     def error_rate(self) -> float:
@@ -38,6 +40,7 @@ class Measurements:
     compared: int = 0
     agreed: int = 0
     shadow_errors: int = 0
+    first_divergence: tuple[int, ...] = ()  # token streams: where greedy replays diverged
 
     @property
     def agreement(self) -> float | None:
@@ -50,6 +53,7 @@ class Measurements:
             "compared": self.compared,
             "agreed": self.agreed,
             "shadow_errors": self.shadow_errors,
+            "first_divergence": list(self.first_divergence),
         }
 
 
@@ -82,10 +86,11 @@ def shadow_checks(plan: RolloutPlan, m: Measurements) -> tuple[SloCheck, ...]:
     """Shadow phase: the candidate serves nobody, so only its errors and agreement count."""
     calls = m.compared + m.shadow_errors
     error_rate = m.shadow_errors / calls if calls else None
-    return (
-        _at_most("error_rate", error_rate, plan.slos.max_error_rate),
-        _at_least("agreement", m.agreement, plan.slos.min_agreement),
-    )
+    if plan.slos.min_token_agreement is not None:  # a token stream: agreement = greedy exact-match rate
+        agreement = _at_least("token_agreement", m.agreement, plan.slos.min_token_agreement)
+    else:
+        agreement = _at_least("agreement", m.agreement, plan.slos.min_agreement)
+    return (_at_most("error_rate", error_rate, plan.slos.max_error_rate), agreement)
 
 
 def step_checks(
@@ -105,6 +110,25 @@ def step_checks(
         checks.append(_at_most("p99_ms", cand.p99_ms, plan.slos.max_p99_ms))
     if plan.sample_percent > 0:
         checks.append(_at_least("agreement", m.agreement, plan.slos.min_agreement))
+    return (*checks, *stream_checks(plan, m))
+
+
+def stream_checks(plan: RolloutPlan, m: Measurements) -> tuple[SloCheck, ...]:
+    """Token streams: TTFT and ITL p99, as ratios to the baseline in the same window and absolute.
+
+    A ratio is measured only when both variants streamed in the window (not at a 100 % step).
+    """
+    slos, base, cand = plan.slos, m.baseline, m.candidate
+    checks = []
+    for name, ratio_limit, ms_limit, mine, theirs in (
+        ("ttft", slos.max_ttft_p99_ratio, slos.max_ttft_p99_ms, cand.ttft_p99_ms, base.ttft_p99_ms),
+        ("itl", slos.max_itl_p99_ratio, slos.max_itl_p99_ms, cand.itl_p99_ms, base.itl_p99_ms),
+    ):
+        if ratio_limit is not None:
+            ratio = mine / theirs if mine is not None and theirs else None
+            checks.append(_at_most(f"{name}_p99_ratio", ratio, ratio_limit))
+        if ms_limit is not None:
+            checks.append(_at_most(f"{name}_p99_ms", mine, ms_limit))
     return tuple(checks)
 
 

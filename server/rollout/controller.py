@@ -24,9 +24,11 @@ from server.rollout import machine
 from server.rollout.analysis import Measurements, reference_p99, shadow_checks, step_checks
 from server.rollout.machine import Command, Decision, Phase, RolloutState
 from server.rollout.plan import RolloutPlan
-from server.rollout.ports import MetricsSource, RouteControl, Store
+from server.rollout.ports import MetricsSource, RouteControl, Store, VersionControl
+from server.rollout.retire import previous_of, retire_blockers
 from server.rollout.routes import desired_route, weights_of
 from server.rollout.store import StoredRollout
+from server.rollout.versions import upstreams_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +45,20 @@ class _Active:
     last: Measurements | None = None
     unapplied: tuple[machine.RouteAction, ...] = ()
     error: str | None = None  # why the last tick could not decide
+    previous: dict[str, Any] | None = None  # what the baseline served (model, version, upstreams)
+    retire: dict[str, Any] | None = None  # retirement of the previous version: state and message
+    promoted_at: float | None = None
 
 
 class RolloutController:
     """Owns every rollout of one gateway; thread-safe."""
 
     def __init__(self, routes: RouteControl, metrics: MetricsSource, store: Store, *,
-                 tick_s: float = 0.2, clock: Callable[[], float] = _monotonic_s) -> None:
+                 tick_s: float = 0.2, clock: Callable[[], float] = _monotonic_s,
+                 versions: VersionControl | None = None) -> None:
         self._routes = routes
+        self._versions = versions
+        self._preparing: set[str] = set()  # routes whose candidate is being loaded (outside the lock)
         self._metrics = metrics
         self._store = store
         self.tick_s = tick_s
@@ -74,7 +82,10 @@ class RolloutController:
                     self._rollouts[route] = _Active(None, RolloutState(route, Phase.ROLLED_BACK))
                     self._commit(route, machine.unreadable(route, now, str(err)))
                     continue
-                active = _Active(record.plan, record.state, list(record.events))
+                active = _Active(record.plan, record.state, list(record.events), previous=record.previous,
+                                 retire=record.retire)
+                if record.state.phase is Phase.PROMOTED:
+                    active.promoted_at = now  # the rollback window restarts with the process (never shorter)
                 self._rollouts[route] = active
                 if record.plan is not None:
                     self._commit(route, machine.recover(record.state, record.plan, now))
@@ -101,16 +112,30 @@ class RolloutController:
 
     # -- decisions --------------------------------------------------------------------------
     def tick(self) -> None:
-        """One pass: decide every active rollout from its current window."""
+        """One pass: decide every active rollout from its current window; retire what is due."""
+        due: list[str] = []
         with self._lock:
             for route, active in list(self._rollouts.items()):
                 if active.plan is None or active.state.phase.terminal:
+                    if self._retire_due(active):
+                        due.append(route)
                     continue
                 try:
                     self._tick_one(route, active, active.plan)
                 except KilnError as err:  # e.g. metrics unreachable: no decision this tick (never a guess)
                     active.error = str(err)
                     logger.warning("rollout %s: no decision this tick: %s", route, err)
+        for route in due:
+            try:
+                self.retire(route)
+            except KilnError as err:  # recorded as an event by retire; the loop goes on
+                logger.warning("rollout %s: previous version not retired: %s", route, err)
+
+    def _retire_due(self, active: _Active) -> bool:
+        plan = active.plan
+        return (plan is not None and plan.retire_previous and active.state.phase is Phase.PROMOTED
+                and active.retire is None and active.promoted_at is not None
+                and self._clock() - active.promoted_at >= plan.retain_for_s)
 
     def _tick_one(self, route: str, active: _Active, plan: RolloutPlan) -> None:
         if active.unapplied:
@@ -123,21 +148,22 @@ class RolloutController:
             self._commit(route, machine.decide(active.state, plan, Measurements(), self._clock()))
 
     def start(self, plan: RolloutPlan) -> dict[str, Any]:
-        """Begin a rollout; its first phase's route is applied before this returns."""
+        """Begin a rollout; its first phase's route is applied before this returns.
+
+        A candidate that names a version must first be ready on every upstream of the route that
+        serves its model (loaded there where the server allows it); this runs outside the lock, and
+        a second start on the same route meanwhile is refused.
+        """
         with self._lock:
-            current = self._rollouts.get(plan.route)
-            if current is not None and not current.state.phase.terminal:
-                raise ConflictError(
-                    f"route {plan.route!r} already has a rollout in phase {current.state.phase.value}; "
-                    "abort or promote it first"
-                )
-            route = self._routes.get_route(plan.route)
-            if plan.baseline not in weights_of(route):
-                raise NotFoundError(
-                    f"route {plan.route!r} has no variant {plan.baseline!r} (it has {sorted(weights_of(route))}); "
-                    "name the route's serving variant as the baseline"
-                )
-            _check_candidate_name(route, plan)
+            route = self._check_start(plan)
+            self._preparing.add(plan.route)
+        try:
+            ready = self._prepare(plan, route)
+        finally:
+            with self._lock:
+                self._preparing.discard(plan.route)
+        with self._lock:
+            route = self._check_start(plan)
             now = self._clock()
             begun = machine.start(plan, now)
             first = machine.decide(begun.state, plan, Measurements(), now)
@@ -146,9 +172,87 @@ class RolloutController:
             for action in first.actions:
                 self._routes.put_route(plan.route, desired_route(route, action, plan.candidate),
                                        f"rollout {plan.candidate.name}: {action.kind}")
-            self._rollouts[plan.route] = _Active(plan, begun.state)
-            self._commit(plan.route, replace(first, actions=()), prior_events=begun.events)
+            self._rollouts[plan.route] = _Active(plan, begun.state, previous=previous_of(route, plan))
+            events = begun.events
+            if ready:
+                waited = max(r["waited_s"] for r in ready)
+                events += (machine.Event(
+                    "candidate_ready", now, begun.state.phase.value, begun.state.step,
+                    f"{plan.candidate.model} version {plan.candidate.version} ready on "
+                    f"{[r['upstream'] for r in ready]} after {waited:.2f}s", {"upstreams": ready}),)
+            self._commit(plan.route, replace(first, actions=()), prior_events=events)
             return self.status(plan.route)
+
+    def _check_start(self, plan: RolloutPlan) -> dict[str, Any]:
+        current = self._rollouts.get(plan.route)
+        if current is not None and not current.state.phase.terminal:
+            raise ConflictError(
+                f"route {plan.route!r} already has a rollout in phase {current.state.phase.value}; "
+                "abort or promote it first"
+            )
+        if plan.route in self._preparing:
+            raise ConflictError(
+                f"route {plan.route!r} already has a rollout starting (its candidate is being loaded); wait for it "
+                "or abort it once it runs"
+            )
+        route = self._routes.get_route(plan.route)
+        if plan.baseline not in weights_of(route):
+            raise NotFoundError(
+                f"route {plan.route!r} has no variant {plan.baseline!r} (it has {sorted(weights_of(route))}); "
+                "name the route's serving variant as the baseline"
+            )
+        _check_candidate_name(route, plan)
+        return route
+
+    def _prepare(self, plan: RolloutPlan, route: dict[str, Any]) -> list[dict[str, Any]]:
+        """Make every upstream serving the candidate's model serve its version; figures per upstream."""
+        cand = plan.candidate
+        if not cand.version:
+            return []
+        if self._versions is None:  # e.g. the multi-replica controller, which knows no upstream addresses
+            logger.warning("rollout %s: cannot check that %s version %s is ready on the upstreams; make sure "
+                           "it is before traffic moves", plan.route, cand.model, cand.version)
+            return []
+        return [self._versions.ensure_serving(name, cand.model, cand.version, plan.ready_timeout_s)
+                for name in upstreams_for(route, cand)]
+
+    def retire(self, route: str) -> dict[str, Any]:
+        """Retire the version the promoted rollout's baseline served; refused while a route points at it."""
+        with self._lock:
+            active = self._get(route)
+            plan = active.plan
+            if plan is None or active.state.phase is not Phase.PROMOTED:
+                raise ConflictError(
+                    f"rollout on route {route!r} is {active.state.phase.value}; only a promoted rollout's previous "
+                    "version can be retired"
+                )
+            if self._versions is None:
+                raise ConflictError("this controller cannot reach upstreams; change the repository's version "
+                                    "policy (kiln repo policy) instead")
+            previous = dict(active.previous or {})
+            blocked = retire_blockers(active.previous, plan, self._routes.all_routes())
+            if blocked:
+                self._record_retire(route, active, "refused", f"previous version not retired: {blocked}")
+                raise ConflictError(f"cannot retire the previous version of route {route!r}: {blocked}")
+        try:
+            results = [self._versions.retire(name, previous["model"], previous["version"])
+                       for name in previous["upstreams"]]
+        except KilnError as err:
+            with self._lock:
+                self._record_retire(route, active, "failed", f"previous version not retired: {err}")
+            raise
+        with self._lock:
+            self._record_retire(route, active, "retired", f"{previous['model']} version {previous['version']} "
+                                f"retired on {previous['upstreams']}", results)
+            return self.status(route)
+
+    def _record_retire(self, route: str, active: _Active, state: str, message: str,
+                       results: list[dict[str, Any]] | None = None) -> None:
+        active.retire = {"state": state, "message": message}
+        kind = "retired" if state == "retired" else "retire_" + state
+        event = machine.Event(kind, self._clock(), active.state.phase.value, active.state.step, message,
+                              {"upstreams": results or []})
+        self._commit(route, machine.Decision(active.state), prior_events=(event,))
 
     def command(self, route: str, cmd: Command, expect_version: int | None = None) -> dict[str, Any]:
         with self._lock:
@@ -162,6 +266,8 @@ class RolloutController:
                 prior_events: tuple[machine.Event, ...] = ()) -> None:
         active = self._rollouts[route]
         changed = decision.state != active.state
+        if decision.state.phase is Phase.PROMOTED and active.state.phase is not Phase.PROMOTED:
+            active.promoted_at = self._clock()
         active.state = decision.state
         if decision.actions:
             self._apply(route, active, decision.actions)
@@ -171,10 +277,12 @@ class RolloutController:
             stamped = {**event.to_dict(), "seq": len(active.events) + 1, "route": route,
                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")}
             active.events.append(stamped)
-            log = logger.warning if event.kind in ("rolled_back", "state_unreadable", "paused") else logger.info
+            warn = ("rolled_back", "state_unreadable", "paused", "retire_refused", "retire_failed")
+            log = logger.warning if event.kind in warn else logger.info
             log("rollout %s: %s: %s", route, event.kind, event.message)
         if changed or decision.events or prior_events:
-            self._store.save(StoredRollout(active.state, active.plan, tuple(active.events)))
+            self._store.save(StoredRollout(active.state, active.plan, tuple(active.events), active.previous,
+                                           active.retire))
 
     def _apply(self, route: str, active: _Active, actions: tuple[machine.RouteAction, ...]) -> None:
         candidate = active.plan.candidate if active.plan else None
@@ -227,6 +335,8 @@ class RolloutController:
                 "events": len(active.events),
                 "unapplied_route_changes": len(active.unapplied),
                 "error": active.error,
+                "previous": active.previous,
+                "retire": active.retire,
             }
 
 

@@ -255,6 +255,7 @@ def _window_figures(m: Measurements) -> dict[str, Any]:
         "compared": m.compared,
         "agreed": m.agreed,
         "shadow_errors": m.shadow_errors,
+        "first_divergence_min": min(m.first_divergence, default=None),
     }
 
 

@@ -17,7 +17,13 @@ Example (YAML)::
     sample_percent: 10          # share of baseline traffic also compared during steps
     min_comparisons: 20
     slos: {max_error_rate: 0.01, max_p99_ratio: 1.5, min_agreement: 0.98, max_p99_ms: null}
+    # token streams add: max_ttft_p99_ratio, max_itl_p99_ratio, max_ttft_p99_ms, max_itl_p99_ms
+    # (judged when both variants streamed in the window) and min_token_agreement (the shadow phase's
+    # greedy replays: share of sampled prompts whose tokens match the baseline's exactly)
     on_failure: rollback        # or pause (traffic back to baseline, a human decides)
+    ready_timeout_s: 60         # a candidate version must be ready on every upstream within this
+    retire_previous: false      # after promotion, stop serving the baseline's version ...
+    retain_for_s: 0             # ... once this rollback window has passed
 
 At a 100 % step the baseline serves nothing, so the candidate's p99 is compared with the baseline
 p99 measured in the step before; a last step below 100 % keeps every comparison concurrent (both
@@ -57,6 +63,13 @@ class CandidateSpec(_Frozen):
     def _version_text(cls, value: Any) -> Any:
         return "" if value is None else str(value) if isinstance(value, int) else value
 
+    @field_validator("version")
+    @classmethod
+    def _version_number(cls, value: str) -> str:
+        if value and not (value.isascii() and value.isdigit() and not value.startswith("0")):
+            raise ValueError(f"must be a version number such as 2, or empty (the upstream decides); got {value!r}")
+        return value
+
 
 class ShadowPhase(_Frozen):
     """Before the first step the candidate only sees copies of traffic; its answers are compared."""
@@ -73,6 +86,12 @@ class Slos(_Frozen):
     max_p99_ratio: float = Field(default=1.5, gt=0)
     min_agreement: float = Field(default=0.98, ge=0, le=1)
     max_p99_ms: float | None = Field(default=None, gt=0)
+    # token streams (decoupled LLM models): time to first token and inter-token latency, p99
+    max_ttft_p99_ratio: float | None = Field(default=None, gt=0)
+    max_itl_p99_ratio: float | None = Field(default=None, gt=0)
+    max_ttft_p99_ms: float | None = Field(default=None, gt=0)
+    max_itl_p99_ms: float | None = Field(default=None, gt=0)
+    min_token_agreement: float | None = Field(default=None, ge=0, le=1)  # greedy exact-match rate, shadow phase
 
 
 class RolloutPlan(_Frozen):
@@ -89,6 +108,9 @@ class RolloutPlan(_Frozen):
     min_comparisons: int = Field(default=20, ge=1)
     slos: Slos = Slos()
     on_failure: Literal["rollback", "pause"] = "rollback"
+    ready_timeout_s: float = Field(default=60.0, gt=0)  # candidate version ready on every upstream within this
+    retire_previous: bool = False  # after promotion, stop upstreams serving the baseline's version
+    retain_for_s: float = Field(default=0.0, ge=0)  # ... once this rollback window has passed
 
     @field_validator("steps")
     @classmethod
@@ -109,6 +131,10 @@ class RolloutPlan(_Frozen):
             raise ValueError(
                 f"candidate name {self.candidate.name!r} equals the baseline variant; give the candidate "
                 "its own variant name"
+            )
+        if self.retain_for_s > 0 and not self.retire_previous:
+            raise ValueError(
+                f"retain_for_s {self.retain_for_s:g} only applies with retire_previous: true (--retire-previous)"
             )
         if self.max_wait_s is not None and self.max_wait_s < self.interval_s:
             raise ValueError(

@@ -21,6 +21,7 @@ from server.rollout.controller import RolloutController
 from server.rollout.ports import MemoryStore, Store
 from server.rollout.sources import LocalMetricsSource
 from server.rollout.store import RolloutStore
+from server.rollout.versions import GrpcVersionControl
 
 TICK_S = 0.1
 _CONTROLLERS: dict[int, RolloutController] = {}
@@ -38,6 +39,9 @@ class TableRouteControl:
     def put_route(self, public: str, route: Mapping[str, Any], reason: str) -> None:
         self._table.replace_route(public, dict(route), reason=reason)
 
+    def all_routes(self) -> dict[str, dict[str, Any]]:
+        return {name: route_to_dict(live.route) for name, live in self._table.snapshot.routes.items()}
+
 
 def rollout_state_dir(state_path: Path) -> Path:
     """Where rollouts persist for a gateway whose routes persist in ``state_path``."""
@@ -46,8 +50,9 @@ def rollout_state_dir(state_path: Path) -> Path:
 
 def attach(gateway: GatewayHandle) -> Callable[[], None]:
     store: Store = RolloutStore(rollout_state_dir(gateway.state_path)) if gateway.state_path else MemoryStore()
-    controller = RolloutController(TableRouteControl(gateway.routes), LocalMetricsSource(gateway.metrics), store,
-                                   tick_s=TICK_S)
+    versions = GrpcVersionControl(lambda: gateway.routes.upstreams)
+    source = LocalMetricsSource(gateway.metrics, streams=gateway.streams)
+    controller = RolloutController(TableRouteControl(gateway.routes), source, store, tick_s=TICK_S, versions=versions)
     controller.recover_all()
     register_endpoints(gateway.admin, controller)
     controller.start_background()

@@ -3,6 +3,7 @@
 ``RouteControl`` reads and atomically replaces one route (gateway JSON shape, see
 ``server.rollout.routes``). ``MetricsSource`` starts a fresh window for a route (``mark``) and
 reads what baseline and candidate did since (``read``). ``Store`` persists rollout records.
+``VersionControl`` loads and retires model versions on upstreams.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ class RouteControl(Protocol):
 
     def put_route(self, public: str, route: Mapping[str, Any], reason: str) -> None:
         """Replace the route atomically (validated whole; refused whole when bad)."""
+        ...
+
+    def all_routes(self) -> dict[str, dict[str, Any]]:
+        """Every route, by public name (to know which versions any route still points at)."""
+        ...
+
+
+class VersionControl(Protocol):
+    """Loading and retiring model versions on upstreams (``server.rollout.versions``)."""
+
+    def ensure_serving(self, upstream: str, model: str, version: str, timeout_s: float) -> dict[str, Any]:
+        """Return once ``upstream`` serves ``model`` ``version`` (loading it where allowed); raise naming it."""
+        ...
+
+    def retire(self, upstream: str, model: str, version: str) -> dict[str, Any]:
+        """Stop ``upstream`` serving ``model`` ``version`` and keep its other versions."""
         ...
 
 

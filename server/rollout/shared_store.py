@@ -90,6 +90,9 @@ class SharedRouteFile:
             raise NotFoundError(f"route {public!r} is not in {str(self.path)!r}; it has {sorted(routes)}")
         return routes[public]
 
+    def all_routes(self) -> dict[str, dict[str, Any]]:
+        return self.read()[1]
+
     def put_route(self, public: str, route: Mapping[str, Any], reason: str) -> None:
         with self._locked():
             version, routes = self.read()

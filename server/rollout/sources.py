@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 from core.errors import UnavailableError
@@ -46,9 +47,15 @@ class GatewayWindows(Protocol):
 class LocalMetricsSource:
     """Windows since ``mark`` read from the gateway's in-process metrics."""
 
-    def __init__(self, metrics: GatewayWindows, clock_ns: Callable[[], int] = time.perf_counter_ns) -> None:
+    def __init__(
+        self,
+        metrics: GatewayWindows,
+        clock_ns: Callable[[], int] = time.perf_counter_ns,
+        streams: StreamWindows | None = None,
+    ) -> None:
         self._metrics = metrics
         self._clock_ns = clock_ns
+        self._streams = streams  # token timings of streamed requests (TTFT, ITL, greedy replays)
         self._marks: dict[str, int] = {}
 
     def mark(self, route: str) -> None:
@@ -65,11 +72,30 @@ class LocalMetricsSource:
                 compared += window.shadow.compared
                 agreed += window.shadow.agreed
                 shadow_errors += window.shadow.errors
-        return Measurements(_variant(base), _variant(cand), compared, agreed, shadow_errors)
+        if self._streams is None:
+            return Measurements(_variant(base), _variant(cand), compared, agreed, shadow_errors)
+        streamed = [self._streams.window(route, name, span) for name in (baseline, candidate)]
+        divergences = tuple(p for w in streamed if w is not None for p in w.first_divergence)
+        windows = [_with_stream(_variant(w), s) for w, s in zip((base, cand), streamed, strict=True)]
+        return Measurements(windows[0], windows[1], compared, agreed, shadow_errors, divergences)
 
 
 def _variant(window: _Window) -> VariantWindow:
     return VariantWindow(window.requests, window.errors, window.p99_ms if window.requests else None)
+
+
+class StreamWindows(Protocol):
+    """The part of ``server.gateway.stream_metrics.StreamMetrics`` the local source reads."""
+
+    def window(self, route: str, variant: str, window_s: float | None) -> Any: ...
+
+
+def _with_stream(window: VariantWindow, stream: Any) -> VariantWindow:
+    """Add TTFT/ITL p99 when the variant streamed in the window."""
+    if stream is None or not stream.requests:
+        return window
+    itl = stream.itl.p99_ms if stream.itl.count else None
+    return replace(window, ttft_p99_ms=stream.ttft.p99_ms, itl_p99_ms=itl)
 
 
 # -- Prometheus -------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ class StoredRollout:
     state: RolloutState
     plan: RolloutPlan | None
     events: tuple[dict[str, Any], ...] = ()
+    previous: dict[str, Any] | None = None  # what the baseline served (a version rollout retires it)
+    retire: dict[str, Any] | None = None  # how retiring it went
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,8 @@ class StoredRollout:
             "plan": self.plan.to_dict() if self.plan else None,
             "state": self.state.to_dict(),
             "events": list(self.events),
+            "previous": self.previous,
+            "retire": self.retire,
         }
 
 
@@ -59,7 +63,8 @@ def parse_record(data: Any) -> StoredRollout:
     state = RolloutState.from_dict(data["state"])
     plan = plan_from_mapping(data["plan"], "in the state file") if data.get("plan") is not None else None
     events = tuple(dict(e) for e in data.get("events", []))
-    return StoredRollout(state=state, plan=plan, events=events)
+    return StoredRollout(state=state, plan=plan, events=events, previous=data.get("previous"),
+                         retire=data.get("retire"))
 
 
 class RolloutStore:

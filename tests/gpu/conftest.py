@@ -1,4 +1,4 @@
-"""tests/gpu needs TensorRT, pycuda and a CUDA device; elsewhere every test here skips, saying which is missing."""
+"""tests/gpu needs TensorRT, Polygraphy and a CUDA device; elsewhere every test here skips, saying which is missing."""
 
 from __future__ import annotations
 
@@ -14,15 +14,18 @@ def gpu_missing() -> str | None:
     """Why GPU tests cannot run here, or None when they can."""
     absent = missing_for_tensorrt(probe_machine())
     if absent:
-        return f"needs TensorRT, pycuda and a CUDA device; missing here: {', '.join(absent)}"
+        return f"needs TensorRT, Polygraphy and a CUDA device; missing here: {', '.join(absent)}"
     try:
-        import pycuda.driver as cuda
+        import ctypes
 
-        cuda.init()
-        if cuda.Device.count() < 1:
-            return "pycuda sees no CUDA device"
-    except Exception as err:  # pycuda.driver.Error and friends: the driver is unusable
-        return f"CUDA driver unusable through pycuda: {err}"
+        from polygraphy import cuda
+
+        count = ctypes.c_int(0)
+        status = cuda.wrapper().handle.cudaGetDeviceCount(ctypes.byref(count))
+        if status != 0 or count.value < 1:
+            return f"the CUDA runtime sees no device (cudaGetDeviceCount status {status}, count {count.value})"
+    except Exception as err:  # the CUDA runtime library is missing or the driver is unusable
+        return f"CUDA runtime unusable through Polygraphy: {err}"
     return None
 
 

@@ -21,11 +21,13 @@ from builders.examples import example_model_path
 from core.errors import PermissionDeniedError
 from harness.gateway import (
     INFER,
+    MODES,
     TOKEN,
     digits_input,
     digits_models,
     gateway_config,
     negated_model,
+    plane_options,
     publish_example,
     request_bytes,
     served_variant,
@@ -61,8 +63,9 @@ def stub() -> Iterator[UpstreamServer]:
 
 def start(address: str, routes: dict[str, Any], mode: str = "threads", **extra: Any) -> GatewayHandle:
     config = gateway_config({"up": address}, routes, **extra)
-    config["server"]["mode"] = mode
-    return start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=())
+    if mode != "envoy":
+        config["server"]["mode"] = mode
+    return start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=(), **plane_options(mode))
 
 
 def versions(a: str = "1", b: str = "2", weights: tuple[float, float] = (75, 25)) -> dict[str, Any]:
@@ -75,7 +78,7 @@ def versions(a: str = "1", b: str = "2", weights: tuple[float, float] = (75, 25)
     }
 
 
-@pytest.fixture(params=["threads", "aio"])
+@pytest.fixture(params=MODES)
 def gateway(upstream: ServerHandle, request: pytest.FixtureRequest) -> Iterator[GatewayHandle]:
     with start(upstream.url, {"digits": versions()}, request.param) as handle:
         yield handle
@@ -158,7 +161,7 @@ def test_unknown_models_pass_through_when_configured(upstream: ServerHandle) -> 
         assert gw.metrics.window("(passthrough)", "up").requests == 1
 
 
-@pytest.mark.parametrize("mode", ["threads", "aio"])
+@pytest.mark.parametrize("mode", MODES)
 def test_deadline_propagates(stub: UpstreamServer, mode: str) -> None:
     stub.behaviour.delay_s = 1.0
     routes = {"digits": {"variants": [variant("a", "digits", 100)]}}
@@ -197,7 +200,7 @@ def test_stream_infer_passes_through(gateway: GatewayHandle) -> None:
     assert results[0].as_numpy("logits").shape == (1, 10)
 
 
-@pytest.mark.parametrize("mode", ["threads", "aio"])
+@pytest.mark.parametrize("mode", MODES)
 def test_shadow_disagreement_is_counted_and_never_returned(upstream: ServerHandle, mode: str) -> None:
     routes = {
         "digits": {
@@ -252,7 +255,7 @@ def test_admin_refuses_without_or_with_wrong_token(gateway: GatewayHandle) -> No
     for token in (None, "wrong"):
         with pytest.raises(urllib.error.HTTPError) as caught:
             admin(gateway, "GET", "/routes", token=token)
-        assert caught.value.code == 403
+        assert caught.value.code == 401 and caught.value.headers["WWW-Authenticate"].startswith("Bearer")
     with pytest.raises(urllib.error.HTTPError) as caught:
         admin(gateway, "POST", "/routes/digits/weights", {"weights": {"a": 50}})
     assert caught.value.code == 400 and "add up to 75" in json.loads(caught.value.read())["error"]

@@ -16,7 +16,8 @@ def test_quickstart_promotes_int8_and_rolls_back_the_broken_build(tmp_path: Path
     repo, out = tmp_path / "repo", tmp_path / "out"
     assert main(["quickstart", "--repo", str(repo), "--out", str(out), "--interval", "1.5"]) == 0
     text = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
-    assert "INT8 promoted, broken build rolled_back (as expected)" in text
+    assert "INT8 promoted, broken build rolled_back, INT8 version 2 promoted (as expected)" in text
+    assert "digits-int8-ort:2" in text and "version 1 after the version rollout: retired" in text
     assert "shadow phase failed" in text or "agreement" in text
     assert (out / "quickstart-rollouts.png").stat().st_size > 10_000
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
@@ -25,3 +26,6 @@ def test_quickstart_promotes_int8_and_rolls_back_the_broken_build(tmp_path: Path
     assert broken["validation"]["gate"]["passed"] is False
     assert broken["validation"]["gate"]["overridden"] is True
     assert (repo / "digits-int8-ort/1/report.md").exists()
+    second = json.loads((repo / "digits-int8-ort/2/kiln.json").read_text())
+    assert second["replaces"] == 1 and second["calibration"]["data_sha256"] != json.loads(
+        (repo / "digits-int8-ort/1/kiln.json").read_text())["calibration"]["data_sha256"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.gateway import PLANES, plane_options
 from harness.rollout import Load, gateway_config, serve_models
 from server.app import ServerHandle
 from server.cli import main
@@ -20,10 +21,10 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]
     yield from serve_models(tmp_path_factory)
 
 
-@pytest.fixture
-def gateway(upstream: ServerHandle) -> Iterator[GatewayHandle]:
+@pytest.fixture(params=PLANES)
+def gateway(upstream: ServerHandle, request: pytest.FixtureRequest) -> Iterator[GatewayHandle]:
     with start_gateway(gateway_config(upstream), port=0, admin_port=0, admin_token_value="t0ken",
-                       plugins=("server.rollout.plugin",)) as gw:
+                       plugins=("server.rollout.plugin",), **plane_options(request.param)) as gw:
         yield gw
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from harness.gateway import PLANES, plane_options
 from harness.rollout import SLOW_DELAY_S, Load, gateway_config, serve_models
 from server.app import ServerHandle
 from server.gateway.app import GatewayHandle, start_gateway
@@ -27,9 +28,14 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]
     yield from serve_models(tmp_path_factory)
 
 
-def start(server: ServerHandle, state_path: Path | None = None) -> GatewayHandle:
+@pytest.fixture(params=PLANES)
+def plane(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def start(server: ServerHandle, state_path: Path | None = None, plane: str = "python") -> GatewayHandle:
     return start_gateway(gateway_config(server), port=0, admin_port=0, insecure_admin=True,
-                         state_path=state_path, plugins=PLUGINS)
+                         state_path=state_path, plugins=PLUGINS, **plane_options(plane))
 
 
 def plan(model: str, version: str = "", **changes: Any) -> RolloutPlan:
@@ -45,8 +51,10 @@ def plan(model: str, version: str = "", **changes: Any) -> RolloutPlan:
     return plan_from_mapping(data)
 
 
-def test_healthy_candidate_is_promoted_and_becomes_the_baseline(upstream: ServerHandle, tmp_path: Path) -> None:
-    with start(upstream) as gw, Load(gw.address, "digits") as load:
+def test_healthy_candidate_is_promoted_and_becomes_the_baseline(
+    plane: str, upstream: ServerHandle, tmp_path: Path
+) -> None:
+    with start(upstream, plane=plane) as gw, Load(gw.address, "digits") as load:
         # the same model twice: p99 of a few dozen requests in 0.4 s windows is noise on a shared
         # 2-core box, so this test judges the flow with a loose latency SLO (the slow test checks p99)
         healthy = plan("next-fp32-ort", slos={"max_error_rate": 0.02, "max_p99_ratio": 10.0, "min_agreement": 0.95})
@@ -65,8 +73,8 @@ def test_healthy_candidate_is_promoted_and_becomes_the_baseline(upstream: Server
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_disagreeing_candidate_is_rolled_back_in_the_shadow_phase(upstream: ServerHandle) -> None:
-    with start(upstream) as gw, Load(gw.address, "digits"):
+def test_disagreeing_candidate_is_rolled_back_in_the_shadow_phase(plane: str, upstream: ServerHandle) -> None:
+    with start(upstream, plane=plane) as gw, Load(gw.address, "digits"):
         run = run_rollout(gw, plan("flipped-fp32-ort"), timeout_s=30)
     assert run.outcome == "rolled_back", [(e["kind"], e["message"], e["figures"]) for e in run.events]
     last = run.events[-1]
@@ -75,8 +83,8 @@ def test_disagreeing_candidate_is_rolled_back_in_the_shadow_phase(upstream: Serv
     assert [v.name for v in gw.routes.route("digits").variants] == ["fp32"]
 
 
-def test_slow_candidate_is_rolled_back_on_p99_ratio(upstream: ServerHandle) -> None:
-    with start(upstream) as gw, Load(gw.address, "digits", threads=3):
+def test_slow_candidate_is_rolled_back_on_p99_ratio(plane: str, upstream: ServerHandle) -> None:
+    with start(upstream, plane=plane) as gw, Load(gw.address, "digits", threads=3):
         slow = plan("slow-fp32-ort", slos={"max_error_rate": 0.02, "max_p99_ratio": 1.5, "min_agreement": 0.95})
         run = run_rollout(gw, slow, timeout_s=30)
     assert run.outcome == "rolled_back", [(e["kind"], e["message"], e["figures"]) for e in run.events]
@@ -85,10 +93,10 @@ def test_slow_candidate_is_rolled_back_on_p99_ratio(upstream: ServerHandle) -> N
     assert last["figures"]["p99_ratio"] > 1.5 and last["figures"]["candidate_p99_ms"] >= 1000 * SLOW_DELAY_S
 
 
-def test_erroring_candidate_rollback_bounds_client_errors(upstream: ServerHandle) -> None:
+def test_erroring_candidate_rollback_bounds_client_errors(plane: str, upstream: ServerHandle) -> None:
     bad = plan("narrow-fp32-ort", shadow=None, sample_percent=0, steps=[10, 50, 100])
     swaps: list[tuple[float, dict[str, float]]] = []
-    with start(upstream) as gw, Load(gw.address, "digits", threads=2) as load:
+    with start(upstream, plane=plane) as gw, Load(gw.address, "digits", threads=2) as load:
         gw.routes.add_listener(lambda snap, change: swaps.append(
             (time.perf_counter_ns() / 1e9, {v.name: v.weight for v in snap.routes["digits"].route.variants})))
         run = run_rollout(gw, bad, timeout_s=30)
@@ -113,11 +121,11 @@ def test_erroring_candidate_rollback_bounds_client_errors(upstream: ServerHandle
     assert after and all(ok for _, _, ok in after)  # baseline at 100 % from the next request on
 
 
-def test_restart_resumes_the_rollout_at_its_step(upstream: ServerHandle, tmp_path: Path) -> None:
+def test_restart_resumes_the_rollout_at_its_step(plane: str, upstream: ServerHandle, tmp_path: Path) -> None:
     state = tmp_path / "gateway-state.json"
     slow_steps = plan("next-fp32-ort", shadow=None, steps=[20, 40, 60], interval_s=1.5, min_requests=5,
                       sample_percent=0)
-    gw = start(upstream, state)
+    gw = start(upstream, state, plane=plane)
     try:
         with Load(gw.address, "digits"):
             controller = controller_for(gw)
@@ -125,7 +133,7 @@ def test_restart_resumes_the_rollout_at_its_step(upstream: ServerHandle, tmp_pat
             _wait(lambda: controller.status("digits")["step"] == 2, 20)
     finally:
         gw.stop()
-    with start(upstream, state) as again, Load(again.address, "digits"):
+    with start(upstream, state, plane=plane) as again, Load(again.address, "digits"):
         controller = controller_for(again)
         status = controller.status("digits")
         assert status["phase"] == "stepping" and status["step"] == 2
@@ -134,9 +142,10 @@ def test_restart_resumes_the_rollout_at_its_step(upstream: ServerHandle, tmp_pat
         _wait(lambda: controller.status("digits")["phase"] == "promoted", 20)
 
 
-def test_admin_api_and_token(upstream: ServerHandle, tmp_path: Path) -> None:
+def test_admin_api_and_token(plane: str, upstream: ServerHandle, tmp_path: Path) -> None:
     config = gateway_config(upstream)
-    with start_gateway(config, port=0, admin_port=0, admin_token_value="s3cret", plugins=PLUGINS) as gw:
+    with start_gateway(config, port=0, admin_port=0, admin_token_value="s3cret", plugins=PLUGINS,
+                       **plane_options(plane)) as gw:
         def call(method: str, path: str, body: Any = None, token: str = "s3cret") -> tuple[int, Any]:
             data = json.dumps(body).encode() if body is not None else None
             req = urllib.request.Request(gw.admin_url + path, data=data, method=method,
@@ -147,7 +156,7 @@ def test_admin_api_and_token(upstream: ServerHandle, tmp_path: Path) -> None:
             except urllib.error.HTTPError as err:
                 return err.code, json.loads(err.read())
 
-        assert call("GET", "/rollouts", token="wrong")[0] == 403
+        assert call("GET", "/rollouts", token="wrong")[0] == 401
         p = plan("next-fp32-ort", interval_s=30, max_wait_s=60, shadow=None)
         code, status = call("POST", "/rollouts", p.to_dict())
         assert code == 201 and status["phase"] == "stepping" and status["weights"]["cand"] == 25.0

@@ -57,7 +57,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[ServerHandle]:
-    handle = start_server(repo, port=0, max_message_mb=1)
+    handle = start_server(repo, port=0, max_message_mb=1, model_control_mode="explicit")
     yield handle
     handle.stop()
 

@@ -98,7 +98,7 @@ def test_different_shapes_are_not_batched_together(delayed: tuple[ServerHandle, 
 
 def test_loading_model_is_unavailable(repo: Path) -> None:
     factory = BlockingFactory({"pair"})
-    handle = start_server(repo, models=[], runner_factory=factory)
+    handle = start_server(repo, models=[], runner_factory=factory, model_control_mode="explicit")
     try:
         errors: list[BaseException] = []
 

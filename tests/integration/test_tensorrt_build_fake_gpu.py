@@ -20,7 +20,7 @@ import pytest
 from builders.inspection import describe_model, load_model, max_batch_size
 from builders.model_config import parse_config
 from builders.request import BuildRequest, Int8Options, TensorRTOptions
-from builders.tensorrt_build import RunnerSession, build_tensorrt, candidate_precisions
+from builders.tensorrt_build import build_tensorrt, candidate_precisions
 from core.errors import AccuracyGateError, IncompatibleEngineError, KilnError, MissingDependencyError
 from harness.models import tree_snapshot
 from runtime.machine import CpuInfo, GpuInfo, MachineInfo
@@ -40,7 +40,7 @@ def machine(*gpus: GpuInfo, trt: str = "10.3.0") -> MachineInfo:
         onnxruntime_version=ort.__version__,
         gpus=gpus,
         tensorrt_version=trt,
-        pycuda_version="2024.1",
+        polygraphy_version="0.49.9",
     )
 
 
@@ -182,14 +182,10 @@ def test_runner_refuses_a_plan_for_another_gpu_before_touching_tensorrt(tmp_path
         TensorRTRunner(plan, machine=machine(A100))  # compatible, but tensorrt is not importable here
 
 
-def test_auto_candidates_follow_the_support_matrix_and_session_adapter(example_model: Path) -> None:
+def test_auto_candidates_follow_the_support_matrix(example_model: Path) -> None:
     req = BuildRequest(example_model, "digits", "auto", "tensorrt")
     assert candidate_precisions(req, machine(A100)) == ["int8", "fp16", "fp32"]
     assert candidate_precisions(req, machine(GpuInfo(0, "Tesla P100", (6, 0)), trt="8.6.1")) == ["fp16", "fp32"]
-    session = RunnerSession(FakeGpu().runner(example_model))
-    x = np.zeros((2, 1, 8, 8), np.float32)
-    assert [o.name for o in session.get_outputs()] == ["logits"]
-    assert session.run(None, {"input": x})[0].shape == (2, 10)
 
 
 def test_auto_skips_a_failing_candidate_and_publishes_the_fastest_within_budget(

@@ -1,4 +1,4 @@
-"""Without TensorRT, pycuda or a GPU, TensorRT commands fail fast with one clear message."""
+"""Without TensorRT, Polygraphy or a GPU, TensorRT commands fail fast with one clear message."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def missing() -> tuple[str, ...]:
     absent = missing_for_tensorrt(probe_machine())
     if not absent:
-        pytest.skip("this machine has TensorRT, pycuda and a GPU: the missing-TensorRT path cannot be shown here")
+        pytest.skip("this machine has TensorRT, Polygraphy and a GPU: the missing-TensorRT path cannot be shown here")
     return absent
 
 

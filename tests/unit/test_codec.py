@@ -80,3 +80,27 @@ def test_raw_count_must_match_inputs() -> None:
     req.raw_input_contents.append(b"\0" * 4)
     with pytest.raises(InvalidInputError, match="1 inputs but 2 raw_input_contents"):
         decode_inputs(req)
+
+
+@pytest.mark.parametrize(
+    ("shape", "raw", "message"),
+    [
+        ([0, 2**63 - 1], b"", r"has shape \[0,9223372036854775807\]: even with its zero dims left out that is more"),
+        ([0, 2**62, 2**62], b"", "which no request can carry; send the tensor's real shape"),
+        ([2**21, 2**21], b"", r"has shape \[2097152,2097152\]: even with"),
+        ([1] * 65, b"\0" * 4, r"has 65 dims \(\[1,1,1,1,1,1,1,1,...\]\); at most 64 are supported"),
+        ([2, -3], b"", r"has shape \[2,-3\]; dims must be >= 0"),
+    ],
+)
+def test_absurd_shapes_get_kilns_message_not_numpys(shape: list[int], raw: bytes, message: str) -> None:
+    for datatype in ("FP32", "BYTES"):
+        with pytest.raises(InvalidInputError, match=message):
+            decode_inputs(request(datatype, shape, raw))
+    typed = request("FP32", shape)
+    with pytest.raises(InvalidInputError, match=message):
+        decode_inputs(typed)
+
+
+def test_largest_shapes_that_fit_still_decode() -> None:
+    assert decode_inputs(request("FP32", [0, 2**40], b""))["a"].shape == (0, 2**40)
+    assert decode_inputs(request("FP32", [1] * 64, b"\0" * 4))["a"].ndim == 64

@@ -33,7 +33,7 @@ def test_registered_handlers_and_longest_prefix() -> None:
 @pytest.mark.parametrize("token", [None, "wrong", "s3cret-but-longer"])
 def test_token_is_required(token: str | None) -> None:
     response = app().handle(request("GET", "/rollouts", token=token))
-    assert response.status == 403 and "Bearer" in response.body["error"]
+    assert response.status == 401 and "Bearer" in response.body["error"]  # 401: no or wrong credentials
 
 
 def test_unknown_endpoint_and_bad_json() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -24,11 +22,23 @@ def test_window_percentiles_counts_and_error_rate() -> None:
     assert window.upstream.p99_ms == pytest.approx(98.9)
 
 
+class FakeClock:
+    """Monotonic nanoseconds moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
 def test_window_forgets_old_samples_cumulative_keeps_them() -> None:
-    metrics = GatewayMetrics(window_s=60)
+    clock = FakeClock()
+    metrics = GatewayMetrics(window_s=60, clock=clock)
     metrics.record("r", "a", "OK", 1_000_000, 2_000_000)
-    time.sleep(0.05)
-    assert metrics.window("r", "a", window_s=0.01).requests == 0
+    clock.now += 50_000_000  # 50 ms later
+    assert metrics.window("r", "a", window_s=0.049).requests == 0
+    assert metrics.window("r", "a", window_s=0.051).requests == 1
     assert metrics.window("r", "a").requests == 1
     cumulative = metrics.cumulative("r", "a")
     assert cumulative.window_s is None and cumulative.requests == 1

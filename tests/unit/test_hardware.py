@@ -38,7 +38,7 @@ def gpu_machine(name: str, cc: tuple[int, int] | None, trt: str | None = "10.3.0
         gpus=(GpuInfo(0, name, cc, 16384, "550.54"),),
         gpu_source="nvidia-smi",
         tensorrt_version=trt,
-        pycuda_version="2024.1",
+        polygraphy_version="0.49.9",
     )
 
 
@@ -93,18 +93,20 @@ def test_unknown_compute_capability_does_not_block() -> None:
 
 
 @pytest.mark.parametrize(
-    ("trt", "pycuda", "gpus", "missing"),
+    ("trt", "polygraphy", "gpus", "missing"),
     [
-        (None, None, (), ("TensorRT", "pycuda", "NVIDIA GPU")),
-        ("10.3.0", "2024.1", (), ("NVIDIA GPU",)),
-        (None, "2024.1", (GpuInfo(0, "T4", (7, 5)),), ("TensorRT",)),
-        ("10.3.0", None, (GpuInfo(0, "T4", (7, 5)),), ("pycuda",)),
+        (None, None, (), ("TensorRT", "Polygraphy", "NVIDIA GPU")),
+        ("10.3.0", "0.49.9", (), ("NVIDIA GPU",)),
+        (None, "0.49.9", (GpuInfo(0, "T4", (7, 5)),), ("TensorRT",)),
+        ("10.3.0", None, (GpuInfo(0, "T4", (7, 5)),), ("Polygraphy",)),
     ],
 )
 def test_missing_pieces_are_named(
-    trt: str | None, pycuda: str | None, gpus: tuple[GpuInfo, ...], missing: tuple[str, ...]
+    trt: str | None, polygraphy: str | None, gpus: tuple[GpuInfo, ...], missing: tuple[str, ...]
 ) -> None:
-    machine = MachineInfo(cpu=cpu(), onnxruntime_version="1.20", gpus=gpus, tensorrt_version=trt, pycuda_version=pycuda)
+    machine = MachineInfo(
+        cpu=cpu(), onnxruntime_version="1.20", gpus=gpus, tensorrt_version=trt, polygraphy_version=polygraphy
+    )
     verdict = support_matrix(machine)[("tensorrt", "fp16")]
     assert verdict.status == UNSUPPORTED
     for piece in missing:
@@ -153,7 +155,7 @@ def test_check_build_refuses_missing_tensorrt_with_one_clear_message() -> None:
         check_build(machine, "tensorrt", "int8")
     text = str(info.value)
     assert "--target tensorrt --precision int8" in text
-    assert "TensorRT" in text and "pycuda" in text and "NVIDIA GPU" in text
+    assert "TensorRT" in text and "Polygraphy" in text and "NVIDIA GPU" in text
     assert "pip install 'kiln-serve[tensorrt]'" in text and "pypi.nvidia.com" in text
 
 

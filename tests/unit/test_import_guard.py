@@ -1,6 +1,6 @@
-"""With tensorrt and pycuda unimportable, every Kiln module imports and the CLI works.
+"""With tensorrt, polygraphy and pycuda unimportable, every Kiln module imports and the CLI works.
 
-Runs in a subprocess whose meta-path finder refuses tensorrt, pycuda and cuda-python, exactly as
+Runs in a subprocess whose meta-path finder refuses tensorrt, polygraphy, pycuda and cuda-python, exactly as
 on a machine without them (even where they are installed).
 """
 
@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     """
     import contextlib, importlib, io, json, pkgutil, sys
 
-    BLOCKED = ("tensorrt", "pycuda", "cuda")
+    BLOCKED = ("tensorrt", "polygraphy", "pycuda", "cuda")
 
     class Refuse:
         def find_spec(self, name, path=None, target=None):
@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_everything_imports_and_cli_works_without_tensorrt_and_pycuda() -> None:
+def test_everything_imports_and_cli_works_without_tensorrt_and_polygraphy() -> None:
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )

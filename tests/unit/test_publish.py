@@ -55,7 +55,7 @@ def test_versions_increase_and_manifest_records_checksums(tmp_path: Path, linear
     assert [e.name for e in list_models(repo)] == ["lin-fp32-ort"]
 
 
-@pytest.mark.parametrize("stage", ["staged", "synced"])
+@pytest.mark.parametrize("stage", ["computing checksums", "syncing the staged files"])
 def test_failure_mid_publish_leaves_repository_unchanged(tmp_path: Path, linear_model: Path, stage: str) -> None:
     repo = tmp_path / "repo"
     _publish(repo, linear_model)

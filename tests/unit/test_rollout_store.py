@@ -38,6 +38,9 @@ class FakeRoutes:
             raise NotFoundError(public)
         return json.loads(json.dumps(self.routes[public]))
 
+    def all_routes(self) -> dict[str, dict[str, Any]]:
+        return json.loads(json.dumps(self.routes))
+
     def put_route(self, public: str, route: Mapping[str, Any], reason: str) -> None:
         if sum(v["weight"] for v in route["variants"]) != 100:
             raise InvalidInputError("weights")

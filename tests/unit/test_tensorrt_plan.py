@@ -159,7 +159,7 @@ def manifest_for(
 
 
 def machine(gpu: GpuInfo, trt: str | None = "10.3.0") -> MachineInfo:
-    return MachineInfo(cpu=CpuInfo("cpu", "x86_64", 4), gpus=(gpu,), tensorrt_version=trt, pycuda_version="2024.1")
+    return MachineInfo(cpu=CpuInfo("cpu", "x86_64", 4), gpus=(gpu,), tensorrt_version=trt, polygraphy_version="0.49.9")
 
 
 A100_PLAN = BuiltPlan("model.plan", A100.name, "8.0", 12.5, "model.layers.json")

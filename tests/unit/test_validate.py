@@ -42,13 +42,19 @@ def test_accuracy_metric_needs_labels() -> None:
 
 
 class _Clock:
-    """A fake session: records the order in which sessions run."""
+    """A fake runner: records the order in which runners run."""
+
+    output_names = ("y",)
 
     def __init__(self, name: str, log: list[str]) -> None:
         self.name, self.log = name, log
 
-    def run(self, _outputs: object, _inputs: object) -> None:
+    def run(self, _inputs: object) -> dict:
         self.log.append(self.name)
+        return {}
+
+    def close(self) -> None:
+        return None
 
 
 def test_latency_interleaves_sessions_in_alternating_order() -> None:

@@ -1,0 +1,1 @@
+"""Autoscaling from measured capacity: HPA manifests (``hpa``) and a replay of the HPA algorithm (``simulate``)."""
