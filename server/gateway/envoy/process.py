@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from server.gateway.envoy.binary import EnvoyBinary
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 20.0
+_PR_SET_PDEATHSIG = 1
 MARKER = "kiln.applied"  # runtime key: present while Kiln's weights are in an external Envoy's runtime
 
 
@@ -29,6 +32,14 @@ class ProcessSettings:
     workers: int = 1  # Envoy worker threads (--concurrency)
     file_flush_ms: int = 50  # access log flush interval: how stale per-variant figures can be
     drain_s: float = 2.0
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the thread that started it ends, so a
+    killed Kiln leaves no Envoy behind (starts happen on the caller's thread or the watcher, which
+    lives as long as the gateway). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EnvoyProcess:
@@ -77,7 +88,8 @@ class EnvoyProcess:
         self._settings.admin_address_path.unlink(missing_ok=True)
         log = self._settings.log_path.open("ab")
         try:
-            self._process = subprocess.Popen(self._command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self._process = subprocess.Popen(self._command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                             preexec_fn=_end_with_parent)  # fmt: skip
         finally:
             log.close()
         admin = self._wait_ready(self._process)
