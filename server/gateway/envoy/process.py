@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +20,6 @@ from server.gateway.envoy.binary import EnvoyBinary
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 20.0
-_PR_SET_PDEATHSIG = 1
 MARKER = "kiln.applied"  # runtime key: present while Kiln's weights are in an external Envoy's runtime
 
 
@@ -34,12 +33,13 @@ class ProcessSettings:
     drain_s: float = 2.0
 
 
-def _end_with_parent() -> None:
-    """In the child before exec: Linux sends it SIGTERM when the thread that started it ends, so a
-    killed Kiln leaves no Envoy behind (starts happen on the caller's thread or the watcher, which
-    lives as long as the gateway). Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _end_with_parent(command: list[str]) -> list[str]:
+    """``command`` under util-linux ``setpriv --pdeathsig TERM`` where it exists (Linux): Envoy gets
+    SIGTERM when the thread that started it ends, so a killed Kiln leaves no Envoy behind (starts
+    happen on the caller's thread or the watcher, which lives as long as the gateway). Not a
+    ``preexec_fn``: Python code between fork and exec aborts in a process running gRPC threads."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
 
 
 class EnvoyProcess:
@@ -88,8 +88,8 @@ class EnvoyProcess:
         self._settings.admin_address_path.unlink(missing_ok=True)
         log = self._settings.log_path.open("ab")
         try:
-            self._process = subprocess.Popen(self._command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                             preexec_fn=_end_with_parent)  # fmt: skip
+            self._process = subprocess.Popen(_end_with_parent(self._command()), stdout=log, stderr=log,
+                                             stdin=subprocess.DEVNULL)  # fmt: skip
         finally:
             log.close()
         admin = self._wait_ready(self._process)
