@@ -1,8 +1,10 @@
 """``--precision auto``: the fastest candidate within the accuracy budget, and the whole trade-off.
 
-Search order: INT8 everywhere; INT8 with the most sensitive layers kept in float (one more layer
-each step, until within budget); FP16; FP32. Sensitivity of a layer is the output MSE against
-FP32 when *only that layer* is quantized (a continuous signal, unlike accuracy on a small set).
+Search order: INT8 everywhere (one calibration, its threshold method chosen by ``--calib-method
+auto``); dynamic INT8 on MatMul-dominated models; INT8 with the most sensitive layers kept in float
+(one more layer each step, until within budget); FP16; FP32. Sensitivity of a layer is the relative
+error of its own output under INT8, from one FP32 run (``builders.layer_profile``), not a rebuild
+per layer.
 Every candidate is validated; the published one is the candidate within budget with the best
 speedup over FP32 at the max batch (ties: batch 1), measured in the same interleaved runs.
 """
@@ -19,18 +21,18 @@ import onnx
 
 from builders.calib_data import Dataset
 from builders.calibrate import Calibration
-from builders.prepare import BuildData, PreparedOnnx, prepare_onnx
+from builders.dynamic_quant import search_dynamic, weight_layers
+from builders.layer_profile import static_error_profile
+from builders.prepare import BuildData, PreparedOnnx, measured_slow_nodes, prepare_onnx
 from builders.qdq_placement import TRT_QUANTIZED_OPS
 from builders.quantize import prepare_model
 from builders.request import BuildRequest, Int8Options
 from builders.validate import (
     Validation,
     choose_fastest,
-    compare,
     latency_batches,
     make_runner,
     measure_latency,
-    predict,
     validate,
     with_speedup,
 )
@@ -74,6 +76,7 @@ def _metric_value(v: Validation) -> float:
         "accuracy": m.get("accuracy_candidate", 0.0),
         "top1": m["top1_agreement"],
         "cosine": m["cosine"],
+        "pooled-cosine": m.get("pooled_cosine", 0.0),
         "mse": m["mse"],
     }[v.metric]
 
@@ -86,25 +89,21 @@ def compute_layers(model: onnx.ModelProto) -> list[str]:
 def layer_sensitivity(
     request: BuildRequest, model: onnx.ModelProto, calibration: Calibration, data: Dataset, workdir: Path
 ) -> dict[str, float]:
-    """Output MSE vs FP32 with only one layer quantized, per compute layer (higher = more sensitive)."""
-    all_nodes = [n.name for n in prepare_model(model).model.graph.node]
-    reference = _predictions(request.model, data)
-    scores: dict[str, float] = {}
-    for layer in compute_layers(model):
-        others = [n for n in all_nodes if n != layer]
-        prepared = prepare_onnx(request, model, "int8", workdir, calibration=calibration, exclude_nodes=others)
-        scores[layer] = compare(reference, _predictions(prepared.path, data), [])["mse"]
-        prepared.path.unlink()
-    logger.info("layer sensitivity: %s", scores)
-    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+    """Relative output error of each compute layer under static INT8, worst first, from one FP32 run
+    (``builders.layer_profile``); layers the placement keeps float anyway (measured slower) are left out."""
+    slow = measured_slow_nodes(request, model) if request.target == "ort" else {}
+    profile = static_error_profile(model, calibration.ranges, data)
+    return {k: v for k, v in profile.items() if k not in slow}
 
 
-def _predictions(model: Path, data: Dataset) -> list[np.ndarray]:
-    runner = make_runner(model, threads=0)  # accuracy only: every core
-    try:
-        return predict(runner, data, 256)[0]
-    finally:
-        runner.close()
+def _dynamic_applies(request: BuildRequest, model: onnx.ModelProto) -> bool:
+    """Dynamic INT8 is worth a candidate on the ORT target when MatMul/Gemm layers make up most of the model."""
+    if request.target != "ort":
+        return False
+    prepared = prepare_model(model).model
+    layers = weight_layers(prepared)
+    convs = sum(1 for n in prepared.graph.node if n.op_type in ("Conv", "ConvTranspose"))
+    return len(layers) >= 2 and len(layers) >= convs
 
 
 def search_precision(
@@ -128,7 +127,14 @@ def search_precision(
 
     candidates = [evaluate("int8", "int8")]
     sensitivity: dict[str, float] = {}
-    if not candidates[0].validation.passed:
+    if not candidates[0].validation.passed and _dynamic_applies(request, model):
+        found = search_dynamic(request.model, model, data.evaluation, opts.gate, workdir)
+        dynamic = PreparedOnnx(found.chosen.path, "int8", request.target, None, found.chosen.notes,
+                               {**found.chosen.details, "steps": list(found.tried)})  # fmt: skip
+        kept = len(found.chosen.float_layers)
+        label = "int8 dynamic" + (f" ({kept} layer(s) float)" if kept else "")
+        candidates.append(Candidate(label, dynamic, found.chosen.float_layers, found.validation))
+    if not any(c.validation.passed for c in candidates):
         sensitivity = layer_sensitivity(request, model, calibration, data.evaluation, workdir)
         ranked = list(sensitivity)
         for k in range(1, min(len(ranked) - 1, MAX_EXCLUDED) + 1):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
+import struct
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,7 @@ class Dataset:
                 sl = slice(start, start + size)
                 labels = group.labels[sl] if group.labels is not None else None
                 yield {k: v[sl] for k, v in group.inputs.items()}, labels
+                release(group.inputs.values())  # a file-backed batch leaves memory once used
 
     def first_batch(self, batch_size: int) -> Batch:
         """The first batch (for latency measurement)."""
@@ -165,9 +168,11 @@ def make_dataset(groups: Sequence[ShapeGroup], source: str, batch: int | None = 
         if group.labels is not None:
             arrays[LABELS_KEY] = group.labels
         for name in sorted(arrays):
-            arr = np.ascontiguousarray(arrays[name])
+            arr = arrays[name]
             digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
-            digest.update(arr.tobytes())
+            for chunk in _row_chunks(arr):
+                digest.update(np.ascontiguousarray(chunk).tobytes())
+            release([arr])
     return Dataset(tuple(groups), source, digest.hexdigest(), batch)
 
 
@@ -215,9 +220,69 @@ def read_npz(path: Path, what: str | None = None) -> dict[str, np.ndarray]:
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise InvalidInputError(f"{what} is a single .npy array, not an .npz keyed by input name; {NPZ_HOW}")
             with loaded as data:
-                return {k: np.asarray(data[k]) for k in data.files}
+                arrays: dict[str, np.ndarray] = {}
+                for key in data.files:
+                    mapped = _member_memmap(path, data.zip, key) if data.zip is not None else None
+                    arrays[key] = mapped if mapped is not None else np.asarray(data[key])
+                return arrays
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise InvalidInputError(f"{what} is not a readable .npz of numeric arrays ({err}); {NPZ_HOW}") from err
+
+
+MAP_ABOVE = 64 << 20  # arrays larger than this stay in the file (memory-mapped), read batch by batch
+_CHUNK_BYTES = 16 << 20
+
+
+def _member_memmap(path: Path, archive: zipfile.ZipFile, key: str) -> np.ndarray | None:
+    """A read-only memory map of an uncompressed .npz member over ``MAP_ABOVE`` bytes, else None.
+
+    ``numpy.savez`` stores members uncompressed, so the array's bytes sit in the file as they are: a
+    data set larger than memory is then read one batch at a time (see ``release``) instead of whole.
+    """
+    try:
+        info = archive.getinfo(f"{key}.npy")
+    except KeyError:
+        return None
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size < MAP_ABOVE:
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        handle.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(handle)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(handle)
+        offset = handle.tell()
+    if fortran or dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def release(arrays: Iterable[np.ndarray]) -> None:
+    """Drop the pages of memory-mapped arrays from this process's memory (re-read from disk if used again)."""
+    for arr in arrays:
+        base = arr
+        while isinstance(base, np.ndarray) and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+            base = base.base  # type: ignore[assignment]
+        handle = getattr(base, "_mmap", None)
+        if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                handle.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+
+def _row_chunks(arr: np.ndarray) -> Iterator[np.ndarray]:
+    """Consecutive row blocks of about 16 MiB (the whole array when it has no rows)."""
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        yield arr
+        return
+    rows = max(1, _CHUNK_BYTES // max(1, arr[:1].nbytes))
+    for start in range(0, arr.shape[0], rows):
+        yield arr[start : start + rows]
 
 
 def _group_from_arrays(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpec], where: str) -> ShapeGroup:
@@ -266,7 +331,12 @@ def _check_array(arr: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
                 f"(axis {axis} must be {want})"
             )
     if arr.dtype.kind == "f" and arr.size:
-        bad = np.isnan(arr.reshape(arr.shape[0], -1)).any(axis=1) if arr.ndim else np.isnan(arr)
+        bad = (
+            np.concatenate([np.isnan(c.reshape(c.shape[0], -1)).any(axis=1) for c in _row_chunks(arr)])
+            if arr.ndim
+            else np.isnan(arr)
+        )
+        release([arr])
         if bad.any():
             raise InvalidInputError(
                 f"{where!r}: input {spec.name!r} has NaN values in {int(bad.sum())} of {arr.shape[0]} sample(s) "

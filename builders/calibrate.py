@@ -16,19 +16,33 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from builders.calib_data import Dataset
 from builders.calibration_file import CalibrationTable, to_trt_cache, write_trt_cache
 from builders.histogram import DEFAULT_NUM_BINS, AbsHistogram
+from builders.memory_budget import (
+    DEFAULT_CALIB_MEMORY,
+    Footprint,
+    batch_for_budget,
+    estimated_footprint,
+    measured_footprint,
+)
 from builders.quantize import TensorRange, calibration_tensors, fold_constants, save_model
 from builders.thresholds import DEFAULT_PERCENTILE, METHODS, choose_amaxes
 from core.errors import InvalidInputError, RepositoryError
@@ -46,6 +60,7 @@ class CalibrationSettings:
     percentile: float = DEFAULT_PERCENTILE
     batch_size: int = 32
     num_bins: int = DEFAULT_NUM_BINS
+    memory: int = DEFAULT_CALIB_MEMORY  # bytes of activations one batch may hold (--calib-memory)
 
     @property
     def key(self) -> str:
@@ -69,6 +84,8 @@ class Calibration:
     reused: bool = False
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 0  # samples per calibration run under --calib-memory (0: reused from the cache)
+    bytes_per_sample: int = 0  # activation bytes of one sample, measured (0: reused from the cache)
 
     @property
     def files(self) -> dict[str, Path]:
@@ -88,9 +105,20 @@ class Calibration:
             "skipped": dict(self.skipped),
             "reused": self.reused,
             "seconds": round(self.seconds, 3),
+            "batch_size": self.batch_size,
+            "activation_bytes_per_sample": self.bytes_per_sample,
             "files": sorted(self.files),
             **self.extra,
         }
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Histograms of one calibration pass and how it was batched."""
+
+    histograms: dict[str, AbsHistogram]
+    batch_size: int
+    bytes_per_sample: int
 
 
 def collect_histograms(
@@ -99,46 +127,92 @@ def collect_histograms(
     tensors: Sequence[str],
     *,
     batch_size: int = 32,
+    memory: int = DEFAULT_CALIB_MEMORY,
     num_bins: int = DEFAULT_NUM_BINS,
     console: Console | None = None,
-) -> dict[str, AbsHistogram]:
-    """One |x| histogram per tensor over every batch of ``dataset`` (float tensors only)."""
+) -> Collected:
+    """One |x| histogram per tensor over ``dataset``, streamed in batches that fit ``memory``.
+
+    The batch is at most ``batch_size`` and at most what ``memory`` holds: bytes per sample come
+    from shape inference before any run (a budget too small for one sample fails here, naming the
+    largest tensor), then from the first, one-sample run, which measures them exactly. Only one
+    batch of activations exists at a time; the session is released before returning.
+    """
     import onnxruntime as ort
 
-    augmented = _with_outputs(model, tensors)
+    estimate = max(
+        (estimated_footprint(model, tensors, {k: v.shape[1:] for k, v in g.inputs.items()}) for g in dataset.groups),
+        key=lambda f: f.per_sample,
+    )
+    batch = batch_for_budget(estimate, memory, cap=batch_size) if dataset.fixed_batch is None else dataset.fixed_batch
+    if dataset.fixed_batch is not None:
+        batch_for_budget(Footprint(estimate.per_sample * batch, estimate.largest), memory)
     histograms = {name: AbsHistogram(num_bins) for name in tensors}
+    measured = 0
     with tempfile.TemporaryDirectory(prefix="kiln-calib-") as tmp:
-        path = save_model(augmented, Path(tmp) / "augmented.onnx")
+        path = save_model(_with_outputs(model, tensors), Path(tmp) / "augmented.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False  # freed activations go back, not into an arena at peak size
         options.log_severity_level = 3
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise InvalidInputError(f"ONNX Runtime cannot run the model for calibration: {err}") from err
         names = [o.name for o in session.get_outputs()]
-        total = len(dataset)
-        console = console or Console(stderr=True)
-        progress = Progress(
-            TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True, disable=not console.is_terminal,
-        )  # fmt: skip
+        progress = _progress("calibrating", console)
         with progress:
-            task = progress.add_task("calibrate", total=total)
-            for inputs, _ in dataset.batches(batch_size):
+            task = progress.add_task("calibrate", total=len(dataset))
+            plan = [batch]  # _stream reads plan[0] before each batch: lowered once measured
+            for inputs, size in _stream(dataset, plan):
                 try:
-                    outputs = session.run(names, inputs)
+                    outputs = dict(zip(names, session.run(names, inputs), strict=True))
                 except Exception as err:  # onnxruntime raises its own untyped errors
                     raise InvalidInputError(
                         f"the model failed on a calibration batch ({_shapes(inputs)}): {err}"
                     ) from err
-                fetched = [*zip(names, outputs, strict=True), *inputs.items()]
-                for name, value in fetched:
+                if not measured:  # the first run is one sample: measure, then size the batches
+                    fetched = {**inputs, **{n: outputs[n] for n in names if n in histograms}}
+                    footprint = measured_footprint(fetched, size)
+                    measured = footprint.per_sample
+                    if dataset.fixed_batch is None:
+                        batch = plan[0] = min(batch, batch_for_budget(footprint, memory, cap=batch_size))
+                    logger.info("calibration: %s of activations per sample; batches of %d", measured, batch)
+                for name, value in [*outputs.items(), *inputs.items()]:
                     hist = histograms.get(name)
                     if hist is not None and isinstance(value, np.ndarray) and value.dtype.kind == "f":
                         hist.update(value)
-                progress.advance(task, len(next(iter(inputs.values()))))
-    return {k: h for k, h in histograms.items() if h.count or h.nonfinite}
+                del outputs
+                progress.advance(task, size)
+        del session
+    kept = {k: h for k, h in histograms.items() if h.count or h.nonfinite}
+    return Collected(kept, batch, measured)
+
+
+def _stream(dataset: Dataset, plan: list[int]) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(inputs, size) batches: one sample first (to measure), then ``plan[0]`` samples at a time.
+
+    ``plan[0]`` is read before each batch, so the caller may lower it once it has measured. A
+    model with a fixed batch axis gets exactly that many samples per run.
+    """
+    fixed = dataset.fixed_batch
+    first = True
+    for group in dataset.groups:
+        start, total = 0, len(group)
+        while start + (fixed or 1) <= total:
+            size = fixed or (1 if first else plan[0])
+            first = False
+            chunk = {k: v[start : start + size] for k, v in group.inputs.items()}
+            start += size
+            yield chunk, len(next(iter(chunk.values())))
+
+
+def _progress(label: str, console: Console | None) -> Progress:
+    console = console or Console(stderr=True)
+    return Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal,
+    )  # fmt: skip
 
 
 def _shapes(inputs: dict[str, np.ndarray]) -> str:
@@ -168,24 +242,62 @@ def calibrate(
     console: Console | None = None,
 ) -> Calibration:
     """Calibrated ranges for ``model`` on ``dataset``, reusing a cached result when one matches."""
-    if settings.method not in METHODS:
-        raise InvalidInputError(f"--calib-method {settings.method!r} is unknown; choose one of {list(METHODS)}")
+    return calibrate_each(model, model_sha256, dataset, settings, (settings.method,), cache_root, console=console)[
+        settings.method
+    ]
+
+
+def calibrate_each(
+    model: onnx.ModelProto,
+    model_sha256: str,
+    dataset: Dataset,
+    settings: CalibrationSettings,
+    methods: Sequence[str],
+    cache_root: Path,
+    *,
+    console: Console | None = None,
+) -> dict[str, Calibration]:
+    """One calibration per threshold method, all from a single histogram pass over ``dataset``.
+
+    Each method's result is cached on its own (and reused when model, data and method match); the
+    FP32 model runs over the data once at most, whatever the number of methods.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InvalidInputError(f"--calib-method {unknown[0]!r} is unknown; choose one of {list(METHODS)} or auto")
     if not 0 < settings.percentile <= 100:
         raise InvalidInputError(f"--percentile must be in (0, 100], got {settings.percentile}")
     if cache_root.exists() and not cache_root.is_dir():
         raise RepositoryError(
             f"calibration cache {str(cache_root)!r} is a file; pass a directory with --calib-cache"
         )
-    directory = cache_root / f"{model_sha256[:16]}-{dataset.sha256[:16]}-{settings.key}"
-    cached = _load_cached(directory, settings, model_sha256, dataset.sha256)
-    if cached is not None:
-        logger.info("reusing calibration in %s", directory)
-        return cached
+    results: dict[str, Calibration] = {}
+    missing: dict[str, CalibrationSettings] = {}
+    for method in methods:
+        each = replace(settings, method=method)
+        directory = cache_root / f"{model_sha256[:16]}-{dataset.sha256[:16]}-{each.key}"
+        cached = _load_cached(directory, each, model_sha256, dataset.sha256)
+        if cached is not None:
+            logger.info("reusing calibration in %s", directory)
+            results[method] = cached
+        else:
+            missing[method] = each
+    if not missing:
+        return results
     start = time.perf_counter_ns()
-    tensors = calibration_tensors(model)
-    histograms = collect_histograms(
-        model, dataset, tensors, batch_size=settings.batch_size, num_bins=settings.num_bins, console=console
-    )
+    collected = collect_histograms(
+        model, dataset, calibration_tensors(model), batch_size=settings.batch_size, memory=settings.memory,
+        num_bins=settings.num_bins, console=console,
+    )  # fmt: skip
+    seconds = (time.perf_counter_ns() - start) / 1e9
+    for method, each in missing.items():
+        results[method] = _from_histograms(collected, each, model_sha256, dataset, cache_root, seconds)
+    return {m: results[m] for m in methods}
+
+
+def _from_histograms(collected: Collected, settings: CalibrationSettings, model_sha256: str, dataset: Dataset,
+                     cache_root: Path, seconds: float) -> Calibration:  # fmt: skip
+    histograms = collected.histograms
     amaxes, skipped = choose_amaxes(histograms, settings.method, percentile=settings.percentile)
     for name, reason in skipped.items():
         logger.warning("calibration: tensor %r stays in float: %s", name, reason)
@@ -201,9 +313,11 @@ def calibrate(
         data_sha256=dataset.sha256,
         samples=len(dataset),
         num_bins=settings.num_bins,
-        directory=directory,
-        seconds=(time.perf_counter_ns() - start) / 1e9,
+        directory=cache_root / f"{model_sha256[:16]}-{dataset.sha256[:16]}-{settings.key}",
+        seconds=seconds,
         extra={"percentile": settings.percentile} if settings.method == "percentile" else {},
+        batch_size=collected.batch_size,
+        bytes_per_sample=collected.bytes_per_sample,
     )
     write_calibration(result)
     return result
@@ -227,6 +341,8 @@ def write_calibration(result: Calibration) -> None:
         "extra": result.extra,
         "ranges": {k: [r.amax, r.min, r.max] for k, r in result.ranges.items()},
         "skipped": result.skipped,
+        "batch_size": result.batch_size,
+        "bytes_per_sample": result.bytes_per_sample,
     }
     table = calibration_table(result)
     try:
@@ -279,6 +395,8 @@ def _load_cached(directory: Path, settings: CalibrationSettings, model_sha: str,
             directory=directory,
             reused=True,
             extra=dict(raw.get("extra", {})),
+            batch_size=int(raw.get("batch_size", 0)),
+            bytes_per_sample=int(raw.get("bytes_per_sample", 0)),
         )
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         logger.warning("ignoring unreadable calibration cache %s (%s); recalibrating", path, err)

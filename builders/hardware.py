@@ -9,6 +9,7 @@ Every decision (``support_matrix``, ``recommend``, ``check_build``) is a pure fu
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from core.errors import InvalidInputError, MissingDependencyError
@@ -33,7 +34,7 @@ class Verdict:
     missing: tuple[str, ...] = field(default=())  # absent dependencies, when that is the cause
 
 
-def _ort_verdicts(machine: MachineInfo) -> dict[str, Verdict]:
+def _ort_verdicts(machine: MachineInfo, op_speed: Mapping[str, float] | None = None) -> dict[str, Verdict]:
     if machine.onnxruntime_version is None:
         gone = Verdict(UNSUPPORTED, "onnxruntime is not importable; pip install onnxruntime", ("onnxruntime",))
         return dict.fromkeys(PRECISIONS, gone)
@@ -47,9 +48,22 @@ def _ort_verdicts(machine: MachineInfo) -> dict[str, Verdict]:
     return {
         "fp32": Verdict(SUPPORTED, f"ONNX Runtime CPU kernels ({isa})"),
         "fp16": fp16,
-        "int8": _ort_int8(cpu),
+        "int8": measured_int8(op_speed) if op_speed else _ort_int8(cpu),
         "auto": Verdict(SUPPORTED, "searches INT8 -> INT8 with sensitive layers in float -> FP16 -> FP32"),
     }
+
+
+def measured_int8(op_speed: Mapping[str, float]) -> Verdict:
+    """The ORT INT8 verdict from INT8/FP32 latency ratios measured on this CPU (``builders.op_speed``)."""
+    faster = {p: r for p, r in sorted(op_speed.items()) if r <= 1.0}
+    slower = {p: r for p, r in sorted(op_speed.items()) if r > 1.0}
+    shown = ", ".join(f"{p} {r:.2f}x" for p, r in sorted(op_speed.items(), key=lambda kv: kv[1]))
+    if not faster:
+        return Verdict(SLOW, f"measured here, INT8/FP32 latency: {shown}: every op pattern is slower in INT8; use fp32")
+    text = f"measured here, INT8/FP32 latency: {shown}"
+    if slower:
+        text += f"; {', '.join(slower)} stay float in kiln build (slower in INT8 on this CPU)"
+    return Verdict(SUPPORTED, text)
 
 
 def _ort_int8(cpu: CpuInfo) -> Verdict:
@@ -116,18 +130,21 @@ def _trt_int8(cc: tuple[int, int], where: str) -> Verdict:
     )
 
 
-def support_matrix(machine: MachineInfo) -> dict[tuple[str, str], Verdict]:
-    """(target, precision) -> Verdict for every target and precision Kiln builds."""
+def support_matrix(
+    machine: MachineInfo, op_speed: Mapping[str, float] | None = None
+) -> dict[tuple[str, str], Verdict]:
+    """(target, precision) -> Verdict for every target and precision Kiln builds; the ORT INT8 line
+    comes from ``op_speed`` (INT8/FP32 latency per op pattern measured here) when given."""
     matrix: dict[tuple[str, str], Verdict] = {}
-    for target, verdicts in (("ort", _ort_verdicts(machine)), ("tensorrt", _trt_verdicts(machine))):
+    for target, verdicts in (("ort", _ort_verdicts(machine, op_speed)), ("tensorrt", _trt_verdicts(machine))):
         for precision in PRECISIONS:
             matrix[(target, precision)] = verdicts[precision]
     return matrix
 
 
-def recommend(machine: MachineInfo) -> str:
+def recommend(machine: MachineInfo, op_speed: Mapping[str, float] | None = None) -> str:
     """One line: the build Kiln recommends on this machine."""
-    matrix = support_matrix(machine)
+    matrix = support_matrix(machine, op_speed)
     for target, precision in (("tensorrt", "int8"), ("tensorrt", "fp16"), ("ort", "int8")):
         verdict = matrix[(target, precision)]
         if verdict.status == SUPPORTED:

@@ -6,23 +6,42 @@ TensorRT builder (``builders.tensorrt_build``) uses too; the artifact here is th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from builders.auto import search_precision
+from builders.bias_correction import apply as apply_bias_correction
+from builders.bias_correction import bias_corrections
+from builders.calibrate import Calibration
+from builders.dynamic_quant import search_dynamic
+from builders.equalization import equalize
 from builders.inspection import ModelInfo
+from builders.memory_budget import validation_batch
 from builders.model_config import ARTIFACTS
-from builders.prepare import BuildData, PreparedOnnx, cache_root, load_build_data, prepare_onnx, run_calibration
+from builders.op_speed import SLOWER_ABOVE, compute_nodes, slow_nodes
+from builders.prepare import (
+    BuildData,
+    PreparedOnnx,
+    cache_root,
+    kept_float_nodes,
+    load_build_data,
+    op_speed_ratios,
+    prepare_onnx,
+    run_calibrations,
+)
 from builders.publish import publish_artifact
+from builders.quantize import prepare_model
 from builders.repository import Published
 from builders.request import BuildRequest, BuildResult, Int8Options
 from builders.validate import Validation, check_gate, report_markdown, validate
-from core.errors import InvalidInputError
+from core.errors import AccuracyGateError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +62,24 @@ def build_quantized(
         raise InvalidInputError(
             f"build_quantized makes ONNX Runtime artifacts; --target {request.target} has its own builder"
         )
+    kept_float_nodes(model, opts.keep_float)  # an unknown --keep-float name is refused before any work
     data = load_build_data(request, info, opts)
     notes = [*warnings, *data.warnings]
+    if opts.mode == "dynamic":
+        return _build_dynamic(request, model, info, batch, data, notes)
+    if request.precision == "int8":
+        _refuse_if_every_op_is_slower(request, model)
+    calib_info = info
+    if opts.equalize:
+        model, pairs = equalize(model)
+        notes.append(f"cross-layer equalization rescaled {pairs} conv pair(s) (FP32 function unchanged)")
+        calib_info = replace(info, sha256=hashlib.sha256(f"{info.sha256}-equalized".encode()).hexdigest())
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
         workdir = Path(tmp)
-        calibration = run_calibration(request, model, info, opts, data.calibration)
+        calibrations = run_calibrations(request, model, calib_info, opts, data.calibration)
+        first = next(iter(calibrations.values()))
+        opts = replace(opts, eval_batch=validation_batch(first.bytes_per_sample, opts.calib_memory))
+        calibration, model, choice = choose_calibration(request, model, calibrations, data, opts, workdir)
         notes += [f"tensor {n!r} stays in float: {r}" for n, r in calibration.skipped.items()]
         if request.precision == "auto":
             chosen, validation, extra_files, details = search_precision(
@@ -57,12 +89,16 @@ def build_quantized(
             chosen = prepare_onnx(request, model, "int8", workdir, calibration=calibration)
             validation = validate(request.model, chosen.path, data.evaluation, opts.gate, batch)
             extra_files, details = {}, {}
+        if choice:
+            chosen = replace(chosen, details={**chosen.details, "calibration_choice": choice})
         notes += list(chosen.notes)
         report = workdir / REPORT_FILE
         report.write_text(_report(request, chosen, validation, data, details))
         gate = _gate_record(validation, opts)
         if not validation.passed and not opts.skip_gate:
             check_gate(validation, request.precision, opts.calib_method, _keep_rejected_report(request, opts, report))
+        if request.precision == "int8":
+            check_speed(validation, opts, _keep_rejected_report(request, opts, report))
         if not validation.passed:
             notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
         artifact = _artifact(chosen, workdir)
@@ -71,6 +107,34 @@ def build_quantized(
             files.update(chosen.calibration.files)
         published = _publish(request, info, artifact, batch, chosen, validation, gate, files, data, details)
     return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), **details})
+
+
+def _build_dynamic(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, batch: int, data: BuildData,
+                   notes: list[str]) -> BuildResult:  # fmt: skip
+    """``--int8-mode dynamic``: no calibration; the weight layers whose error is worst go back to float
+    one at a time until the gate passes (at most ``MAX_FLOAT_LAYERS``)."""
+    opts = request.int8
+    with tempfile.TemporaryDirectory(prefix="kiln-int8-dynamic-") as tmp:
+        workdir = Path(tmp)
+        found = search_dynamic(request.model, model, data.evaluation, opts.gate, workdir)
+        validation = validate(request.model, found.chosen.path, data.evaluation, opts.gate, batch)
+        details = {**found.chosen.details, "steps": list(found.tried)}
+        chosen = PreparedOnnx(found.chosen.path, "int8", request.target, None, found.chosen.notes, details)
+        notes += list(chosen.notes)
+        if found.chosen.float_layers:
+            notes.append(f"kept {len(found.chosen.float_layers)} layer(s) in float to meet the gate: "
+                         f"{', '.join(found.chosen.float_layers)}")  # fmt: skip
+        report = workdir / REPORT_FILE
+        report.write_text(_report(request, chosen, validation, data, {}))
+        gate = _gate_record(validation, opts)
+        if not validation.passed and not opts.skip_gate:
+            check_gate(validation, request.precision, None, _keep_rejected_report(request, opts, report), "dynamic")
+        check_speed(validation, opts, _keep_rejected_report(request, opts, report))
+        if not validation.passed:
+            notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
+        artifact = _artifact(chosen, workdir)
+        published = _publish(request, info, artifact, batch, chosen, validation, gate, {REPORT_FILE: report}, data, {})
+    return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), "dynamic": details})
 
 
 def _keep_rejected_report(request: BuildRequest, opts: Int8Options, report: Path) -> Path:
@@ -122,6 +186,91 @@ def _publish(request: BuildRequest, info: ModelInfo, artifact: Path, batch: int,
     )  # fmt: skip
 
 
+SLOWER_THAN_FP32 = 0.95  # a speedup below this at every measured batch size is "slower than FP32"
+
+
+def check_speed(validation: Validation, opts: Int8Options, report: Path | None = None) -> None:
+    """The speed half of the gate: an INT8 candidate slower than FP32 at every batch size is not
+    published unless the user insists (``--allow-slower``)."""
+    rows = validation.latency_ms
+    if opts.allow_slower or not rows or any(r.get("speedup", 0.0) >= SLOWER_THAN_FP32 for r in rows.values()):
+        return
+    measured = ", ".join(f"batch {b}: {r['speedup']:.2f}x" for b, r in rows.items())
+    raise AccuracyGateError(
+        f"speed gate: this INT8 candidate is slower than FP32 on this CPU ({measured} FP32's speed, interleaved "
+        f"medians); nothing was published. Use --precision fp32 (or --precision auto, which publishes the fastest "
+        f"candidate within budget), or --allow-slower to publish it anyway"
+        + (f". Report: {report}" if report is not None else "")
+    )
+
+
+def _refuse_if_every_op_is_slower(request: BuildRequest, model: onnx.ModelProto) -> None:
+    """Refuse before any calibration when every quantizable op of the model is slower in INT8 here."""
+    if request.int8.allow_slower:
+        return
+    prepared = prepare_model(model).model
+    compute = compute_nodes(prepared)
+    ratios = op_speed_ratios(request)
+    slow = slow_nodes(prepared, ratios)
+    if compute and all(n in slow for n in compute):
+        measured = ", ".join(f"{p} {r:.2f}x" for p, r in sorted(ratios.items()) if r > SLOWER_ABOVE)
+        raise AccuracyGateError(
+            f"speed gate: every quantizable op of this model ({len(compute)} ops) runs slower in INT8 than in FP32 "
+            f"on this CPU (INT8/FP32 latency measured here: {measured}); nothing was published. "
+            "Use --precision fp32, or --allow-slower to build INT8 anyway"
+        )
+
+
+def choose_calibration(
+    request: BuildRequest, model: onnx.ModelProto, calibrations: dict[str, Calibration], data: BuildData,
+    opts: Int8Options, workdir: Path,
+) -> tuple[Calibration, onnx.ModelProto, list[dict[str, Any]]]:
+    """The calibration (and FP32 model to quantize) whose INT8 is closest to FP32 on held-out data.
+
+    With one calibration there is nothing to choose. With several (``--calib-method auto``) each is
+    quantized and validated without latency (gate metric, then MSE), then the best one once more
+    with bias correction (``builders.bias_correction``, measured on the calibration data), kept
+    only if it is closer still. The rows say what each variant scored.
+    """
+    if len(calibrations) == 1:
+        return next(iter(calibrations.values())), model, []
+    rows: list[dict[str, Any]] = []
+
+    def score(label: str, candidate: onnx.ModelProto, calibration: Calibration) -> dict[str, Any]:
+        prepared = prepare_onnx(request, candidate, "int8", workdir, calibration=calibration)
+        check = validate(request.model, prepared.path, data.evaluation, opts.gate, 1, latency=False)
+        prepared.path.unlink()
+        row = {"method": label, "metric": check.metric, "drop": check.drop, "mse": check.metrics["mse"],
+               "passed": check.passed}  # fmt: skip
+        logger.info("calibration %s: %s drop %.5f, mse %.3g", label, check.metric, check.drop, check.metrics["mse"])
+        rows.append(row)
+        return row
+
+    for method, calibration in calibrations.items():
+        score(method, model, calibration)
+    best = min(rows, key=lambda r: (r["drop"], r["mse"]))
+    calibration = calibrations[best["method"]]
+    corrected = apply_bias_correction(model, bias_corrections(model, calibration.ranges, data.calibration))
+    fixed = score(f"{best['method']} + bias correction", corrected, calibration)
+    if (fixed["drop"], fixed["mse"]) < (best["drop"], best["mse"]):
+        fixed["chosen"] = True
+        return calibration, corrected, rows
+    best["chosen"] = True
+    return calibration, model, rows
+
+
+def summarize_by_reason(reasons: dict[str, str], shown: int = 3) -> str:
+    """``12 tensor(s): 9 no calibrated range (a, b, c, ...); 3 ...`` -- the full list is in kiln.json."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in sorted(reasons.items()):
+        groups.setdefault(reason, []).append(name)
+    parts = [
+        f"{len(names)} {reason} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+        for reason, names in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    ]
+    return f"{len(reasons)} tensor(s): " + "; ".join(parts) + " -- full list in kiln.json (build.quantization)"
+
+
 def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation, data: BuildData,
             details: dict[str, Any]) -> str:  # fmt: skip
     cal = chosen.calibration
@@ -130,16 +279,32 @@ def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation,
         "selected precision": chosen.precision,
         "evaluation data": data.eval_source,
     }
+    choice = chosen.details.get("calibration_choice", [])
+    if choice:
+        facts["calibration method (auto)"] = ", ".join(
+            f"{r['method']} {r['metric']} drop {r['drop']:.4f}{' (chosen)' if r.get('chosen') else ''}" for r in choice
+        )
     if cal is not None:
         facts["calibration"] = (
             f"{cal.method}, {cal.samples} samples, {len(cal.ranges)} tensors, "
-            f"{'reused' if cal.reused else 'computed'}; float tensors: {chosen.details.get('float_tensors', [])}"
+            f"{'reused' if cal.reused else 'computed'}, batches of {cal.batch_size or '?'} under --calib-memory"
+        )
+    reasons = chosen.details.get("float_reasons", {})
+    if reasons:
+        facts["float tensors"] = summarize_by_reason(reasons)
+    if chosen.details.get("mode") == "dynamic":
+        kept = chosen.details.get("float_layers", [])
+        facts["INT8 mode"] = (
+            f"dynamic ({chosen.details['scheme']}); {chosen.details['quantized_layers']} layer(s) quantized, "
+            f"{len(kept)} kept in float{': ' + ', '.join(kept) if kept else ''}"
         )
     if "format" in chosen.details:
         facts["ORT integer format"] = f"{chosen.details['format']} ({chosen.details['format_reason']})"
     if request.target == "tensorrt":
         facts["note"] = "validated with ONNX Runtime on the Q/DQ ONNX; TensorRT's kernels can differ slightly"
-    text = report_markdown(f"Kiln validation: {request.triton_name}", validation, facts)
+    tried = None if chosen.details.get("mode") == "dynamic" else request.int8.calib_method
+    text = report_markdown(f"Kiln validation: {request.triton_name}", validation, facts, calib_method=tried,
+                           mode=request.int8.mode)  # fmt: skip
     if details.get("table_markdown"):
         text += "\n## Precision trade-off (--precision auto)\n\n" + details["table_markdown"]
         text += f"\n![accuracy vs latency]({details.get('plot', 'tradeoff.png')})\n"

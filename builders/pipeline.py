@@ -48,6 +48,16 @@ def check_request(request: BuildRequest) -> None:
             f"--instances {request.instances} is over {MAX_INSTANCES}; each instance is a full copy of the model "
             "(a session or execution context) on the serving machine"
         )
+    if request.int8.mode == "dynamic" and request.target == "tensorrt":
+        raise InvalidInputError(
+            "--int8-mode dynamic is not available for --target tensorrt: TensorRT has no dynamic quantization, "
+            "its INT8 engines need every activation's scale fixed at build time. Use --int8-mode static (the "
+            "default) with --calib DATA for TensorRT, or --target ort for dynamic INT8"
+        )
+    if request.int8.mode == "dynamic" and request.precision not in ("int8", "auto"):
+        raise InvalidInputError(
+            f"--int8-mode dynamic applies to --precision int8 or auto, not {request.precision}; drop it"
+        )
     shapes = request.tensorrt.shapes
     if shapes and request.target != "tensorrt":
         raise InvalidInputError(

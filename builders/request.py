@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.inspection import ModelInfo
+from builders.memory_budget import DEFAULT_CALIB_MEMORY
 from builders.repository import Published
 from builders.thresholds import DEFAULT_PERCENTILE, METHODS
 from builders.validate import DEFAULT_MAX_DROP, METRICS, GateSettings
@@ -20,6 +21,8 @@ from core.errors import InvalidInputError
 from runtime.tensorrt.plan import HARDWARE_COMPAT, INT8_MODES
 
 PRECISIONS = ("fp32", "fp16", "int8", "auto")
+INT8_QUANT_MODES = ("static", "dynamic")
+CALIB_METHODS = (*METHODS, "auto")
 TARGETS = ("ort", "tensorrt")
 MAX_INSTANCES = 128  # instance_group count; beyond this a typo exhausts the serving machine's memory
 DEFAULT_REPO = Path("model_repository")
@@ -31,7 +34,7 @@ class Int8Options:
     """Calibration, evaluation and gate settings of INT8 and ``auto`` builds (and of gated plans)."""
 
     calib: Path | None = None
-    calib_method: str = "entropy"
+    calib_method: str = "auto"  # a threshold method, or auto: each one tried and validated, the best kept
     percentile: float = DEFAULT_PERCENTILE
     eval: Path | None = None
     max_drop: float = DEFAULT_MAX_DROP
@@ -40,13 +43,21 @@ class Int8Options:
     amax_scale: float = 1.0  # != 1 only to demonstrate the gate (a deliberately bad calibration)
     cache_dir: Path | None = None
     preprocess: str | None = None
-    calib_batch: int = 32
+    calib_batch: int = 32  # the largest calibration batch; --calib-memory may choose a smaller one
+    calib_memory: int = DEFAULT_CALIB_MEMORY  # bytes of activations one calibration/validation batch may hold
     repeats: int = 30
     eval_fraction: float = 0.3
+    eval_batch: int = 64  # samples per validation run; int8 builds lower it to fit --calib-memory
+    mode: str = "static"  # "static": calibrated activation ranges; "dynamic": ranges per run (ORT only)
+    allow_slower: bool = False  # quantize ops measured slower in INT8, and publish an INT8 slower than FP32
+    equalize: bool = False  # cross-layer equalization of conv pairs before calibration
+    keep_float: tuple[str, ...] = ()  # "first", "last" (compute layers) and/or node names left in float
 
     def __post_init__(self) -> None:
-        if self.calib_method not in METHODS:
-            raise InvalidInputError(f"--calib-method must be one of {list(METHODS)}, got {self.calib_method!r}")
+        if self.calib_method not in CALIB_METHODS:
+            raise InvalidInputError(f"--calib-method must be one of {list(CALIB_METHODS)}, got {self.calib_method!r}")
+        if self.mode not in INT8_QUANT_MODES:
+            raise InvalidInputError(f"--int8-mode must be one of {list(INT8_QUANT_MODES)}, got {self.mode!r}")
         if self.metric is not None and self.metric not in METRICS:
             raise InvalidInputError(f"--metric must be one of {list(METRICS)}, got {self.metric!r}")
         if not math.isfinite(self.max_drop) or self.max_drop < 0:
@@ -55,6 +66,8 @@ class Int8Options:
             raise InvalidInputError(f"amax scale must be > 0, got {self.amax_scale}")
         if not 0 < self.eval_fraction < 1:
             raise InvalidInputError(f"eval fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.calib_memory < 1 << 20:
+            raise InvalidInputError(f"--calib-memory must be at least 1 MiB, got {self.calib_memory} bytes")
         if self.calib_batch < 1 or self.repeats < 1:
             raise InvalidInputError(
                 f"calibration batch and latency repeats must be >= 1, got {self.calib_batch} and {self.repeats}"
@@ -62,7 +75,9 @@ class Int8Options:
 
     @property
     def gate(self) -> GateSettings:
-        return GateSettings(metric=self.metric, max_drop=self.max_drop, repeats=self.repeats)
+        return GateSettings(
+            metric=self.metric, max_drop=self.max_drop, repeats=self.repeats, batch_size=self.eval_batch
+        )
 
     @property
     def has_data(self) -> bool:

@@ -44,6 +44,8 @@ from builders.tensorrt_plan import (
 )
 from builders.validate import (
     Validation,
+    attention_mask_input,
+    batch_masks,
     check_gate,
     choose_fastest,
     compare,
@@ -207,13 +209,14 @@ def _validated(
     if data is None:
         return candidate
     gate = int8.gate
-    metric = gate.resolved_metric(data.evaluation.has_labels)
+    mask = attention_mask_input(data.evaluation)
+    metric = gate.resolved_metric(data.evaluation.has_labels, mask is not None)
     reference = make_runner(request.model)
     runner = factory(candidate.directory / candidate.plans[0].file)
     try:
         ref_out, labels = predict(reference, data.evaluation, gate.batch_size)
         cand_out, _ = predict(runner, data.evaluation, gate.batch_size)
-        metrics = compare(ref_out, cand_out, labels)
+        metrics = compare(ref_out, cand_out, labels, batch_masks(data.evaluation, gate.batch_size, mask))
         timings = measure_latency(
             {"reference": reference, "candidate": runner}, latency_batches(data.evaluation, batch), gate.repeats
         )

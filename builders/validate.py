@@ -26,7 +26,8 @@ from runtime.runner import DEFAULT_INTRA_OP_THREADS, Runner
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "top1", "cosine", "mse")
+METRICS = ("accuracy", "top1", "cosine", "pooled-cosine", "mse")
+MASK_NAMES = ("attention_mask", "input_mask", "mask")
 DEFAULT_MAX_DROP = 0.01
 
 
@@ -37,8 +38,9 @@ class GateSettings:
     repeats: int = 30
     batch_size: int = 64
 
-    def resolved_metric(self, has_labels: bool) -> str:
-        metric = self.metric or ("accuracy" if has_labels else "top1")
+    def resolved_metric(self, has_labels: bool, has_mask: bool = False) -> str:
+        """The gate metric: --metric, else accuracy with labels, pooled-cosine for masked sequences, else top1."""
+        metric = self.metric or ("accuracy" if has_labels else "pooled-cosine" if has_mask else "top1")
         if metric not in METRICS:
             raise InvalidInputError(f"--metric {metric!r} is unknown; choose one of {list(METRICS)}")
         if metric == "accuracy" and not has_labels:
@@ -94,25 +96,97 @@ def predict(runner: Runner, dataset: Dataset, batch_size: int) -> tuple[list[np.
     return outputs, labels
 
 
-def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> dict:
-    """Output metrics of candidate vs reference (per-sample rows, first output)."""
-    ref = np.concatenate([r.reshape(r.shape[0], -1) for r in reference])
-    cand = np.concatenate([c.reshape(c.shape[0], -1) for c in candidate])
-    diff = np.abs(ref - cand)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cosine = np.where(norms > 0, np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+def attention_mask_input(dataset: Dataset) -> str | None:
+    """The name of the data's attention-mask input (integer, [batch, sequence]), checked to be 0/1.
+
+    Found by name (``attention_mask``, ``input_mask``, ``mask``); None when the model has none.
+    Any other value than 0 and 1 is refused: the mask says which positions are real tokens.
+    """
+    if not dataset.groups:
+        return None
+    inputs = dataset.groups[0].inputs
+    name = next((n for n in inputs if n.lower() in MASK_NAMES or n.lower().endswith("attention_mask")), None)
+    if name is None or inputs[name].dtype.kind not in "biu" or inputs[name].ndim != 2:
+        return None
+    for group in dataset.groups:
+        values = group.inputs[name]
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            sample, position = (int(i) for i in np.argwhere(bad)[0])
+            raise InvalidInputError(
+                f"{dataset.source!r}: attention mask input {name!r} holds {int(values[sample, position])} at sample "
+                f"{sample}, position {position}; a mask must be 0 (padding) or 1 (real token) everywhere. "
+                "Pass the tokenizer's attention_mask unchanged"
+            )
+    return name
+
+
+def batch_masks(dataset: Dataset, batch_size: int, name: str | None) -> list[np.ndarray]:
+    """The attention mask of every batch ``predict`` runs (empty when ``name`` is None)."""
+    if name is None:
+        return []
+    return [inputs[name] for inputs, _ in dataset.batches(batch_size)]
+
+
+def compare(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray] = (),
+) -> dict:
+    """Output metrics of candidate vs reference (first output), batch by batch.
+
+    Rows are samples, or with ``masks`` (an attention mask per batch, output [batch, sequence, ...])
+    the real-token positions only: padding carries no meaning and is never compared. Outputs with a
+    sequence axis also get ``pooled_cosine``: cosine of the (masked) mean over positions, the
+    sentence embedding of an encoder. Batches may differ in width (sequence lengths vary).
+    """
+    agree: list[np.ndarray] = []
+    cosines: list[np.ndarray] = []
+    pooled: list[np.ndarray] = []
+    max_abs, sum_abs, sum_sq, count = 0.0, 0.0, 0.0, 0
+    for i, (r, c) in enumerate(zip(reference, candidate, strict=True)):
+        mask = masks[i].astype(bool) if i < len(masks) and r.ndim >= 3 and r.shape[:2] == masks[i].shape else None
+        if r.ndim >= 3:
+            weights = mask.astype(np.float64) if mask is not None else np.ones(r.shape[:2])
+            w = weights.reshape(*weights.shape, *([1] * (r.ndim - 2)))
+            denom = np.maximum(w.sum(1), 1.0)
+            pooled.append(_row_cosine(((r * w).sum(1) / denom).reshape(len(r), -1),
+                                      ((c * w).sum(1) / denom).reshape(len(c), -1)))  # fmt: skip
+        rows_r = r[mask].reshape(int(mask.sum()), -1) if mask is not None else r.reshape(r.shape[0], -1)
+        rows_c = c[mask].reshape(int(mask.sum()), -1) if mask is not None else c.reshape(c.shape[0], -1)
+        diff = np.abs(rows_r - rows_c)
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            sum_abs += float(diff.sum())
+            sum_sq += float(np.square(diff).sum())
+            count += diff.size
+            agree.append(rows_r.argmax(1) == rows_c.argmax(1))
+            cosines.append(_row_cosine(rows_r, rows_c))
     metrics = {
-        "top1_agreement": float(np.mean(ref.argmax(1) == cand.argmax(1))),
-        "cosine": float(np.mean(cosine)),
-        "max_abs_error": float(diff.max()) if diff.size else 0.0,
-        "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
-        "mse": float(np.mean((ref - cand) ** 2)) if diff.size else 0.0,
+        "top1_agreement": float(np.mean(np.concatenate(agree))) if agree else 1.0,
+        "cosine": float(np.mean(np.concatenate(cosines))) if cosines else 1.0,
+        "max_abs_error": max_abs,
+        "mean_abs_error": sum_abs / count if count else 0.0,
+        "mse": sum_sq / count if count else 0.0,
     }
+    if pooled:
+        metrics["pooled_cosine"] = float(np.mean(np.concatenate(pooled)))
+        metrics["pooled_cosine_min"] = float(np.min(np.concatenate(pooled)))
+    if masks:
+        metrics["compared_positions"] = float(sum(int(m.sum()) for m in masks))
     if labels:
         y = np.concatenate(labels)
-        metrics["accuracy_reference"] = float(np.mean(ref.argmax(1) == y))
-        metrics["accuracy_candidate"] = float(np.mean(cand.argmax(1) == y))
+        ref_top = np.concatenate([r.reshape(r.shape[0], -1).argmax(1) for r in reference])
+        cand_top = np.concatenate([c.reshape(c.shape[0], -1).argmax(1) for c in candidate])
+        metrics["accuracy_reference"] = float(np.mean(ref_top == y))
+        metrics["accuracy_candidate"] = float(np.mean(cand_top == y))
     return metrics
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
 
 
 def metric_drop(metrics: dict[str, float], metric: str) -> float:
@@ -123,6 +197,13 @@ def metric_drop(metrics: dict[str, float], metric: str) -> float:
         return 1.0 - metrics["top1_agreement"]
     if metric == "cosine":
         return 1.0 - metrics["cosine"]
+    if metric == "pooled-cosine":
+        if "pooled_cosine" not in metrics:
+            raise InvalidInputError(
+                "--metric pooled-cosine needs a first output with a sequence axis ([batch, sequence, hidden]); "
+                "this model's output has none: use --metric cosine"
+            )
+        return 1.0 - metrics["pooled_cosine"]
     return metrics["mse"]
 
 
@@ -177,12 +258,14 @@ def validate(
     latency: bool = True,
 ) -> Validation:
     """Measure ``candidate`` against ``reference`` on ``dataset`` (metrics, and latency unless not asked)."""
-    metric = settings.resolved_metric(dataset.has_labels)
+    mask = attention_mask_input(dataset)
+    metric = settings.resolved_metric(dataset.has_labels, mask is not None)
     runners = {"reference": make_runner(reference), "candidate": make_runner(candidate)}
     try:
         ref_out, labels = predict(runners["reference"], dataset, settings.batch_size)
         cand_out, _ = predict(runners["candidate"], dataset, settings.batch_size)
-        metrics = compare(ref_out, cand_out, labels)
+        metrics = compare(ref_out, cand_out, labels, batch_masks(dataset, settings.batch_size, mask))
+        del ref_out, cand_out
         timings: dict[str, dict[str, float]] = {}
         if latency:
             timings = measure_latency(runners, latency_batches(dataset, max_batch), settings.repeats)
@@ -225,37 +308,42 @@ def choose_fastest(validations: Sequence[Validation | None]) -> int:
     return max(passing, key=lambda i: speed_key(validations[i]))
 
 
-def advice(calib_method: str | None, precision: str) -> list[str]:
-    """What to try when a candidate fails the gate."""
+def advice(calib_method: str | None, precision: str, mode: str = "static") -> list[str]:
+    """What to try when a candidate fails the gate (never what this build already did)."""
     tips = []
     if precision != "auto":
         tips.append("--precision auto (keeps the most sensitive layers in float, falls back to fp16/fp32)")
-    tips.append("more (and more representative) calibration data in --calib")
-    if calib_method != "percentile":
-        tips.append("--calib-method percentile")
-    if calib_method != "entropy":
-        tips.append("--calib-method entropy")
+    if mode == "dynamic":
+        tips.append("--int8-mode static with --calib DATA (calibrated activation ranges)")
+    else:
+        tips.append("more (and more representative) calibration data in --calib")
+        tips.append("--int8-mode dynamic for transformer encoders on --target ort (activations quantized per run)")
+        for method in ("percentile", "minmax", "entropy"):
+            if calib_method is not None and calib_method != method:
+                tips.append(f"--calib-method {method}")
     tips.append("a larger --max-accuracy-drop if the loss is acceptable")
     return tips
 
 
-def gate_error(validation: Validation, precision: str, calib_method: str | None, report: Path | None) -> str:
+def gate_error(validation: Validation, precision: str, calib_method: str | None, report: Path | None,
+               mode: str = "static") -> str:  # fmt: skip
     """The message of the AccuracyGateError for a failed validation."""
     over = validation.drop - validation.max_drop
     msg = (
         f"{precision} candidate loses {validation.drop:.4f} {validation.metric} "
         f"({_metric_pair(validation)}), over the {validation.max_drop:.4f} budget by {over:.4f}; "
-        f"nothing was published. Try: {'; '.join(advice(calib_method, precision))}"
+        f"nothing was published. Try: {'; '.join(advice(calib_method, precision, mode))}"
     )
     if report is not None:
         msg += f". Report: {report}"
     return msg
 
 
-def check_gate(validation: Validation, precision: str, calib_method: str | None, report: Path | None = None) -> None:
+def check_gate(validation: Validation, precision: str, calib_method: str | None, report: Path | None = None,
+               mode: str = "static") -> None:  # fmt: skip
     """Raise AccuracyGateError when ``validation`` is over its budget."""
     if not validation.passed:
-        raise AccuracyGateError(gate_error(validation, precision, calib_method, report))
+        raise AccuracyGateError(gate_error(validation, precision, calib_method, report, mode))
 
 
 def _metric_pair(v: Validation) -> str:
@@ -266,10 +354,13 @@ def _metric_pair(v: Validation) -> str:
         return f"top-1 agreement with FP32 {m['top1_agreement']:.4f}"
     if v.metric == "cosine":
         return f"cosine {m['cosine']:.6f}"
+    if v.metric == "pooled-cosine":
+        return f"mean-pooled cosine {m.get('pooled_cosine', 0.0):.6f} over real tokens"
     return f"mse {m['mse']:.6g}"
 
 
-def report_markdown(title: str, validation: Validation, details: dict[str, Any] | None = None) -> str:
+def report_markdown(title: str, validation: Validation, details: dict[str, Any] | None = None, *,
+                    calib_method: str | None = None, mode: str = "static") -> str:  # fmt: skip
     """A human-readable validation report."""
     verdict = "PASSED" if validation.passed else "FAILED"
     lines = [
@@ -294,5 +385,5 @@ def report_markdown(title: str, validation: Validation, details: dict[str, Any] 
     for key, value in (details or {}).items():
         lines.append(f"- {key}: {value}")
     if not validation.passed:
-        lines += ["", "What to try:", *(f"- {tip}" for tip in advice(None, "int8"))]
+        lines += ["", "What to try:", *(f"- {tip}" for tip in advice(calib_method, "int8", mode))]
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from builders.hardware import SLOW, SUPPORTED, Verdict, recommend, support_matrix
+from builders.op_speed import load_or_measure
+from builders.quantize import choose_ort_format
+from builders.request import DEFAULT_REPO
 from runtime.machine import MachineInfo, probe_machine
 
 STYLES = {SUPPORTED: "green", SLOW: "yellow"}
@@ -19,32 +23,47 @@ STYLES = {SUPPORTED: "green", SLOW: "yellow"}
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("doctor", help="show this machine's CPU, GPUs, TensorRT and what each build needs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--repo", type=Path, default=DEFAULT_REPO,
+        help="repository whose .kiln-cache holds the INT8 op timings (measured once per CPU ISA, a few seconds)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     machine = probe_machine()
+    op_speed = measured_op_speed(machine, args.repo)
     if args.json:
-        print(json.dumps(doctor_report(machine), indent=2))
+        print(json.dumps(doctor_report(machine, op_speed), indent=2))
     else:
-        print_report(machine, Console(highlight=False))
+        print_report(machine, Console(highlight=False), op_speed)
     return 0
 
 
-def doctor_report(machine: MachineInfo) -> dict[str, Any]:
+def measured_op_speed(machine: MachineInfo, repo: Path) -> dict[str, float] | None:
+    """INT8/FP32 latency per op pattern on this CPU (cached where kiln build caches it), or None
+    when ONNX Runtime is missing."""
+    if machine.onnxruntime_version is None:
+        return None
+    fmt = choose_ort_format(machine.cpu.flags)
+    return load_or_measure(repo.resolve().parent / ".kiln-cache" / "op-speed", machine.cpu.flags, fmt.name)
+
+
+def doctor_report(machine: MachineInfo, op_speed: dict[str, float] | None = None) -> dict[str, Any]:
     """The JSON form: the probed machine, the support matrix and the recommendation."""
-    matrix = support_matrix(machine)
+    matrix = support_matrix(machine, op_speed)
     return {
+        "int8_op_speed": op_speed,
         "machine": machine.to_dict(),
         "support": [
             {"target": target, "precision": precision, "status": v.status, "reason": v.reason}
             for (target, precision), v in matrix.items()
         ],
-        "recommendation": recommend(machine),
+        "recommendation": recommend(machine, op_speed),
     }
 
 
-def print_report(machine: MachineInfo, console: Console) -> None:
+def print_report(machine: MachineInfo, console: Console, op_speed: dict[str, float] | None = None) -> None:
     cpu = machine.cpu
     console.print(f"[bold]CPU[/] {escape(cpu.model)} ({cpu.architecture}, {cpu.cores} cores)")
     console.print(f"  ISA: {', '.join(cpu.isa()) or 'no AVX2'}")
@@ -62,8 +81,8 @@ def print_report(machine: MachineInfo, console: Console) -> None:
     console.print(f"[bold]Polygraphy[/] {machine.polygraphy_version or 'not importable'}")
     for note in machine.notes:
         console.print(f"  [dim]{escape(note)}[/]")
-    console.print(support_table(support_matrix(machine)))
-    console.print(f"[bold]recommended:[/] kiln build {escape(recommend(machine))}")
+    console.print(support_table(support_matrix(machine, op_speed)))
+    console.print(f"[bold]recommended:[/] kiln build {escape(recommend(machine, op_speed))}")
 
 
 def support_table(matrix: dict[tuple[str, str], Verdict]) -> Table:

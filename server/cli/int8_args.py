@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from builders.request import Int8Options
-from builders.thresholds import METHODS
+from builders.memory_budget import parse_memory
+from builders.request import CALIB_METHODS, INT8_QUANT_MODES, Int8Options
 from builders.validate import METRICS
 
 DEFAULTS = Int8Options()
@@ -20,8 +20,9 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         "a directory of .npz files, or an image folder",
     )  # fmt: skip
     group.add_argument(
-        "--calib-method", default=DEFAULTS.calib_method, choices=METHODS,
-        help=f"threshold rule (default {DEFAULTS.calib_method})",
+        "--calib-method", default=DEFAULTS.calib_method, choices=CALIB_METHODS,
+        help=f"threshold rule (default {DEFAULTS.calib_method}: entropy, percentile and minmax from one "
+        "calibration pass, each validated, the best kept; TensorRT builds use entropy)",
     )  # fmt: skip
     group.add_argument(
         "--percentile", type=float, default=DEFAULTS.percentile,
@@ -51,6 +52,30 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         "--calib-cache", type=Path, default=None,
         help="calibration cache directory (default .kiln-cache/calib beside --repo)",
     )  # fmt: skip
+    group.add_argument(
+        "--calib-memory", default="1GiB",
+        help="memory for one batch of activations in calibration and validation, e.g. 512MiB or 4GiB "
+        "(default 1GiB); the batch size follows from it",
+    )  # fmt: skip
+    group.add_argument(
+        "--int8-mode", default=DEFAULTS.mode, choices=INT8_QUANT_MODES,
+        help="static (default): activation ranges calibrated from --calib; dynamic (--target ort only): "
+        "int8 weights, activations quantized at run time, no calibration (transformer encoders); --eval gates it",
+    )  # fmt: skip
+    group.add_argument(
+        "--allow-slower", action="store_true",
+        help="quantize op patterns measured slower in INT8 on this CPU and publish an INT8 model slower than "
+        "FP32 (by default such ops stay float, and a slower INT8 is refused)",
+    )  # fmt: skip
+    group.add_argument(
+        "--keep-float", default="",
+        help="comma-separated layers left in float: first, last (compute layers) and/or node names",
+    )  # fmt: skip
+    group.add_argument(
+        "--equalize", action="store_true",
+        help="cross-layer equalization before calibration: rescale conv -> (ReLU) -> conv channel pairs so "
+        "per-channel weight ranges even out (FP32 outputs unchanged)",
+    )  # fmt: skip
     # gate demos only:
     group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
@@ -68,4 +93,9 @@ def int8_options(args: argparse.Namespace) -> Int8Options:
         preprocess=args.preprocess,
         cache_dir=args.calib_cache,
         amax_scale=args.amax_scale,
+        calib_memory=parse_memory(args.calib_memory),
+        mode=args.int8_mode,
+        allow_slower=bool(args.allow_slower),
+        equalize=bool(args.equalize),
+        keep_float=tuple(x.strip() for x in args.keep_float.split(",") if x.strip()),
     )

@@ -102,7 +102,7 @@ def canary_plan(model: str, interval_s: float) -> RolloutPlan:
         "steps": [50], "interval_s": interval_s, "min_requests": 12, "max_wait_s": 60, "sample_percent": 0,
         "shadow": {"duration_s": 1.0, "percent": 50, "min_comparisons": 12},
         "slos": {"max_error_rate": 0.05, "max_p99_ratio": 10.0, "max_ttft_p99_ratio": 1.25,
-                 "max_itl_p99_ratio": 10.0, "min_token_agreement": 0.95},
+                 "min_token_agreement": 0.95},  # no ITL ratio: sub-ms tiny-model ITL p99s are scheduling noise
     })  # fmt: skip
 
 

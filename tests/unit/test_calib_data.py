@@ -108,3 +108,29 @@ def test_bad_preprocess_spec_says_what_to_give() -> None:
         ImagePreprocess.parse('{"sise": [1, 2]}')
     with pytest.raises(InvalidInputError, match="use NCHW or NHWC"):
         ImagePreprocess.parse('{"layout": "CHW"}')
+
+
+def test_large_npz_members_are_memory_mapped_and_read_batch_by_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builders.calib_data as calib_data
+
+    monkeypatch.setattr(calib_data, "MAP_ABOVE", 1024)  # "large" for the test: a few KiB
+    x = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "big.npz", x=x)
+    np.savez_compressed(tmp_path / "packed.npz", x=x)
+    spec = [TensorSpec("x", "float32", ("N", 3, 8, 8))]
+    mapped = load_dataset(tmp_path / "big.npz", spec)
+    packed = load_dataset(tmp_path / "packed.npz", spec)
+    assert isinstance(mapped.groups[0].inputs["x"], np.memmap)  # stored member: stays in the file
+    assert not isinstance(packed.groups[0].inputs["x"], np.memmap)  # compressed: read whole
+    assert mapped.sha256 == packed.sha256  # the content hash does not depend on how it was read
+    for (a, _), (b, _) in zip(mapped.batches(7), packed.batches(7), strict=True):
+        np.testing.assert_array_equal(a["x"], b["x"])
+    calib, held = mapped.split(0.25)
+    assert len(calib) == 30 and len(held) == 10
+    bad = x.copy()
+    bad[5, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=bad)
+    with pytest.raises(InvalidInputError, match="NaN values in 1 of 40 sample"):
+        load_dataset(tmp_path / "nan.npz", spec)

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders.calib_data import ShapeGroup, make_dataset
 from builders.calibrate import CALIBRATION_FILE, RANGES_FILE, TRT_CACHE_FILE, CalibrationSettings, calibrate
 from builders.calibration_file import CalibrationTable, read_trt_cache
+from core.errors import InvalidInputError
 
 SHA = "1" * 64
 
@@ -65,3 +67,19 @@ def test_corrupt_cache_is_recomputed(tmp_path: Path) -> None:
     again = calibrate(_relu_gemm(), SHA, _data(), CalibrationSettings("percentile", 99.0), tmp_path)
     assert not again.reused and again.ranges == first.ranges
     assert json.loads((first.directory / RANGES_FILE).read_text())["method"] == "percentile"
+
+
+def test_calibrate_each_takes_every_method_from_one_pass(tmp_path: Path) -> None:
+    from builders.calibrate import calibrate_each
+
+    model = _relu_gemm()
+    methods = ("entropy", "percentile", "minmax")
+    each = calibrate_each(model, SHA, _data(), CalibrationSettings("entropy"), methods, tmp_path)
+    assert list(each) == list(methods)
+    assert len({r.seconds for r in each.values()}) == 1  # one histogram pass, shared
+    alone = calibrate(model, SHA, _data(), CalibrationSettings("minmax"), tmp_path / "alone")
+    assert each["minmax"].ranges == alone.ranges
+    again = calibrate_each(model, SHA, _data(), CalibrationSettings("entropy"), methods, tmp_path)
+    assert all(r.reused for r in again.values())
+    with pytest.raises(InvalidInputError, match="'kl' is unknown"):
+        calibrate_each(model, SHA, _data(), CalibrationSettings("entropy"), ("kl",), tmp_path)

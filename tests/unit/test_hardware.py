@@ -223,3 +223,16 @@ def test_probe_machine_on_this_host() -> None:
     data = machine.to_dict()
     assert data["cpu"]["isa"] == machine.cpu.isa()
     assert isinstance(data["cpu"]["flags"], list)
+
+
+def test_ort_int8_line_comes_from_measured_op_speed() -> None:
+    from builders.hardware import measured_int8
+
+    machine = MachineInfo(cpu=cpu(AVX2), onnxruntime_version="1.20.0")
+    mixed = {"conv-dense": 0.35, "conv-pointwise": 0.5, "conv-depthwise": 1.4, "matmul": 0.37}
+    verdict = support_matrix(machine, mixed)[("ort", "int8")]
+    assert verdict.status == SUPPORTED and "measured here" in verdict.reason
+    assert "conv-depthwise stay float" in verdict.reason and "0.35x" in verdict.reason
+    slow = measured_int8(dict.fromkeys(mixed, 1.3))
+    assert slow.status == SLOW and "every op pattern is slower in INT8" in slow.reason
+    assert "measured" not in support_matrix(machine)[("ort", "int8")].reason  # no measurement: the ISA table

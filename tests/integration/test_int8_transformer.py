@@ -1,0 +1,152 @@
+"""INT8 of a (tiny, real-structured) BERT encoder through the CLI: dynamic mode, masked validation, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from harness.real_models import minilm_onnx
+from server.cli import main
+
+pytestmark = pytest.mark.integration
+
+HIDDEN, INTER, VOCAB = 32, 64, 50
+
+
+def _weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "embeddings.word_embeddings.weight": (VOCAB, HIDDEN),
+        "embeddings.position_embeddings.weight": (32, HIDDEN),
+        "embeddings.token_type_embeddings.weight": (2, HIDDEN),
+        "embeddings.LayerNorm.weight": (HIDDEN,),
+        "embeddings.LayerNorm.bias": (HIDDEN,),
+    }
+    for i in range(2):
+        p = f"encoder.layer.{i}"
+        for n in ("query", "key", "value"):
+            shapes[f"{p}.attention.self.{n}.weight"] = (HIDDEN, HIDDEN)
+            shapes[f"{p}.attention.self.{n}.bias"] = (HIDDEN,)
+        shapes |= {
+            f"{p}.attention.output.dense.weight": (HIDDEN, HIDDEN), f"{p}.attention.output.dense.bias": (HIDDEN,),
+            f"{p}.attention.output.LayerNorm.weight": (HIDDEN,), f"{p}.attention.output.LayerNorm.bias": (HIDDEN,),
+            f"{p}.intermediate.dense.weight": (INTER, HIDDEN), f"{p}.intermediate.dense.bias": (INTER,),
+            f"{p}.output.dense.weight": (HIDDEN, INTER), f"{p}.output.dense.bias": (HIDDEN,),
+            f"{p}.output.LayerNorm.weight": (HIDDEN,), f"{p}.output.LayerNorm.bias": (HIDDEN,),
+        }  # fmt: skip
+    w = {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in shapes.items()}
+    for k in w:
+        if k.endswith("LayerNorm.weight"):
+            w[k] = 1.0 + 0.1 * w[k]
+    return w
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+    onnx.save(minilm_onnx(_weights(), layers=2, heads=4, hidden=HIDDEN), str(path))
+    return path
+
+
+def _tokens(n: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, seq + 1, size=n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, VOCAB, size=(n, seq)).astype(np.int64) * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _build(encoder: Path, repo: Path, *extra: str) -> int:
+    # a tiny encoder: INT8 may well be slower than FP32 at this size, which these tests do not judge
+    argv = ["build", str(encoder), "--name", "bert", "--repo", str(repo), "--precision", "int8", "--allow-slower"]
+    return main([*argv, *extra])
+
+
+def test_dynamic_int8_needs_no_calibration_and_is_gated_on_pooled_cosine(encoder: Path, tmp_path: Path) -> None:
+    evaluation = _save(tmp_path / "eval.npz", _tokens(24, 12, seed=1))
+    assert _build(encoder, tmp_path / "repo", "--int8-mode", "dynamic", "--eval", str(evaluation)) == 0
+    version = tmp_path / "repo" / "bert-int8-ort" / "1"
+    manifest = json.loads((version / "kiln.json").read_text())
+    quant = manifest["build"]["quantization"]
+    assert quant["mode"] == "dynamic" and quant["quantized_layers"] + len(quant["float_layers"]) == 12
+    validation = manifest["validation"]
+    assert validation["metric"] == "pooled-cosine" and validation["passed"]
+    assert validation["metrics"]["compared_positions"] == int(np.load(evaluation)["attention_mask"].sum())
+    model = onnx.load(str(version / "model.onnx"))
+    dynamic_ops = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    assert any(n.op_type in dynamic_ops for n in model.graph.node)
+    assert "INT8 mode: dynamic" in (version / "report.md").read_text()
+
+
+def test_dynamic_int8_for_tensorrt_is_refused_with_the_reason(encoder: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    evaluation = _save(tmp_path / "eval.npz", _tokens(8, 12, seed=1))
+    flags = ["--int8-mode", "dynamic", "--target", "tensorrt", "--eval", str(evaluation)]
+    code = _build(encoder, tmp_path / "repo", *flags)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "TensorRT has no dynamic quantization" in err and "--int8-mode static" in err
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_attention_mask_that_is_not_0_1_is_refused(encoder: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    tokens = _tokens(8, 12, seed=1)
+    tokens["attention_mask"][3, 2] = 2
+    evaluation = _save(tmp_path / "eval.npz", tokens)
+    assert _build(encoder, tmp_path / "repo", "--int8-mode", "dynamic", "--eval", str(evaluation)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'attention_mask' holds 2 at sample 3, position 2" in err and "must be 0 (padding) or 1" in err
+
+
+def test_static_int8_with_calibration_of_varying_sequence_lengths(encoder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "calib"
+    data.mkdir()
+    _save(data / "short.npz", _tokens(12, 8, seed=2))
+    _save(data / "long.npz", _tokens(12, 16, seed=3))
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    _save(evaluation / "a.npz", _tokens(6, 8, seed=4))
+    _save(evaluation / "b.npz", _tokens(6, 16, seed=5))
+    code = _build(encoder, tmp_path / "repo", "--calib", str(data), "--eval", str(evaluation), "--skip-gate",
+                  "--calib-cache", str(tmp_path / "cache"))  # fmt: skip
+    assert code == 0
+    manifest = json.loads((tmp_path / "repo" / "bert-int8-ort" / "1" / "kiln.json").read_text())
+    metrics = manifest["validation"]["metrics"]
+    assert manifest["validation"]["metric"] == "pooled-cosine"
+    assert 0 < metrics["pooled_cosine"] <= 1.0 + 1e-9
+    assert manifest["calibration"]["samples"] == 24 and manifest["calibration"]["batch_size"] >= 1
+
+
+def test_pooled_cosine_without_a_sequence_axis_says_what_to_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from builders.examples import example_data_path, example_model_path
+
+    argv = ["build", str(example_model_path()), "--name", "digits", "--repo", str(tmp_path / "repo"), "--precision",
+            "int8", "--calib", str(example_data_path()), "--metric", "pooled-cosine",
+            "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    assert "use --metric cosine" in " ".join(capsys.readouterr().err.split())
+
+
+def test_auto_tries_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) -> None:
+    calib = _save(tmp_path / "calib.npz", _tokens(24, 12, seed=6))
+    evaluation = _save(tmp_path / "eval.npz", _tokens(16, 12, seed=7))
+    argv = ["build", str(encoder), "--name", "bert", "--repo", str(tmp_path / "repo"), "--precision", "auto",
+            "--calib", str(calib), "--eval", str(evaluation), "--max-accuracy-drop", "0",
+            "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "repo" / "bert-auto-ort" / "1" / "kiln.json").read_text())
+    labels = [row["candidate"] for row in manifest["build"]["auto"]["candidates"]]
+    assert labels[0] == "int8" and any(label.startswith("int8 dynamic") for label in labels)
+    assert labels[-2:] == ["fp16", "fp32"]
