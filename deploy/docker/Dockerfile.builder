@@ -5,6 +5,8 @@ ARG TRT_IMAGE=nvcr.io/nvidia/tensorrt:24.10-py3
 FROM ${TRT_IMAGE}
 WORKDIR /opt/kiln
 COPY pyproject.toml README.md ./
+COPY core ./core
+COPY runtime ./runtime
 COPY builders ./builders
 COPY server ./server
 RUN pip install --no-cache-dir -e '.[tensorrt]'
