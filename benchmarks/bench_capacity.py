@@ -22,7 +22,7 @@ Every level, in both methods, is ``--warmup`` seconds of warm-up and ``--level``
 The machine is shared, so what it can serve drifts: the first search is interleaved level by level
 with the sweep (each method's time counts only its own levels), and a second search runs alone
 afterwards.
-Goal (issue 15): capacity within 10 % of the true knee, in under a third of the sweep's time.
+Goal: capacity within 10 % of the true knee, in under a third of the sweep's time.
 
     .venv/bin/python benchmarks/bench_capacity.py [--slo-p99-ms 50] [--level 3] [--warmup 0.5]
 """

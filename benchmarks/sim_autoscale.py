@@ -7,7 +7,7 @@ delay). The per-replica capacity is the one recorded by ``kiln bench --find-capa
 (``--repo/--model``) or given with ``--capacity``. Baseline: a fixed fleet sized for the trace's
 peak at that capacity.
 
-Goal (issue 15): the autoscaled fleet meets the SLO for >= 99 % of the trace at <= 70 % of the
+Goal: the autoscaled fleet meets the SLO for >= 99 % of the trace at <= 70 % of the
 fixed fleet's replica-hours.
 
     python benchmarks/sim_autoscale.py [--repo DIR --model M | --capacity 250] [--headroom 0.7]

@@ -1,4 +1,4 @@
-"""The admin API against a hostile client, over raw sockets (issue 12, item 5).
+"""The admin API against a hostile client, over raw sockets.
 
 Each case reproduces what the hostile-input pass did to the stdlib server: body read before the
 token check, ``Content-Length: -1``/``abc``, no socket timeout, no connection cap, backlog 5, 500

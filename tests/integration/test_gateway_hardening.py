@@ -1,4 +1,4 @@
-"""Gateway hardening (issue 12): each test first reproduces a problem the hostile-input pass found.
+"""Gateway hardening: each test first reproduces a problem the hostile-input pass found.
 
 Control RPCs through the gateway, grpc.health.v1, idle streams and stalled upstreams, malformed
 bodies, the client's model_version, pinning weight-0 variants, and upstream details in errors.

@@ -1,4 +1,4 @@
-"""Oversize messages against a real ``kiln gateway`` process, with a bound on its memory (issue 12, item 4).
+"""Oversize messages against a real ``kiln gateway`` process, with a bound on its memory.
 
 The hostile-input pass sent one 250 MB request: the gateway (limit 256 MiB) took it in, copied it
 per hop, and went from 178 MB to 1.19 GB RSS. Now its limit is kiln serve's 64 MiB and gRPC refuses

