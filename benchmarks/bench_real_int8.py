@@ -109,23 +109,33 @@ def preprocessed(model: Path, dest: Path) -> Path:
     return dest
 
 
+# Runs argv as its child and prints the child's own peak RSS (KiB). Measuring through this small
+# launcher matters: Linux carries a process's peak RSS across fork+exec, so a build started directly
+# from this (large) benchmark process would report the benchmark's memory as its own.
+_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, status, usage = os.wait4(p.pid, 0); "
+    "sys.stderr.write(f'\\nKILN_MAXRSS_KIB={usage.ru_maxrss}\\n'); sys.exit(os.waitstatus_to_exitcode(status))"
+)
+
+
 def kiln_build(model: Path, name: str, flags: list[str], repo: Path) -> dict[str, Any]:
     """``kiln build`` in its own process: artifact path, kiln.json, wall seconds, peak RSS (bytes)."""
-    cmd = [sys.executable, "-c", "from server.cli import entry; entry()", "build", str(model), "--name", name,
-           "--repo", str(repo), "--skip-gate", *flags]  # fmt: skip
+    build = [sys.executable, "-c", "from server.cli import entry; entry()", "build", str(model), "--name", name,
+             "--repo", str(repo), "--skip-gate", *flags]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *build], cwd=ROOT, capture_output=True, text=True,
+                          check=False)  # fmt: skip
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out = (proc.stdout.read() if proc.stdout else "") + (proc.stderr.read() if proc.stderr else "")
+    marker = [line for line in proc.stderr.splitlines() if line.startswith("KILN_MAXRSS_KIB=")]
+    peak = int(marker[-1].split("=", 1)[1]) * 1024 if marker else 0
     if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).replace(marker[-1] if marker else "", "")
         return {"error": f"exit {proc.returncode}: {out.strip()[-600:]}", "build_s": seconds}
     versions = sorted(repo.glob("*/[0-9]*/kiln.json"), key=lambda p: p.stat().st_mtime)
     manifest_path = versions[-1]
     manifest = json.loads(manifest_path.read_text())
     artifact = manifest_path.parent / "model.onnx"
-    return {"path": artifact, "manifest": manifest, "build_s": seconds, "peak_rss": usage.ru_maxrss * 1024}
+    return {"path": artifact, "manifest": manifest, "build_s": seconds, "peak_rss": peak}
 
 
 # ----------------------------------------------------------------------------- measuring
