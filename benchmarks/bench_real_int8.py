@@ -273,7 +273,10 @@ def run_model(model: RealModel, quick: bool, seconds: float, kiln_flags: list[st
             rows[label]["latency_ratio"] = ms[label] / ms["fp32"]
     statics = [k for k in rows if k.startswith("ort static") and "error" not in rows[k]]
     key = "agreement" if model.kind == "classifier" else "pooled_cosine"
-    best_static = max(statics, key=lambda k: rows[k][key]) if statics else None
+    def rank(k: str) -> tuple[float, float]:  # agreement ties (common on 2-class models) go to the smaller max |dp|
+        return (rows[k][key], -rows[k].get("max_dp", 0.0))
+
+    best_static = max(statics, key=rank) if statics else None
     return {"model": model.description, "kind": model.kind, "rows": rows, "best_ort_static": best_static,
             "held_out": n_eval, "latency_batch": LATENCY_BATCH[model.kind]}  # fmt: skip
 
