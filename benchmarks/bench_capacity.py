@@ -12,10 +12,10 @@ reachable by the load generator on a 2-core machine:
 Every level, in both methods, is ``--warmup`` seconds of warm-up and ``--level`` seconds measured
 (open loop, Poisson arrivals).
 
-* **fine sweep** (the baseline, what one does by hand): a 1 s closed-loop run at concurrency 16
-  for the throughput ceiling X, then rates from 5 % to 120 % of X in steps of 5 % of X, stopping
-  after three failing levels in a row. The true knee: the highest level with every level up to it
-  meeting the SLO.
+* **fine sweep** (the baseline, what one does by hand, fine enough to be the reference for a 10 %
+  goal): a 1 s closed-loop run at concurrency 16 for the throughput ceiling X, then rates from
+  2.5 % to 120 % of X in steps of 2.5 % of X, stopping after three failing levels in a row. The
+  true knee: the highest level with every level up to it meeting the SLO.
 * **search**: ``kiln bench --find-capacity`` (probe, exponential, interpolated bisection to 5 %,
   two confirming repeats, certainly-failed levels stopped early).
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -38,6 +39,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,8 +50,9 @@ from harness.serve import PAIR_SPECS, make_pair_model, write_model
 from harness.serve_bench import RESULTS, child_server, kiln_serve, mlp_repo
 from runtime.machine import probe_cpu
 from server.bench import BenchConfig, run_bench
-from server.bench.capacity import CapacityResult, Run, SearchSettings, Slo, judge
+from server.bench.capacity import CapacityResult, Run, SearchSettings, Slo, find_capacity, judge
 from server.bench.capacity_load import search_endpoint
+from server.bench.stats import LoadPoint
 
 WIDTH = 2048
 DELAY_S = 0.005
@@ -81,11 +85,45 @@ def repository(root: Path) -> str:
     return name
 
 
+class SimEndpoint:
+    """``--server sim``: an M/M/1 queue (service rate ``mu``) with lognormal noise on p99, in virtual time.
+
+    p99 of the time in system is ln(100) / (mu - rate), so the true knee is known: mu - ln(100) / SLO.
+    ``spent`` adds up what each level would take (probe 1.5 s; warm-up + level; with ``stoppable``, a
+    level ends once 1.2 % of its expected requests were over the SLO, as the search's stop rule
+    does: the share over the SLO is exp(-(mu - rate) x SLO) for M/M/1, 1 when overloaded).
+    """
+
+    def __init__(self, mu: float, slo: Slo, warmup_s: float, noise: float = 0.1, seed: int = 0) -> None:
+        self.mu, self.slo, self.warmup_s, self.noise = mu, slo, warmup_s, noise
+        self.rng = np.random.default_rng(seed)
+        self.spent = 0.0
+
+    def level(self, load: float, seconds: float, mode: str, stoppable: bool = False) -> LoadPoint:
+        if mode == "concurrency":
+            self.spent += 1.5
+        else:
+            over = 1.0 if load >= self.mu else math.exp(-(self.mu - load) * self.slo.p99_ms / 1e3)
+            self.spent += (self.warmup_s + seconds) * (min(1.0, 0.012 / over) if stoppable else 1.0)
+        rate = load if mode == "rate" else self.mu * load / (load + 1)
+        if rate >= self.mu:
+            p99_s, ok_rps = max(seconds * (rate - self.mu) / self.mu, 1.0), self.mu
+        else:
+            p99_s, ok_rps = math.log(100) / (self.mu - rate), rate
+        p99_s *= math.exp(self.noise * self.rng.standard_normal())
+        ok = max(1, int(ok_rps * seconds))
+        latency = {"p50": p99_s * 1e6 * math.log(2) / math.log(100), "p99": p99_s * 1e6, "max": p99_s * 2e6}
+        return LoadPoint(mode, load, ok, {}, seconds, ok / seconds, latency, sent_rps=load if mode == "rate" else 0.0)
+
+
 class Sweep:
     """The fine sweep, one level per ``step()`` call, timing only its own work."""
 
-    def __init__(self, url: str, model: str, slo: Slo, settings: SearchSettings, level_s: float) -> None:
+    def __init__(
+        self, url: str, model: str, slo: Slo, settings: SearchSettings, level_s: float, sim: SimEndpoint | None = None
+    ) -> None:
         self.url, self.model, self.slo, self.settings, self.level_s = url, model, slo, settings, level_s
+        self.sim = sim  # a simulated endpoint: levels cost their nominal time (virtual), not wall time
         self.ceiling = 0.0
         self.points: list[dict[str, Any]] = []
         self.seconds = 0.0
@@ -93,26 +131,31 @@ class Sweep:
 
     @property
     def done(self) -> bool:
-        return self.fails >= 3 or len(self.points) >= 24
+        return self.fails >= 3 or len(self.points) >= 48
 
     def step(self) -> None:
         if self.done:
             return
         started = time.perf_counter()
-        if not self.ceiling:  # the sweep's range: 5 % .. 120 % of the closed-loop throughput at concurrency 16
+        mark = self.sim.spent if self.sim else 0.0  # the simulated search's clock does not count sweep levels
+        if not self.ceiling:  # the sweep's range: 2.5 % .. 120 % of the closed-loop throughput at concurrency 16
             config = BenchConfig(url=self.url, model=self.model, concurrency=(16,), duration_s=1.0, warmup_s=0.5)
-            self.ceiling = run_bench(config).first.throughput_rps
-        rate = float(f"{self.ceiling * 0.05 * (len(self.points) + 1):.3g}")
+            probe = self.sim.level(16, 1.0, "concurrency") if self.sim else run_bench(config).first
+            self.ceiling = probe.throughput_rps
+            self.seconds += 1.5 if self.sim else 0.0  # (real: counted by the wall clock below)
+        rate = float(f"{self.ceiling * 0.025 * (len(self.points) + 1):.3g}")
         config = BenchConfig(url=self.url, model=self.model, rates=(rate,), duration_s=self.level_s,
                              warmup_s=self.settings.warmup_s, seed=len(self.points))
-        point = run_bench(config).first
+        point = self.sim.level(rate, self.level_s, "rate") if self.sim else run_bench(config).first
+        if self.sim:
+            self.sim.spent = mark
         verdict = judge(point, self.slo, self.settings)
         self.points.append({"rate": rate, "p50_ms": point.latency_us["p50"] / 1e3, "p99_ms": verdict.p99_ms,
                             "error_rate": verdict.error_rate, "meets": verdict.meets, "cause": verdict.cause})
         print(f"  sweep  {rate:7.1f}/s  p50 {self.points[-1]['p50_ms']:7.2f} ms  p99 {verdict.p99_ms:8.2f} ms  "
               f"{'meets' if verdict.meets else verdict.cause}")
         self.fails = 0 if verdict.meets else self.fails + 1
-        self.seconds += time.perf_counter() - started
+        self.seconds += self.settings.warmup_s + self.level_s if self.sim else time.perf_counter() - started
 
     def summary(self) -> dict[str, Any]:
         knee = 0.0
@@ -126,7 +169,12 @@ class Sweep:
 
 
 def search(
-    url: str, model: str, slo: Slo, settings: SearchSettings, between: Callable[[], None] = lambda: None
+    url: str,
+    model: str,
+    slo: Slo,
+    settings: SearchSettings,
+    between: Callable[[], None] = lambda: None,
+    sim: SimEndpoint | None = None,
 ) -> tuple[CapacityResult, float]:
     """The search; ``between`` runs after each of its levels (interleaving the sweep), not counted in its time."""
     outside = [0.0]
@@ -140,8 +188,14 @@ def search(
         outside[0] += time.perf_counter() - started
 
     started = time.perf_counter()
-    result, _ = search_endpoint(BenchConfig(url=url, model=model), slo, settings, on_run)
-    seconds = time.perf_counter() - started - outside[0]
+    if sim is not None:
+        before = sim.spent
+        result = find_capacity(lambda step: sim.level(step.load or 0.0, step.duration_s, step.mode, True), slo,
+                               settings, on_run)
+        seconds = sim.spent - before
+    else:
+        result, _ = search_endpoint(BenchConfig(url=url, model=model), slo, settings, on_run)
+        seconds = time.perf_counter() - started - outside[0]
     print(f"  -> {result.message}")
     return result, seconds
 
@@ -182,8 +236,10 @@ def main() -> int:
     parser.add_argument("--slo-p99-ms", type=float, default=50.0)
     parser.add_argument("--level", type=float, default=3.0, help="measured seconds per level (both methods)")
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per level (both methods)")
-    parser.add_argument("--server", choices=("delay", "mlp"), default="delay",
-                        help="delay: 5 ms per request, knee set by the sleep; mlp: kiln serve, knee set by CPU")
+    parser.add_argument("--seed", type=int, default=0, help="sim: the noise's seed")
+    parser.add_argument("--server", choices=("delay", "mlp", "sim"), default="delay",
+                        help="delay: 5 ms per request, knee set by the sleep; mlp: kiln serve, knee set by CPU; "
+                             "sim: an M/M/1 queue with noisy p99 in virtual time (the search alone, no machine noise)")
     args = parser.parse_args()
     cpu = probe_cpu()
     print(f"CPU: {cpu.model} ({cpu.cores} cores), ISA: {', '.join(cpu.isa()) or 'none of AVX2/AVX-512/VNNI'}")
@@ -192,6 +248,20 @@ def main() -> int:
     slo = Slo(args.slo_p99_ms)
     settings = SearchSettings(mode="rate", start=10, min_duration_s=args.level, max_duration_s=args.level,
                               warmup_s=args.warmup, precision=0.05, repeats=2)
+    if args.server == "sim":
+        endpoint = SimEndpoint(mu=200.0, slo=slo, warmup_s=args.warmup, seed=args.seed)
+        knee = 200 - math.log(100) / (slo.p99_ms / 1e3)
+        print(f"simulated M/M/1 at 200 requests/s, p99 noise 10 %; true knee {knee:.1f}/s; {slo.describe()}; "
+              f"levels {args.warmup:g} s + {args.level:g} s of virtual time")
+        fine = Sweep("", "", slo, settings, args.level, sim=endpoint)
+        print("search 1, interleaved with the fine sweep")
+        first, first_s = search("", "", slo, settings, fine.step, sim=endpoint)
+        while not fine.done:
+            fine.step()
+        swept = fine.summary()
+        print("search 2, alone")
+        second, second_s = search("", "", slo, settings, sim=endpoint)
+        return report(args, cpu, load_before, slo, swept, first, first_s, second, second_s)
     with tempfile.TemporaryDirectory() as tmp:
         if args.server == "mlp":
             model = repository(Path(tmp))
@@ -210,6 +280,20 @@ def main() -> int:
             swept = fine.summary()
             print("search 2, alone")
             second, second_s = search(url, model, slo, settings)
+    return report(args, cpu, load_before, slo, swept, first, first_s, second, second_s)
+
+
+def report(
+    args: argparse.Namespace,
+    cpu: Any,
+    load_before: tuple[float, float, float],
+    slo: Slo,
+    swept: dict[str, Any],
+    first: CapacityResult,
+    first_s: float,
+    second: CapacityResult,
+    second_s: float,
+) -> int:
     knee = swept["knee"]
     rows = []
     for index, (result, seconds) in enumerate(((first, first_s), (second, second_s)), 1):
@@ -221,6 +305,13 @@ def main() -> int:
         print(f"search {index}: {result.capacity}/s ({result.limited_by}'s limit) vs true knee {knee:g}/s: "
               f"{error * 100:.1f} % off; {seconds:.1f} s = {share:.2f} of the sweep's {swept['seconds']:.1f} s "
               f"({len(result.runs)} levels vs {len(swept['points'])})")
+    if args.server == "sim":  # the noise-free knee is known too
+        analytic = 200 - math.log(100) / (slo.p99_ms / 1e3)
+        for row in rows:
+            row["error_vs_analytic_knee"] = abs((row["capacity"] or 0) - analytic) / analytic
+        print(f"analytic knee {analytic:.1f}/s: searches "
+              + ", ".join(f"{r['error_vs_analytic_knee'] * 100:.1f} %" for r in rows) + " off; sweep "
+              f"{abs(knee - analytic) / analytic * 100:.1f} % off")
     met = all(r["within_10pct"] and r["under_a_third"] for r in rows)
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.1f} (1 min), {load_after[1]:.1f} (5 min)")

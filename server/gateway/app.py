@@ -130,11 +130,16 @@ def start_gateway(
     data_plane: str = "python",
     envoy_binary: Path | None = None,
     envoy_workers: int = 1,
+    envoy_dir: Path | None = None,
+    envoy_admin: str | None = None,
 ) -> GatewayHandle:
     """Start the gateway; ports 0 pick free ones. Routes come from ``state_path`` when it exists.
 
     ``data_plane``: "envoy" (Envoy carries requests, Kiln configures it), "python" (Kiln's own gRPC
     data plane) or "auto" (Envoy where its binary works, else python; the reason is logged).
+    ``envoy_dir``: where Envoy's bootstrap, xDS files and logs go (default: a temporary directory);
+    with ``envoy_admin`` ("127.0.0.1:9901") Kiln does not start Envoy but configures one running
+    beside it from that shared directory (deploy/: the official Envoy image as a second container).
     """
     cfg = resolve_config(config)
     plane, binary, why = choose_data_plane(data_plane, envoy_binary)
@@ -167,10 +172,10 @@ def start_gateway(
     try:
         envoy = None
         if binary is not None and isinstance(metrics, EnvoyMetrics):
-            python = _stream_handlers(cfg, forwarder, pool, stops)  # streams Envoy cannot rewrite, control RPCs
-            envoy = EnvoyPlane(cfg, table, metrics, EnvoyOptions(binary, envoy_workers), host, port,
-                               python.model_stream_infer, [python.control_handler()],
-                               ThreadHealth(report, python.admission))  # fmt: skip
+            python = _stream_handlers(cfg, forwarder, pool, stops)  # what Envoy hands back to Kiln
+            options = EnvoyOptions(binary, envoy_workers, envoy_dir, envoy_admin)
+            envoy = EnvoyPlane(cfg, table, metrics, options, host, port, python, health,
+                               [python.control_handler()], ThreadHealth(report, python.admission))  # fmt: skip
             stops.append(envoy.stop)
             bound = envoy.start()
         else:

@@ -10,9 +10,11 @@ The decoder has random weights, so its logits are nearly tied and any quantizati
 greedy tokens: FP16 matches on the build's check prompts but not on every prompt, INT8 on about
 half. On a trained model (SmolLM2, ``examples/llm/convert_smollm2.py``) the margins are wider.
 
-The tiny decoder computes a prompt in about a millisecond; so that a 50 % slower first token
-stands out from a busy machine's noise, the demo's server pads every prompt step to
-``PROMPT_STEP_S`` (as a bigger model's prefill would take) and the slowed copy's to 1.5 times that.
+The tiny decoder computes a prompt in about a millisecond; so that a slower first token stands out
+from a busy machine's noise, the demo's server pads every prompt step to ``PROMPT_STEP_S`` (as a
+bigger model's prefill would take) and the slowed copy's to twice that; the SLO is a TTFT p99 ratio
+of 1.4 (the 50 % case against 1.25 is ``tests/integration/test_rollout_llm.py``, server in its own
+process). A p99 of a dozen requests on a loaded 2-core box still has ~0.2 s tails.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from server.quickstart import prepare_repository
 from server.rollout.plan import RolloutPlan, plan_from_mapping
 from server.rollout.timeline import RolloutRun, run_rollout
 
-PROMPT_STEP_S = 0.4
+PROMPT_STEP_S = 0.5
 SLOWED = "tiny-slowfirst"
 ROUTE = "llm"
 
@@ -62,7 +64,7 @@ class _PaddedPrompt:
 
 
 def demo_runner(spec: RunnerSpec) -> Runner:
-    factor = 1.5 if spec.model.startswith(SLOWED) else 1.0
+    factor = 2.0 if spec.model.startswith(SLOWED) else 1.0
     return _PaddedPrompt(create_runner(spec), PROMPT_STEP_S * factor)
 
 
@@ -75,7 +77,7 @@ class Canary:
 
 CANARIES = (
     Canary("FP32 rebuild (same tokens)", "tiny-next-fp32-ort", "promoted"),
-    Canary("first token 50 % slower", f"{SLOWED}-fp32-ort", "rolled_back"),
+    Canary("first token 2x slower", f"{SLOWED}-fp32-ort", "rolled_back"),
     Canary("dynamic INT8 (tokens change)", "tiny-int8-ort", "rolled_back"),
 )
 
@@ -101,8 +103,8 @@ def canary_plan(model: str, interval_s: float) -> RolloutPlan:
         "candidate": {"name": "cand", "upstream": "local", "model": model},
         "steps": [50], "interval_s": interval_s, "min_requests": 12, "max_wait_s": 60, "sample_percent": 0,
         "shadow": {"duration_s": 1.0, "percent": 50, "min_comparisons": 12},
-        "slos": {"max_error_rate": 0.05, "max_p99_ratio": 10.0, "max_ttft_p99_ratio": 1.25,
-                 "max_itl_p99_ratio": 10.0, "min_token_agreement": 0.95},
+        "slos": {"max_error_rate": 0.05, "max_p99_ratio": 10.0, "max_ttft_p99_ratio": 1.4,
+                 "min_token_agreement": 0.95},  # no ITL ratio: sub-ms tiny-model ITL p99s are scheduling noise
     })  # fmt: skip
 
 

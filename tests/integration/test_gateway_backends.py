@@ -15,7 +15,7 @@ from builders.examples import example_model_path
 from builders.pipeline import build_model
 from builders.request import BuildRequest
 from core.errors import MissingDependencyError
-from harness.gateway import TOKEN, digits_input, gateway_config, served_variant, variant
+from harness.gateway import PLANES, TOKEN, digits_input, gateway_config, plane_options, served_variant, variant
 from harness.triton.cli import default_venv_path, ensure_triton_venv, start_triton, write_python_backend_model
 from server.app import start_server
 from server.gateway.app import start_gateway
@@ -30,11 +30,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_embedded_server_behind_the_gateway(repo: Path) -> None:
+@pytest.mark.parametrize("plane", PLANES)
+def test_embedded_server_behind_the_gateway(repo: Path, plane: str) -> None:
     with start_server(repo, port=0) as server:
         routes = {"digits": {"variants": [variant("fp32", "digits-fp32-ort", 100)]}}
         config = gateway_config({"up": server.url}, routes)
-        with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=()) as gw:
+        with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=(),
+                           **plane_options(plane)) as gw:  # fmt: skip
             _, tensor = digits_input(batch=4)
             through = tc.InferenceServerClient(gw.address).infer("digits", [tensor])
             direct = tc.InferenceServerClient(server.url).infer("digits-fp32-ort", [tensor])
@@ -60,7 +62,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.mark.triton
-def test_real_triton_behind_the_gateway(triton: str, repo: Path) -> None:
+@pytest.mark.parametrize("plane", PLANES)
+def test_real_triton_behind_the_gateway(triton: str, repo: Path, plane: str) -> None:
     """A/B across a real Triton server and the embedded server, answers identical to direct calls."""
     with start_server(repo, port=0) as embedded:
         routes = {
@@ -72,7 +75,8 @@ def test_real_triton_behind_the_gateway(triton: str, repo: Path) -> None:
             }
         }
         config = gateway_config({"triton": triton, "kiln": embedded.url}, routes)
-        with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=()) as gw:
+        with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=(),
+                           **plane_options(plane)) as gw:  # fmt: skip
             client = tc.InferenceServerClient(gw.address)
             _, tensor = digits_input(batch=2, seed=3)
             pinned = client.infer("digits", [tensor], headers={"kiln-variant": "triton"})

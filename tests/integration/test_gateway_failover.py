@@ -16,13 +16,23 @@ import pytest
 import yaml
 
 from builders.examples import example_model_path
-from harness.gateway import TOKEN, digits_models, gateway_config, publish_example, served_variant, variant
+from harness.gateway import (
+    MODES,
+    TOKEN,
+    digits_models,
+    gateway_config,
+    plane_options,
+    publish_example,
+    served_variant,
+    variant,
+)
 from harness.triton.kserve_upstream import start_upstream
 from server.app import start_server
 from server.cli import main
 from server.gateway.app import start_gateway
 
 pytestmark = pytest.mark.integration
+DETECTION_S = 0.5  # Envoy data plane: longest a killed variant keeps receiving requests
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +43,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode", ["threads", "aio"])
+@pytest.mark.parametrize("mode", MODES)
 def test_killed_upstream_is_ejected_and_its_share_retried_on_baseline(mode: str, repo: Path) -> None:
     """Two `kiln serve` instances; the candidate's is killed mid-load."""
     baseline, candidate = start_server(repo, port=0), start_server(repo, port=0)
@@ -43,19 +53,20 @@ def test_killed_upstream_is_ejected_and_its_share_retried_on_baseline(mode: str,
         {"digits": {"variants": [variant("a", model, 50, "base"), variant("b", model, 50, "cand")]}},
         resilience={"base_ejection_s": 0.5, "max_ejection_s": 2.0},
     )
-    config["server"]["mode"] = mode
-    errors: list[str] = []
-    served: list[str] = []
+    if mode != "envoy":
+        config["server"]["mode"] = mode
+    errors: list[tuple[float, str]] = []
+    served: list[tuple[float, str]] = []
     stop = threading.Event()
-    with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=()) as gw:
+    with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=(), **plane_options(mode)) as gw:
 
         def load() -> None:
             with grpc.insecure_channel(gw.address) as channel:
                 while not stop.is_set():
                     try:
-                        served.append(served_variant(channel, "digits")[0])
+                        served.append((time.monotonic(), served_variant(channel, "digits")[0]))
                     except grpc.RpcError as err:
-                        errors.append(str(err.code()))
+                        errors.append((time.monotonic(), f"{err.code()} {err.details()}"))
 
         workers = [threading.Thread(target=load) for _ in range(4)]
         for worker in workers:
@@ -63,17 +74,23 @@ def test_killed_upstream_is_ejected_and_its_share_retried_on_baseline(mode: str,
         try:
             time.sleep(0.5)
             candidate.stop(grace=0)  # killed: in-flight RPCs are cancelled, the port refuses
-            killed_at = len(served)
+            killed_at, killed_time = len(served), time.monotonic()
             time.sleep(1.0)
         finally:
             stop.set()
             for worker in workers:
                 worker.join(10)
             baseline.stop()
-        after_kill = served[killed_at + 4 :]
         health = {h.upstream: h for h in gw.health.health()}
         retried = gw.metrics.cumulative("digits", "b").codes.get("UNAVAILABLE", 0)
-    assert len(errors) <= 4, errors  # at most the requests in flight on the killed upstream
+    if mode != "envoy":
+        after_kill = [v for _, v in served[killed_at + 4 :]]
+        assert len(errors) <= 4, errors  # at most the requests in flight on the killed upstream (others retried)
+    else:
+        # Envoy: no retry on the baseline; requests sent to the candidate fail until Kiln sees the
+        # failure in Envoy's access log and moves its weight to the baseline (one flush + poll)
+        assert all(at - killed_time < DETECTION_S for at, _ in errors), [round(at - killed_time, 3) for at, _ in errors]
+        after_kill = [v for at, v in served if at - killed_time > DETECTION_S]
     assert after_kill and set(after_kill) == {"a"}  # its share went to the baseline
     assert health["cand"].ejections >= 1 and not health["base"].ejected
     assert retried >= 1  # the failure is counted on the variant that failed

@@ -64,7 +64,7 @@ def gateway(echo: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     ready = work / "ready.json"
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "kiln"), "gateway", "--config", str(work / "gateway.yaml"), "--port", "0",
-         "--admin-port", "0", "--ready-file", str(ready), "--data-plane", "python"],
+         "--admin-port", "0", "--ready-file", str(ready), "--data-plane", "python"],  # this process's memory
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )  # fmt: skip

@@ -10,7 +10,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from harness.gateway import TOKEN, digits_models, gateway_config, make_certificates, served_variant, variant
+from harness.gateway import (
+    PLANES,
+    TOKEN,
+    digits_models,
+    gateway_config,
+    make_certificates,
+    plane_options,
+    served_variant,
+    variant,
+)
 from harness.triton.kserve_upstream import start_upstream
 from server.gateway.app import start_gateway
 
@@ -22,7 +31,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
-def test_mtls_data_plane_tls_upstream_and_https_admin(certs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("plane", PLANES)
+def test_mtls_data_plane_tls_upstream_and_https_admin(certs: dict[str, Path], plane: str) -> None:
     server_creds = grpc.ssl_server_credentials([(certs["server_key"].read_bytes(), certs["server"].read_bytes())])
     with start_upstream(digits_models(), credentials=server_creds) as upstream:
         config = gateway_config(
@@ -33,7 +43,8 @@ def test_mtls_data_plane_tls_upstream_and_https_admin(certs: dict[str, Path]) ->
         tls = {"cert": str(certs["server"]), "key": str(certs["server_key"])}
         config["server"]["tls"] = {**tls, "client_ca": str(certs["ca"])}
         config["admin"] = {"tls": tls}
-        with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=()) as gw:
+        with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=(),
+                           **plane_options(plane)) as gw:  # fmt: skip
             good = grpc.ssl_channel_credentials(
                 certs["ca"].read_bytes(), certs["client_key"].read_bytes(), certs["client"].read_bytes()
             )

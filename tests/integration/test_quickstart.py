@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.gateway import envoy_unusable
 from server.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -18,6 +19,7 @@ def test_quickstart_promotes_int8_and_rolls_back_the_broken_build(tmp_path: Path
     text = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
     assert "INT8 promoted, broken build rolled_back, INT8 version 2 promoted (as expected)" in text
     assert "digits-int8-ort:2" in text and "version 1 after the version rollout: retired" in text
+    assert ("(envoy data plane" in text) == (envoy_unusable() is None)  # Envoy wherever its binary runs
     assert "shadow phase failed" in text or "agreement" in text
     assert (out / "quickstart-rollouts.png").stat().st_size > 10_000
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())

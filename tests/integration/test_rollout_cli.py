@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,13 +43,16 @@ def test_start_watch_until_promoted(gateway: GatewayHandle, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     admin = connection(gateway, tmp_path)
     with Load(gateway.address, "digits"):
-        code = main(["rollout", "start", *admin, *FLAGS, "--interval", "0.3", "--max-p99-ratio", "4",
+        # the CLI flow is under test, not latency: a candidate's first 0.3 s window holds a few dozen
+        # requests, whose p99 on a shared 2-core box swings by 5x on either data plane
+        code = main(["rollout", "start", *admin, *FLAGS, "--interval", "0.3", "--max-p99-ratio", "10",
                      "--watch", "--every", "0.2", "--refreshes", "150"])
     out = capsys.readouterr().out
     assert code == 0 and "promoted" in out
     assert main(["rollout", "events", *admin, "digits", "--json"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert '"kind": "promoted"' in lines[-1] and len(lines) == 4  # started, step, step, promoted
+    kinds = [json.loads(line)["kind"] for line in capsys.readouterr().out.strip().splitlines()]
+    # started, step, step, promoted (a step that waits for more requests may log one more event)
+    assert kinds[0] == "started" and kinds.count("step") == 2 and kinds[-1] == "promoted", kinds
 
 
 def test_status_commands_and_error_exit_codes(gateway: GatewayHandle, tmp_path: Path,

@@ -44,16 +44,18 @@ def start(upstream_url: str, mode: str = "threads") -> GatewayHandle:
     return start_gateway(config, port=0, admin_port=0, insecure_admin=True, plugins=PLUGINS)
 
 
-def plan(model: str, *, ttft_ratio: float = 10.0, min_requests: int = 16, comparisons: int = 8) -> RolloutPlan:
+def plan(
+    model: str, *, ttft_ratio: float = 10.0, min_requests: int = 16, comparisons: int = 8, steps: tuple = (50,)
+) -> RolloutPlan:
     """A shadow phase, then one 50 % step. TTFT is judged loosely unless ``ttft_ratio`` says otherwise:
     a p99 of a few dozen requests on a busy 2-core box has tails of ~0.15 s (the TTFT test sizes for it)."""
     return plan_from_mapping({
         "route": "llm", "baseline": "base",
         "candidate": {"name": "cand", "upstream": "local", "model": model},
-        "steps": [50], "interval_s": 1.5, "min_requests": min_requests, "max_wait_s": 40, "sample_percent": 0,
+        "steps": list(steps), "interval_s": 1.5, "min_requests": min_requests, "max_wait_s": 40, "sample_percent": 0,
         "shadow": {"duration_s": 0.5, "percent": 50, "min_comparisons": comparisons},
         "slos": {"max_error_rate": 0.05, "max_p99_ratio": 10.0, "max_ttft_p99_ratio": ttft_ratio,
-                 "max_itl_p99_ratio": 10.0, "min_token_agreement": 0.95},
+                 "min_token_agreement": 0.95},  # no ITL ratio: sub-ms tiny-model ITL p99s are scheduling noise
     })  # fmt: skip
 
 
@@ -93,17 +95,19 @@ def test_byte_identical_candidate_is_promoted(upstream: str) -> None:
 @pytest.mark.slow
 def test_candidate_with_a_slower_first_token_is_rolled_back_on_ttft(repo: Path) -> None:
     """Every prompt step takes 0.7 s (1.05 s for slowfirst-*: 50 % more); the server runs in its own
-    process, so the ratio is 1.5 give or take the box's tails, against a limit of 1.25."""
+    process, so the ratio is 1.5 give or take the box's tails, against a limit of 1.25; two steps, so
+    one window where the baseline drew a long tail cannot let the candidate through."""
     with (
         serve_llm_child(repo, PREFILL_DELAY_S) as url,
         start(url) as gw,
         StreamLoad(gw.address, "llm", threads=4) as load,
     ):
-        run = run_rollout(gw, plan("slowfirst-fp32-ort", ttft_ratio=1.25, min_requests=6, comparisons=4), timeout_s=90)
+        slow = plan("slowfirst-fp32-ort", ttft_ratio=1.25, min_requests=6, comparisons=4, steps=(40, 60))
+        run = run_rollout(gw, slow, timeout_s=90)
         load.stop()
     assert run.outcome == "rolled_back", _story(run)
     last = run.events[-1]
-    assert "step 1 failed: ttft_p99_ratio" in last["message"]
+    assert "failed: ttft_p99_ratio" in last["message"] and "shadow" not in last["message"]
     assert last["figures"]["ttft_p99_ratio"] > 1.25
     assert [v.name for v in gw.routes.route("llm").variants] == ["base"] and not load.result.errors
 

@@ -32,6 +32,7 @@ class SlowRunner:
 
     def __init__(self, inner: Runner) -> None:
         self.inner = inner
+        self.output_names = inner.output_names
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         time.sleep(0.02)

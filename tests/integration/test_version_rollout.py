@@ -15,6 +15,7 @@ import tritonclient.grpc as tc
 from builders.pipeline import build_model
 from builders.request import BuildRequest
 from core.errors import NotFoundError, UnavailableError
+from harness.gateway import PLANES, plane_options
 from harness.rollout import Load
 from server.app import ServerHandle, start_server
 from server.cli import main
@@ -44,12 +45,13 @@ def server(repo: Path, example_model: Path) -> Iterator[ServerHandle]:
         yield handle
 
 
-def gateway(*servers: ServerHandle) -> GatewayHandle:
+def gateway(*servers: ServerHandle, plane: str = "python") -> GatewayHandle:
     upstreams = {f"up{i}": {"address": s.url} for i, s in enumerate(servers)}
     routes = {"digits": {"variants": [{"name": "v1", "upstream": "up0", "model": MODEL, "version": "1",
                                         "weight": 100}]}}
     return start_gateway({"upstreams": upstreams, "routes": routes, "metrics": {"window_s": 30}}, port=0,
-                         admin_port=0, insecure_admin=True, plugins=("server.rollout.plugin",))
+                         admin_port=0, insecure_admin=True, plugins=("server.rollout.plugin",),
+                         **plane_options(plane))
 
 
 def version_plan(version: str = "2", **changes: Any) -> RolloutPlan:
@@ -66,10 +68,11 @@ def version_plan(version: str = "2", **changes: Any) -> RolloutPlan:
     return plan_from_mapping(data)
 
 
-def test_version_rollout_loads_canaries_promotes_and_retires(server: ServerHandle) -> None:
+@pytest.mark.parametrize("plane", PLANES)
+def test_version_rollout_loads_canaries_promotes_and_retires(server: ServerHandle, plane: str) -> None:
     client = tc.InferenceServerClient(server.url)
     assert client.is_model_ready(MODEL, "1") and not client.is_model_ready(MODEL, "2")
-    with gateway(server) as gw, Load(gw.address, "digits", threads=2) as load:
+    with gateway(server, plane=plane) as gw, Load(gw.address, "digits", threads=2) as load:
         run = run_rollout(gw, version_plan(), timeout_s=40)
         controller = controller_for(gw)
         for _ in range(200):  # the retirement follows promotion on the next tick (bounded: 10 s)

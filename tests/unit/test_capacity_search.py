@@ -83,6 +83,22 @@ def test_an_slo_no_level_meets_reports_the_lowest_level() -> None:
     assert "had p99 4.85 ms" in result.message  # ln(100) / 950 s
 
 
+def test_the_lowest_level_is_reported_by_its_failing_run() -> None:
+    """The lowest level passed, then failed its confirmation: the message shows the failure."""
+    calls: list[float] = []
+
+    def measure(step: Step) -> LoadPoint:
+        assert step.load is not None
+        calls.append(step.load)
+        slow = step.load > 10 or calls.count(10.0) > 1
+        return mm1_point(step.load, step.duration_s, 10.5 if slow else 1000.0)
+
+    result = find_capacity(measure, SLO, SearchSettings(start=10, probe_concurrency=0, repeats=1))
+    assert result.outcome == "none" and [r.load for r in result.runs][-1] == 10
+    assert "the lowest level, 10 requests/s, had p99 9210.34 ms" in result.message  # ln(100) / 0.5 s
+    assert "p99 9210.34 ms > 50 ms" in result.message
+
+
 def test_an_endpoint_failing_every_request() -> None:
     def failing(step: Step) -> LoadPoint:
         assert step.load is not None
@@ -161,6 +177,15 @@ def test_search_stops_at_max_load_and_says_capacity_is_at_least_that() -> None:
     assert "raise --max-load" in result.message
 
 
+def test_running_out_of_levels_gives_a_lower_bound_or_says_so() -> None:
+    short = SearchSettings(start=10, probe_concurrency=0, max_levels=2)
+    bound = find_capacity(lambda step: mm1(step, 1000.0), SLO, short)
+    assert bound.outcome == "budget" and bound.capacity == 40 and bound.limited_by == "max-levels"
+    assert "ran out of --max-levels (2): the capacity is at least that" in bound.message
+    nothing = find_capacity(lambda step: mm1(step, 5.0), SLO, SearchSettings(start=10, max_levels=1))
+    assert nothing.outcome == "none" and "stopped after 1 levels, --max-levels" in nothing.message
+
+
 def test_level_duration_collects_enough_samples_within_bounds() -> None:
     settings = SearchSettings(min_samples=2000, min_duration_s=2, max_duration_s=15)
     assert level_duration(100, [], settings) == 15  # 20 s needed, capped
@@ -216,6 +241,7 @@ def test_bisection_interpolates_toward_the_knee() -> None:
     knee = true_knee(1000.0, SLO.p99_ms)
     assert step.phase == "bisect" and step.load is not None
     assert abs(step.load - knee) <= 0.05 * knee
+    assert step.load == float(f"{step.load:.3g}")  # levels keep three significant digits
 
 
 def test_first_step_and_fast_growth_while_far_below_the_slo() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from server.cli import build_parser
 from server.gateway.app import resolve_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -13,7 +14,12 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 def test_compose_mounts_a_valid_gateway_config_and_prometheus_scrapes_it() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    assert set(compose["services"]) == {"triton", "gateway", "prometheus"}
+    assert set(compose["services"]) == {"triton", "gateway", "envoy", "prometheus"}
+    envoy = compose["services"]["envoy"]  # the official Envoy image as the data plane, Kiln beside it
+    assert envoy["image"].startswith("envoyproxy/envoy:v1.40") and envoy["network_mode"] == "service:gateway"
+    gateway_args = compose["services"]["gateway"]["command"]
+    assert build_parser().parse_args(gateway_args).envoy_admin == "127.0.0.1:9901"
+    assert "envoy-config:/var/run/kiln-envoy" in envoy["volumes"]
     mounted = [v.split(":")[0] for v in compose["services"]["gateway"]["volumes"] if v.endswith(":ro")]
     for host_path in mounted:
         config = resolve_config(DEPLOY / host_path)

@@ -49,6 +49,19 @@ def test_every_kiln_command_line_is_accepted() -> None:
     assert ["gateway", "--config"] in seen and ["rollout", "sync-routes"] in seen and ["rollout", "controller"] in seen
 
 
+def test_gateway_pods_run_envoy_beside_kiln_on_a_shared_directory() -> None:
+    pod = next(d for d in documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "kiln-gateway")
+    containers = {c["name"]: c for c in pod["spec"]["template"]["spec"]["containers"]}
+    envoy, kiln = containers["envoy"], containers["gateway"]
+    assert envoy["image"].startswith("envoyproxy/envoy:v1.40")
+    args = build_parser().parse_args(kiln["args"])
+    expected = ("envoy", "127.0.0.1:9901", "/var/run/kiln-envoy")
+    assert (args.data_plane, args.envoy_admin, str(args.envoy_dir)) == expected
+    assert str(args.envoy_dir) in envoy["args"][0]  # Envoy starts from the bootstrap Kiln writes there
+    mounts = {c: {m["name"]: m["mountPath"] for m in containers[c]["volumeMounts"]} for c in ("envoy", "gateway")}
+    assert mounts["envoy"]["envoy"] == mounts["gateway"]["envoy"] == "/var/run/kiln-envoy"
+
+
 def test_single_writer_and_scrape_annotations() -> None:
     controller = named("Deployment", "kiln-rollout-controller")["spec"]
     assert controller["replicas"] == 1 and controller["strategy"]["type"] == "Recreate"

@@ -30,31 +30,63 @@ ROTATE_BYTES = 64 * 2**20
 _CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
-def parse_line(line: str) -> tuple[str, str, str, int, int] | None:
-    """(route, variant, code, upstream_ns, total_ns) of one access-log line; None when not a routed call."""
+Record = tuple[str, str, str, int, int]  # (route, variant, code, upstream_ns, total_ns)
+
+
+def parse_line(line: str) -> list[Record]:
+    """What one access-log line records: nothing (not a routed call), one request, or, when Envoy
+    retried on another variant, an UNAVAILABLE on the variant that failed plus the retried result
+    on the one that answered (as the Python data plane counts them)."""
     parts = line.split()
-    if len(parts) < 6 or not parts[5].endswith("Infer"):
-        return None
+    if len(parts) < 9 or not parts[5].endswith("Infer"):
+        return []
     cluster, status, total, upstream = parts[0], parts[1], parts[2], parts[3]
     if not upstream.isdigit():  # no answer from the upstream (deadline, reset): until Envoy gave up
         upstream = parts[4]
     if cluster.startswith("upstream:"):
         route, variant = PASSTHROUGH_ROUTE, cluster.removeprefix("upstream:")
     else:
-        route, sep, variant = cluster.rpartition("/")
+        route, sep, variant = cluster.removeprefix("failover:").rpartition("/")
         if not sep or not route:
-            return None  # answered by Envoy itself (unknown model, unreadable body)
-    code = _CODES.get(int(status), "UNKNOWN") if status.isdigit() else "UNKNOWN"
-    total_ns = int(total) * 1000 if total.isdigit() else 0
-    upstream_ns = int(upstream) * 1000 if upstream.isdigit() else 0
-    return route, variant, code, upstream_ns, total_ns
+            return []  # answered by Envoy itself (unknown model, unreadable body) or Kiln's local server
+    code = _CODES.get(int(status), "UNKNOWN") if status.isdigit() else _no_status(parts)
+    whole_ms = parts[11] if len(parts) > 11 and parts[11].isdigit() else "0"  # ms; when the stream was reset
+    total_ns = int(total) * 1000 if total.isdigit() else int(whole_ms) * 1_000_000
+    upstream_ns = int(upstream) * 1000 if upstream.isdigit() else total_ns
+    served = next((p for p in (parts[7], parts[8]) if p != "-"), variant)
+    attempts = int(parts[6]) if parts[6].isdigit() else 1
+    if attempts > 1 or served != variant:
+        first = (route, variant, "UNAVAILABLE", upstream_ns, total_ns)
+        return [first, (route, served, code, upstream_ns, total_ns)] if served != variant else [first]
+    return [(route, variant, code, upstream_ns, total_ns)]
+
+
+def _no_status(parts: list[str]) -> str:
+    """The gRPC code of a request that ended without a grpc-status, from Envoy's response flags."""
+    flags = parts[9] if len(parts) > 9 else "-"
+    had_deadline = len(parts) > 10 and parts[10] != "-"
+    if "UT" in flags or "DT" in flags or ("DR" in flags and had_deadline):  # timeouts; the client's deadline
+        return "DEADLINE_EXCEEDED"
+    if "DR" in flags or "DC" in flags:
+        return "CANCELLED"
+    if any(f in flags for f in ("UF", "UH", "URX", "UC", "UR", "UO")):
+        return "UNAVAILABLE"
+    return "UNKNOWN"
 
 
 class AccessLogReader:
     """Tails Envoy's access log into ``metrics``; rotates the file past ROTATE_BYTES."""
 
-    def __init__(self, path: Path, metrics: GatewayMetrics, reopen: Callable[[], None], poll_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        path: Path,
+        metrics: GatewayMetrics,
+        reopen: Callable[[], None],
+        observe: Callable[[Record], None] = lambda record: None,
+        poll_s: float = 0.05,
+    ) -> None:
         self._path = path
+        self._observe = observe
         self._metrics = metrics
         self._reopen = reopen
         self._poll_s = poll_s
@@ -95,9 +127,9 @@ class AccessLogReader:
         lines = data.split("\n")
         self._partial = lines.pop()
         for line in lines:
-            parsed = parse_line(line)
-            if parsed is not None:
-                self._metrics.record(*parsed)
+            for record in parse_line(line):
+                self._metrics.record(*record)
+                self._observe(record)
         self.lines += len(lines)
         return len(lines)
 

@@ -13,17 +13,25 @@ from __future__ import annotations
 from server.gateway.wire import encode_string_field, encode_varint, name_version_suffix
 
 MODEL_HEADER = "x-kiln-model"
+VERSION_HEADER = "x-kiln-version"  # set only when the request names a model_version
 EXTRACTION_NAMESPACE = "envoy.filters.http.grpc_field_extraction"
 
 ROUTE_SCRIPT = """
 function envoy_on_request(h)
   local headers = h:headers()
   headers:remove("x-kiln-model")
+  headers:remove("x-kiln-version")
   local md = h:streamInfo():dynamicMetadata():get("envoy.filters.http.grpc_field_extraction")
   if md == nil then return end
   local v = md["model_name"] or md["name"]
   if type(v) == "table" then v = v[1] end
+  local version = md["model_version"]
+  if type(version) == "table" then version = version[1] end
+  -- only its presence routes (to Kiln, which reads the version from the body itself)
+  if version ~= nil and version ~= "" then headers:replace("x-kiln-version", "1") end
   if v ~= nil and v ~= "" then
+    -- route names are [A-Za-z0-9_.-]; anything else cannot be routed (and may not be a valid header)
+    if v:find("[^%w_.%-]") or #v > 200 then v = "(not a route name)" end
     headers:replace("x-kiln-model", v)
     h:clearRouteCache()
   end
@@ -34,12 +42,11 @@ _REWRITE_BODY = """
 local function reframe(body, extra)
   local n = body:length()
   if n < 5 then return end
-  local s = body:getBytes(0, n)
-  local f, b1, b2, b3, b4 = s:byte(1, 5)
+  local f, b1, b2, b3, b4 = body:getBytes(0, 5):byte(1, 5)
   if f ~= 0 or ((b1 * 256 + b2) * 256 + b3) * 256 + b4 ~= n - 5 then return end
   local m = n - 5 + #extra
   body:setBytes(string.char(0, math.floor(m / 16777216) % 256, math.floor(m / 65536) % 256,
-    math.floor(m / 256) % 256, m % 256) .. s:sub(6) .. extra)
+    math.floor(m / 256) % 256, m % 256) .. body:getBytes(5, n - 5) .. extra)
 end
 local RESPONSE = {
   ["/inference.GRPCInferenceService/ModelInfer"] = NAME_FIELD,

@@ -22,25 +22,29 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from core.atomic_file import write_atomic
-from core.errors import InvalidInputError, UnavailableError
+from core.errors import InvalidInputError, KilnError, UnavailableError
 from server.gateway.config import GatewayConfig, Route, route_to_dict
 from server.gateway.envoy import render
-from server.gateway.envoy.access_log import AccessLogReader, EnvoyMetrics
+from server.gateway.envoy.access_log import AccessLogReader, EnvoyMetrics, Record
 from server.gateway.envoy.admin import EnvoyAdmin
 from server.gateway.envoy.binary import EnvoyBinary
 from server.gateway.envoy.descriptor import descriptor_set
-from server.gateway.envoy.local import Comparator, StreamHandler, start_local_server
-from server.gateway.envoy.process import EnvoyProcess, ProcessSettings
+from server.gateway.envoy.local import Comparator, start_local_server
+from server.gateway.envoy.process import EnvoyProcess, ExternalEnvoy, ProcessSettings
+from server.gateway.resilience import OutlierDetector
+from server.gateway.routing import PIN_HEADER
+from server.gateway.serve_threads import ThreadHandlers
 from server.gateway.shadow import ShadowSender
 from server.gateway.table import RouteChange, RoutesSnapshot, RouteTable
 from server.gateway.upstreams import UpstreamPool
+from server.gateway.wire import encode_string_field
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +59,13 @@ class EnvoyOptions:
     binary: EnvoyBinary
     workers: int = 1  # Envoy worker threads
     directory: Path | None = None  # config, xDS files and logs; default: a fresh temporary directory
+    external_admin: str | None = None  # "127.0.0.1:9901": Envoy runs beside Kiln (deploy/), not started by it
 
 
 def route_shape(route: Route) -> dict[str, Any]:
     """A route without its weights and shadow fraction (those go through Envoy's runtime layer)."""
     data = route_to_dict(route)
+    data["closed"] = sorted(v.name for v in route.variants if v.weight == 0)  # their pins go to Kiln
     for variant in data["variants"]:
         variant.pop("weight", None)
     if data.get("shadow"):
@@ -73,8 +79,9 @@ def structure(routes: Mapping[str, Route]) -> str:
 
 
 def only_removes(current: Mapping[str, Route], routes: Mapping[str, Route]) -> bool:
-    """True when ``routes`` only drops routes, variants or shadows of ``current`` (e.g. a rollback or
-    promotion): the config keeps a subset of what Envoy already runs, so it needs no new validation."""
+    """True when ``routes`` only drops routes, variants or shadows of ``current`` and keeps each
+    baseline (e.g. a rollback): the config keeps a subset of what Envoy already runs, so it needs no
+    new validation and its files can be written after the runtime weights moved the traffic."""
     for public, route in routes.items():
         if public not in current:
             return False
@@ -82,6 +89,8 @@ def only_removes(current: Mapping[str, Route], routes: Mapping[str, Route]) -> b
         if old == new:
             continue
         if any(v not in old["variants"] for v in new["variants"]) or new.get("sticky") != old.get("sticky"):
+            return False
+        if new["variants"][0] != old["variants"][0]:  # a new baseline answers the control methods: push now
             return False
         if new.get("shadow") and new.get("shadow") != old.get("shadow"):
             return False
@@ -109,16 +118,16 @@ def validate_config(binary: EnvoyBinary, bootstrap: dict[str, Any], directory: P
 class EnvoyPlane:
     def __init__(
         self, config: GatewayConfig, table: RouteTable, metrics: EnvoyMetrics, options: EnvoyOptions,
-        host: str, port: int, streams: StreamHandler | None = None,
-        local_handlers: Sequence[grpc.GenericRpcHandler] = (), health: Any = None,
+        host: str, port: int, python: ThreadHandlers | None = None, health: OutlierDetector | None = None,
+        local_handlers: Sequence[grpc.GenericRpcHandler] = (), health_servicer: Any = None,
     ) -> None:  # fmt: skip
-        """``streams``: the Python stream proxy for routes whose streams Envoy cannot rewrite;
-        ``local_handlers``/``health``: served by Kiln's local server, which Envoy routes control RPCs
-        and ``grpc.health.v1`` to."""
+        """``python``: the Python data plane's handlers, for what Envoy hands to Kiln's local server;
+        ``health``: upstream ejections; ``local_handlers``/``health_servicer``: served by Kiln's local
+        server, which Envoy routes control RPCs and ``grpc.health.v1`` to."""
         self._config = config
-        self._streams = streams
+        self._python = python
         self._local_handlers = tuple(local_handlers)
-        self._health = health
+        self._health_servicer = health_servicer
         self._table = table
         self._metrics = metrics
         self._options = options
@@ -133,19 +142,32 @@ class EnvoyPlane:
         self._cluster_names: set[str] = set()
         self._xds_version = 0
         self._runtime_keys: set[str] = set()
+        self._ejected: frozenset[str] = frozenset()  # upstreams whose variants get no traffic right now
         self._log_base = 0
         self.port = port
         self._stops: list[Callable[[], None]] = []
+        self._stopped = threading.Event()
+        self._behind = threading.Event()  # route removals not yet written to Envoy's files
+        self._applied: dict[str, Route] = {}  # the routes Envoy's files hold
         self._pool = UpstreamPool(config.upstreams, config.server.max_message_bytes)
         self._shadow = ShadowSender(metrics, config.shadow.max_in_flight, config.shadow.workers)
         self._local_address = ""
-        self.process = EnvoyProcess(
-            options.binary,
-            ProcessSettings(directory / "bootstrap.json", self.layout.admin_address_path, directory / "envoy.log",
-                            workers=options.workers),
-            prepare=self._prepare, started=self._started,
-        )  # fmt: skip
-        self._reader = AccessLogReader(self.layout.access_log_path, metrics, self._reopen_logs)
+        self.process: EnvoyProcess | ExternalEnvoy
+        if options.external_admin is not None:
+            admin_port = options.external_admin.rpartition(":")[2]
+            if port == 0 or options.directory is None or not admin_port.isdigit():
+                raise InvalidInputError(
+                    f"an external Envoy needs a fixed --port (got {port}), a shared --envoy-dir and --envoy-admin "
+                    f"HOST:PORT (got {options.external_admin!r})"
+                )
+            self.layout = replace(self.layout, admin_port=int(admin_port))
+            self.process = ExternalEnvoy(options.external_admin, prepare=self._prepare, started=self._started)
+        else:
+            settings = ProcessSettings(directory / "bootstrap.json", self.layout.admin_address_path,
+                                       directory / "envoy.log", workers=options.workers)  # fmt: skip
+            self.process = EnvoyProcess(options.binary, settings, prepare=self._prepare, started=self._started)
+        self._health = health
+        self._reader = AccessLogReader(self.layout.access_log_path, metrics, self._reopen_logs, self._observe)
 
     # ---- start / stop ----------------------------------------------------------------------
     def start(self) -> int:
@@ -155,7 +177,7 @@ class EnvoyPlane:
             comparator = Comparator(self._table, self._pool, self._shadow, self._metrics,
                                     self._config.shadow.max_in_flight)  # fmt: skip
             stop_local, self._local_address = start_local_server(
-                comparator, self._streams, self._config.server.threads, self._local_handlers, self._health
+                comparator, self._python, self._config.server.threads, self._local_handlers, self._health_servicer
             )
             self._stops.append(stop_local)
             routes = self._routes()
@@ -165,6 +187,10 @@ class EnvoyPlane:
             self._stops.append(self.process.stop)
             self._reader.start()
             self._stops.append(self._reader.close)
+            ejections = threading.Thread(target=self._watch_ejections, name="kiln-envoy-ejections", daemon=True)
+            ejections.start()
+            threading.Thread(target=self._catch_up_structure, name="kiln-envoy-xds", daemon=True).start()
+            self._stops.append(self._stopped.set)
             self._metrics.catch_up = self.catch_up
             self._table.add_check(self.check)
             self._table.add_listener(self.apply)
@@ -194,7 +220,8 @@ class EnvoyPlane:
                                                    self._local_address), "cds")  # fmt: skip
             self._write_xds([render.render_route_config(self._config, routes)], "rds")
             self._structure = structure(routes)
-            layout = self.layout if self.port == 0 else _with_port(self.layout, self.port)
+            self._applied = dict(routes)
+            layout = self.layout if self.port == 0 else replace(self.layout, port=self.port)
             write_atomic(self.process_bootstrap_path, json.dumps(render.render_bootstrap(layout)).encode())
             self._reader.read()
             self._log_base = self._reader.lines
@@ -229,7 +256,11 @@ class EnvoyPlane:
             routes = self._routes()  # the latest, whichever writer's listener runs last
             try:
                 admin.set_runtime(self._runtime(routes))
-                if structure(routes) != self._structure:
+                if structure(routes) == self._structure:
+                    return
+                if only_removes(self._applied, routes):
+                    self._behind.set()  # traffic already left (weight 0): rewrite the files off this thread
+                else:
                     self._push_structure(routes)
             except UnavailableError as err:  # Envoy is restarting: _prepare writes the current routes
                 logger.warning("could not push routes v%d to Envoy (%s); they apply when it is back",
@@ -238,7 +269,10 @@ class EnvoyPlane:
     def _runtime(self, routes: Mapping[str, Route]) -> dict[str, int]:
         """Every runtime key: current weights and shadow fractions, and 0 for keys no longer in use
         (a removed candidate gets no traffic from the next request on, before its route is rewritten)."""
-        values = {**render.runtime_weights(routes), **render.shadow_runtime(routes)}
+        values = {
+            **render.runtime_weights(routes, self._ejected),
+            **render.shadow_runtime(routes),
+        }
         stale = dict.fromkeys(self._runtime_keys - set(values), 0)
         self._runtime_keys = set(values)
         return {**stale, **values}
@@ -252,7 +286,42 @@ class EnvoyPlane:
         self._wait(_RDS_VERSION, self._write_xds([render.render_route_config(self._config, routes)], "rds"))
         if kept:  # unused clusters after no route uses them
             self._wait(_CDS_VERSION, self._write_xds(clusters, "cds"))
+        self._warm(routes, names - {c["name"] for c in previous})
         self._structure = structure(routes)
+        self._applied = dict(routes)
+
+    def _warm(self, routes: Mapping[str, Route], new_clusters: set[str]) -> None:
+        """Open the connections of new variant clusters with one pinned ModelReady each, so a canary's
+        first requests do not pay the connection set-up (its p99 would otherwise show it)."""
+        if self.layout.tls is not None or not new_clusters:
+            return
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            ready = channel.unary_unary(f"/{render.SERVICE}/ModelReady")
+            for public, route in routes.items():
+                for variant in route.variants:
+                    if render.cluster_name(public, variant.name) not in new_clusters:
+                        continue
+                    request = encode_string_field(1, public)
+                    try:
+                        ready(request, metadata=((PIN_HEADER, variant.name),), timeout=2.0)
+                    except grpc.RpcError as err:
+                        logger.info("warming %s/%s: %s", public, variant.name, err.code())
+
+    def _catch_up_structure(self) -> None:
+        """Background: push removals (rollbacks, promotions) that ``apply`` left for later."""
+        while not self._stopped.is_set():
+            if not self._behind.wait(0.2):
+                continue
+            self._behind.clear()
+            with self._lock:
+                routes = self._routes()
+                if self.process.admin is None or structure(routes) == self._structure:
+                    continue
+                try:
+                    self._push_structure(routes)
+                except UnavailableError as err:
+                    logger.warning("could not push route removals to Envoy (%s); retrying", err)
+                    self._behind.set()
 
     def _write_xds(self, resources: list[dict[str, Any]], kind: str) -> str:
         self._xds_version += 1
@@ -312,6 +381,53 @@ class EnvoyPlane:
                 break
             time.sleep(0.005)
 
+    def _observe(self, record: Record) -> None:
+        """Mirror Envoy's outcomes into the upstream health the admin API reports (/stats)."""
+        if self._health is None:
+            return
+        live = self._table.snapshot.routes.get(record[0])
+        if live is None:
+            return
+        try:
+            upstream = live.route.variant(record[1]).upstream
+        except KilnError:
+            return
+        if record[2] == "OK":
+            self._health.record_success(upstream)
+        elif record[2] == "UNAVAILABLE" and self._health.record_failure(upstream, "UNAVAILABLE through Envoy"):
+            self._reweigh()
+
+    def _reweigh(self) -> None:
+        """Ejections changed: move ejected variants' shares to their baselines (runtime, next request)."""
+        if self._health is None:
+            return
+        ejected = self._health.ejected_set()
+        for upstream in sorted(self._ejected - ejected):  # ejection over: probe before traffic returns
+            if not self._probe(upstream):
+                self._health.record_failure(upstream, "still unavailable (ServerReady probe)")
+        ejected = self._health.ejected_set()
+        if ejected == self._ejected:
+            return
+        with self._lock:
+            self._ejected = ejected
+            admin = self.process.admin
+            if admin is not None:
+                try:
+                    admin.set_runtime(self._runtime(self._routes()))
+                except UnavailableError as err:
+                    logger.warning("could not move traffic off ejected upstreams %s: %s", sorted(ejected), err)
+
+    def _probe(self, upstream: str) -> bool:
+        try:
+            self._pool[upstream].unary("ServerReady")(b"", timeout=0.5)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def _watch_ejections(self) -> None:
+        while not self._stopped.wait(0.1):
+            self._reweigh()
+
     def _reopen_logs(self) -> None:
         if self.process.admin is not None:
             self.process.admin.post("/reopen_logs")
@@ -325,10 +441,6 @@ def _say_how_streams_run(routes: Mapping[str, Route], names: list[str]) -> None:
                 "name or version differs from the public name, and Envoy cannot rewrite stream messages); "
                 "unary calls run on Envoy", public,
             )  # fmt: skip
-
-
-def _with_port(layout: render.Layout, port: int) -> render.Layout:
-    return render.Layout(layout.host, port, layout.admin_port, layout.directory, layout.tls, layout.max_message_bytes)
 
 
 def _listener_port(admin: EnvoyAdmin) -> int:

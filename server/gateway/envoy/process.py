@@ -18,6 +18,7 @@ from server.gateway.envoy.binary import EnvoyBinary
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 20.0
+MARKER = "kiln.applied"  # runtime key: present while Kiln's weights are in an external Envoy's runtime
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class EnvoyProcess:
                     logger.exception("Envoy restart failed; retrying in 1 s")
                     self._stopping.wait(1.0)
 
-    def kill_for_test(self) -> None:
+    def kill(self) -> None:
         """SIGKILL the running Envoy (what a crash looks like); the watcher restarts it."""
         if self._process is not None:
             self._process.kill()
@@ -165,3 +166,74 @@ class EnvoyProcess:
                 process.wait()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+
+
+class ExternalEnvoy:
+    """An Envoy that Kiln does not start (the official Envoy image beside Kiln in a pod or Compose).
+
+    Kiln writes the bootstrap and xDS files into a directory both containers mount at the same path
+    and talks to Envoy's admin API at ``admin_address`` (same network namespace). The platform
+    restarts Envoy when it dies; Kiln notices (uptime went back, or the admin API came back) and
+    re-applies the runtime weights; the xDS files already hold the current routes.
+    """
+
+    def __init__(
+        self,
+        admin_address: str,
+        prepare: Callable[[], None],
+        started: Callable[[EnvoyAdmin], None],
+        wait_s: float = 300.0,
+    ) -> None:
+        self._admin_address = admin_address
+        self._prepare = prepare
+        self._started = started
+        self._wait_s = wait_s
+        self._stopping = threading.Event()
+        self.admin: EnvoyAdmin | None = None
+        self.restarts = 0
+        self.pid: int | None = None
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> EnvoyAdmin:
+        self._prepare()
+        admin = EnvoyAdmin(self._admin_address)
+        deadline = time.monotonic() + self._wait_s
+        while not admin.ready():
+            if time.monotonic() > deadline or self._stopping.is_set():
+                raise UnavailableError(
+                    f"the external Envoy's admin API at {self._admin_address} was not ready within "
+                    f"{self._wait_s:.0f} s; start Envoy with the bootstrap Kiln wrote (see deploy/)"
+                )
+            time.sleep(0.2)
+        self.admin = admin
+        self._apply(admin)
+        self._watcher = threading.Thread(target=self._watch, name="kiln-envoy-external", daemon=True)
+        self._watcher.start()
+        return admin
+
+    def _apply(self, admin: EnvoyAdmin) -> None:
+        self._started(admin)
+        admin.set_runtime({MARKER: 1})  # gone from the admin layer when Envoy restarts
+
+    def _watch(self) -> None:
+        admin = self.admin
+        while admin is not None and not self._stopping.wait(0.5):
+            try:
+                if f'"{MARKER}"' in admin.get("/runtime?format=json"):
+                    continue
+                logger.warning("the external Envoy restarted (its runtime layer is empty); re-applying the weights")
+                self._apply(admin)
+                self.restarts += 1
+            except UnavailableError as err:
+                logger.debug("external Envoy not reachable: %s", err)
+
+    def log_tail(self, lines: int = 5) -> str:
+        return f"(external Envoy at {self._admin_address}: see its container's log)"
+
+    def kill(self) -> None:
+        raise UnavailableError("an external Envoy is not Kiln's to kill")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=3)

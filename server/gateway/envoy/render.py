@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from server.gateway.config import CONTROL_METHODS as UPSTREAM_CONTROL_METHODS
-from server.gateway.config import ClientTls, GatewayConfig, Route, ServerTls, Upstream
-from server.gateway.envoy.lua import EXTRACTION_NAMESPACE, MODEL_HEADER, ROUTE_SCRIPT, rewrite_script
+from server.gateway.config import ClientTls, GatewayConfig, ResilienceSettings, Route, ServerTls, Upstream
+from server.gateway.envoy.lua import EXTRACTION_NAMESPACE, MODEL_HEADER, ROUTE_SCRIPT, VERSION_HEADER, rewrite_script
 from server.gateway.routing import PIN_HEADER
 
 SERVICE = "inference.GRPCInferenceService"
@@ -40,12 +40,15 @@ SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 ROUTE_CONFIG = "kiln"
 LOCAL_CLUSTER = "kiln:local"
+DELEGATED_SERVICE = "kiln.delegated.GRPCInferenceService"  # Kiln's local server: the Python data plane
 LISTENER = "kiln"
 STAT_PREFIX = "kiln"
 WEIGHT_UNITS = 100  # Envoy weights are integers: 1 % = 100 units, so 0.01 % steps survive
 ACCESS_LOG_FORMAT = (
     "%UPSTREAM_CLUSTER% %GRPC_STATUS_NUMBER% %COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)% "
-    "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)% %COMMON_DURATION(US_TX_BEG:DS_TX_END:us)% %REQ(:PATH)%\n"
+    "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)% %COMMON_DURATION(US_TX_BEG:DS_TX_END:us)% %REQ(:PATH)% "
+    "%UPSTREAM_REQUEST_ATTEMPT_COUNT% %TRAILER(KILN-VARIANT)% %RESP(KILN-VARIANT)% %RESPONSE_FLAGS% "
+    "%REQ(GRPC-TIMEOUT)% %DURATION%\n"
 )
 # Envoy histogram buckets (ms) for its own per-cluster stats (the access log carries microseconds).
 HISTOGRAM_BUCKETS_MS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 5000)
@@ -99,12 +102,22 @@ def runtime_prefix(route: str) -> str:
     return f"kiln.weights.{route}"
 
 
-def runtime_weights(routes: Mapping[str, Route]) -> dict[str, int]:
-    """Runtime key -> integer weight for every variant (each route's weights sum to 10,000)."""
+def runtime_weights(routes: Mapping[str, Route], ejected: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Runtime key -> integer weight for every variant (each route's weights sum to 10,000). A
+    variant whose upstream is ``ejected`` gets 0 and its share goes to the baseline (or, when the
+    baseline is the one ejected, the heaviest healthy variant); all ejected: weights unchanged."""
     out: dict[str, int] = {}
     for public, route in routes.items():
-        for name, units in zip((v.name for v in route.variants), weight_units(route), strict=True):
-            out[f"{runtime_prefix(public)}.{cluster_name(public, name)}"] = units
+        units = weight_units(route)
+        healthy = [v.upstream not in ejected for v in route.variants]
+        if not all(healthy) and any(healthy):
+            heir = 0 if healthy[0] else max((i for i, ok in enumerate(healthy) if ok), key=lambda i: units[i])
+            for index, ok in enumerate(healthy):
+                if not ok:
+                    units[heir] += units[index]
+                    units[index] = 0
+        for variant, weight in zip(route.variants, units, strict=True):
+            out[f"{runtime_prefix(public)}.{cluster_name(public, variant.name)}"] = weight
     return out
 
 
@@ -176,10 +189,12 @@ def downstream_tls_socket(tls: ServerTls) -> dict[str, Any]:
 
 
 def _trailers(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """``pairs`` in the response trailers (unary answers, as the Python plane) and headers (a
+    stream's initial metadata; an error's trailers-only answer)."""
     appends = [
         {"append": {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}} for k, v in pairs
     ]
-    return {"response_trailers_mutations": appends}
+    return {"response_trailers_mutations": appends, "response_mutations": appends}
 
 
 def _cluster(
@@ -216,6 +231,29 @@ def _cluster(
     return cluster
 
 
+def outlier_detection(resilience: ResilienceSettings) -> dict[str, Any]:
+    """Eject a variant's upstream after ``failures_to_eject`` consecutive failures, for a growing time."""
+    failures = resilience.failures_to_eject
+    return {
+        "consecutive_5xx": failures,
+        "consecutive_gateway_failure": failures,
+        "consecutive_local_origin_failure": failures,
+        "split_external_local_origin_errors": True,
+        "enforcing_consecutive_5xx": 100,
+        "enforcing_consecutive_gateway_failure": 100,
+        "enforcing_consecutive_local_origin_failure": 100,
+        "enforcing_success_rate": 0,
+        "interval": _duration(min(resilience.base_ejection_s, 1.0)),
+        "base_ejection_time": _duration(resilience.base_ejection_s),
+        "max_ejection_time": _duration(resilience.max_ejection_s),
+        "max_ejection_percent": 100,
+    }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
 def variant_cluster(public: str, route: Route, variant: str, upstreams: Mapping[str, Upstream],
                     max_message_bytes: int) -> dict[str, Any]:  # fmt: skip
     v = route.variant(variant)
@@ -234,11 +272,12 @@ def render_clusters(
     config: GatewayConfig, routes: Mapping[str, Route], max_message_bytes: int, local_address: str
 ) -> list[dict[str, Any]]:
     """Every cluster: one per (route, variant), one per upstream, and Kiln's local server."""
-    clusters = [
-        variant_cluster(public, route, v.name, config.upstreams, max_message_bytes)
-        for public, route in sorted(routes.items())
-        for v in route.variants
-    ]
+    clusters = []
+    for public, route in sorted(routes.items()):
+        for v in route.variants:
+            cluster = variant_cluster(public, route, v.name, config.upstreams, max_message_bytes)
+            cluster["outlier_detection"] = outlier_detection(config.resilience)
+            clusters.append(cluster)
     clusters += [
         _cluster(upstream_cluster_name(name), upstream, max_message_bytes, None)
         for name, upstream in sorted(config.upstreams.items())
@@ -277,6 +316,19 @@ def _grpc_route_action(cluster: Any) -> dict[str, Any]:
     return action
 
 
+def _delegated(name: str, headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Route entries sending ModelInfer/ModelStreamInfer to the Python data plane on Kiln's local
+    server (its ``DELEGATED_SERVICE``), for the cases whose rules live there."""
+    return [
+        {
+            "name": f"{name}:{method}",
+            "match": {"path": PREFIX + method, "headers": headers},
+            "route": _grpc_route_action({"cluster": LOCAL_CLUSTER, "prefix_rewrite": f"/{DELEGATED_SERVICE}/{method}"}),
+        }
+        for method in ("ModelInfer", STREAM_METHOD)
+    ]
+
+
 def streams_via_kiln(public: str, route: Route) -> bool:
     """True when a variant's upstream model name/version differs from the public name: Envoy's Lua
     cannot rewrite the messages of a bidirectional stream, so Kiln's Python stream proxy beside
@@ -294,10 +346,16 @@ def public_routes(public: str, route: Route) -> list[dict[str, Any]]:
             "match": {"path": PREFIX + STREAM_METHOD, "headers": [model]},
             "route": _grpc_route_action({"cluster": LOCAL_CLUSTER}),
         })  # fmt: skip
+    # a client's model_version chooses among the variants (and may need the admin credential): the
+    # Python data plane's rules, served beside Envoy
+    entries += _delegated(f"{public}:version", [model, _header(VERSION_HEADER, present=True)])
     for v in route.variants:
+        pin = [model, _header(PIN_HEADER, v.name)]
+        if v.weight == 0 and route.pinning != "any":  # a closed variant: only with the admin credential
+            entries += _delegated(f"{public}:pin:{v.name}", pin)
         entries.append({
             "name": f"{public}:pin:{v.name}",
-            "match": {"prefix": PREFIX, "headers": [model, _header(PIN_HEADER, v.name)]},
+            "match": {"prefix": PREFIX, "headers": pin},
             "route": _grpc_route_action({"cluster": cluster_name(public, v.name)}),
         })  # fmt: skip
     names = [v.name for v in route.variants]
@@ -398,8 +456,9 @@ def local_cluster(address: str) -> dict[str, Any]:
 
 
 def _http_filters(descriptor: Path) -> list[dict[str, Any]]:
-    extraction: dict[str, Any] = {f"{SERVICE}.{m}": {"request_field_extractions": {"model_name": {}}}
-                  for m in ("ModelInfer", STREAM_METHOD)}  # fmt: skip
+    fields: dict[str, Any] = {"model_name": {}, "model_version": {}}
+    extraction: dict[str, Any] = {f"{SERVICE}.{m}": {"request_field_extractions": fields}
+                                  for m in ("ModelInfer", STREAM_METHOD)}  # fmt: skip
     extraction.update({f"{SERVICE}.{m}": {"request_field_extractions": {"name": {}}} for m in CONTROL_METHODS})
     return [
         {"name": EXTRACTION_NAMESPACE,
@@ -421,10 +480,14 @@ def _path_source(path: Path) -> dict[str, Any]:
 
 def render_listener(layout: Layout, route_config: dict[str, Any] | None) -> dict[str, Any]:
     """The data-plane listener; ``route_config`` inline, or None for RDS from ``layout.rds_path``."""
+    window = min(layout.max_message_bytes + 2**20, 2**31 - 1)
     manager: dict[str, Any] = {
         "stat_prefix": STAT_PREFIX,
         "codec_type": "AUTO",
-        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        # the stream window bounds what a filter may buffer (the field extraction holds the first
+        # message): one message up to max_message_bytes; a larger one gets FAILED_PRECONDITION
+        "http2_protocol_options": {"max_concurrent_streams": 1024, "initial_stream_window_size": window,
+                                   "initial_connection_window_size": window},
         "stream_idle_timeout": "0s",
         "request_timeout": "0s",
         "http_filters": _http_filters(layout.descriptor_path),
@@ -451,7 +514,7 @@ def render_listener(layout: Layout, route_config: dict[str, Any] | None) -> dict
     return {
         "name": LISTENER,
         "address": _socket_address(f"{layout.host}:{layout.port}"),
-        "per_connection_buffer_limit_bytes": layout.max_message_bytes,
+        "per_connection_buffer_limit_bytes": window,
         "filter_chains": [chain],
     }
 
