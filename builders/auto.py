@@ -165,18 +165,25 @@ def search_precision(
 def time_together(
     request: BuildRequest, candidates: list[Candidate], data: Dataset, opts: Int8Options, batch: int
 ) -> list[Candidate]:
-    """Latency of every candidate and the reference in one interleaved measurement (serving's threads)."""
-    runners = {"reference": make_runner(request.model)}
-    try:
-        runners.update({c.label: make_runner(c.prepared.path) for c in candidates})
-        timings = measure_latency(runners, latency_batches(data, batch), opts.repeats)
-    finally:
-        for runner in runners.values():
-            runner.close()
+    """Latency of every candidate against the reference, each pair interleaved (serving's threads).
+
+    One candidate session at a time beside the reference: at the max batch every session's arena
+    holds a batch of activations, so timing all candidates at once multiplied the build's memory.
+    """
+    batches = latency_batches(data, batch)
+    reference = make_runner(request.model)
     timed = []
-    for c in candidates:
-        latency = {size: with_speedup(row["reference"], row[c.label]) for size, row in timings.items()}
-        timed.append(replace(c, validation=replace(c.validation, latency_ms=latency)))
+    try:
+        for c in candidates:
+            runner = make_runner(c.prepared.path)
+            try:
+                timings = measure_latency({"reference": reference, c.label: runner}, batches, opts.repeats)
+            finally:
+                runner.close()
+            latency = {size: with_speedup(row["reference"], row[c.label]) for size, row in timings.items()}
+            timed.append(replace(c, validation=replace(c.validation, latency_ms=latency)))
+    finally:
+        reference.close()
     return timed
 
 

@@ -33,7 +33,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from builders.calib_data import Dataset
+from builders.calib_data import Dataset, release
 from builders.calibration_file import CalibrationTable, to_trt_cache, write_trt_cache
 from builders.histogram import DEFAULT_NUM_BINS, AbsHistogram
 from builders.memory_budget import (
@@ -205,6 +205,7 @@ def _stream(dataset: Dataset, plan: list[int]) -> Iterator[tuple[dict[str, np.nd
             chunk = {k: v[start : start + size] for k, v in group.inputs.items()}
             start += size
             yield chunk, len(next(iter(chunk.values())))
+            release(group.inputs.values())  # a memory-mapped data set keeps only this batch resident
 
 
 def _progress(label: str, console: Console | None) -> Progress:

@@ -1,8 +1,9 @@
 """``--int8-mode dynamic`` for the ONNX Runtime target: int8 weights, activations quantized at run time.
 
 Weights of every MatMul/Gemm with a constant weight are quantized per output channel (symmetric
-int8); their input activations are quantized per run by ONNX Runtime (DynamicQuantizeLinear,
-uint8 over the tensor's actual range), so no calibration data is needed. This is the usual recipe
+int8), embedding tables read by Gather are stored in int8 too; the MatMul input activations are
+quantized per run by ONNX Runtime (DynamicQuantizeLinear, uint8 over the tensor's actual range),
+so no calibration data is needed. This is the usual recipe
 for transformer encoders on CPUs, whose activations have a few large outlier channels that a fixed
 calibrated range handles badly. onnxruntime's ``quantize_dynamic`` writes the graph.
 
@@ -64,6 +65,13 @@ def weight_layers(model: onnx.ModelProto) -> dict[str, tuple[str, np.ndarray]]:
     return layers
 
 
+def embedding_tables(model: onnx.ModelProto) -> list[str]:
+    """Gather nodes reading a constant 2-D table (embeddings): stored int8, rows dequantized as gathered."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]  # fmt: skip
+
+
 def quantize_dynamic_model(model: onnx.ModelProto, dest: Path, exclude_nodes: Sequence[str] = ()) -> DynamicQuantized:
     """Dynamic INT8 of ``model`` (prepared: named nodes, opset >= 13) written to ``dest``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -77,12 +85,13 @@ def quantize_dynamic_model(model: onnx.ModelProto, dest: Path, exclude_nodes: Se
         )
     excluded = tuple(n for n in exclude_nodes if n in layers)
     chosen = [n for n in layers if n not in excluded]
+    tables = embedding_tables(prepared.model)
     with tempfile.TemporaryDirectory(prefix="kiln-dynamic-") as tmp:
         source = save_model(prepared.model, Path(tmp) / "prepared.onnx")
         try:
             quantize_dynamic(
                 str(source), str(dest), per_channel=prepared.per_channel, weight_type=QuantType.QInt8,
-                op_types_to_quantize=list(DYNAMIC_OPS), nodes_to_quantize=chosen,
+                op_types_to_quantize=[*DYNAMIC_OPS, "Gather"], nodes_to_quantize=[*chosen, *tables],
             )  # fmt: skip
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
             raise InvalidInputError(f"ONNX Runtime dynamic quantization failed: {err}; try --int8-mode static") from err
@@ -90,6 +99,7 @@ def quantize_dynamic_model(model: onnx.ModelProto, dest: Path, exclude_nodes: Se
         "mode": "dynamic",
         "scheme": "int8 weights per output channel (symmetric), uint8 activations quantized per run",
         "quantized_layers": len(chosen),
+        "quantized_embeddings": len(tables),
         "float_layers": list(excluded),
     }
     return DynamicQuantized(dest, tuple(chosen), excluded, prepared.notes, details)

@@ -78,6 +78,7 @@ def test_dynamic_int8_needs_no_calibration_and_is_gated_on_pooled_cosine(encoder
     manifest = json.loads((version / "kiln.json").read_text())
     quant = manifest["build"]["quantization"]
     assert quant["mode"] == "dynamic" and quant["quantized_layers"] + len(quant["float_layers"]) == 12
+    assert quant["quantized_embeddings"] == 2  # word and token-type tables stored int8
     validation = manifest["validation"]
     assert validation["metric"] == "pooled-cosine" and validation["passed"]
     assert validation["metrics"]["compared_positions"] == int(np.load(evaluation)["attention_mask"].sum())

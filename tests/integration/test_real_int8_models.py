@@ -1,0 +1,51 @@
+"""INT8 on the real pretrained models of harness/real_models.py (skipped when they were not fetched)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.real_models import available
+from server.cli import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _need(key: str):  # type: ignore[no-untyped-def]
+    model = available(key)
+    if model is None:
+        pytest.skip(f"real model {key!r} not fetched (offline?); run `python harness/real_models.py fetch`")
+    return model
+
+
+def test_minilm_dynamic_int8_keeps_pooled_cosine_on_real_text(tmp_path: Path) -> None:
+    model = _need("minilm")
+    held = {k: v[:24] for k, v in np.load(model.heldout).items()}
+    np.savez(tmp_path / "eval.npz", **held)
+    argv = ["build", str(model.onnx), "--name", "minilm", "--repo", str(tmp_path / "repo"), "--precision", "int8",
+            "--int8-mode", "dynamic", "--eval", str(tmp_path / "eval.npz"), "--allow-slower"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "repo" / "minilm-int8-ort" / "1" / "kiln.json").read_text())
+    metrics = manifest["validation"]["metrics"]
+    assert manifest["validation"]["metric"] == "pooled-cosine" and metrics["pooled_cosine"] >= 0.99
+    assert metrics["compared_positions"] == int(held["attention_mask"].sum())  # padding never compared
+
+
+def test_resnet_calibration_batches_follow_the_memory_budget(tmp_path: Path) -> None:
+    model = _need("resnet")
+    calib = {k: v[:6] for k, v in np.load(model.calib).items()}
+    np.savez(tmp_path / "calib.npz", **calib)
+    np.savez(tmp_path / "eval.npz", **{k: v[:4] for k, v in np.load(model.heldout).items()})
+    argv = ["build", str(model.onnx), "--name", "resnet", "--repo", str(tmp_path / "repo"), "--precision", "int8",
+            "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), "--calib-method", "minmax",
+            "--calib-memory", "256MiB", "--allow-slower", "--skip-gate"]  # fmt: skip
+    assert main(argv) == 0
+    calibration = json.loads((tmp_path / "repo" / "resnet-int8-ort" / "1" / "kiln.json").read_text())["calibration"]
+    per_sample = calibration["activation_bytes_per_sample"]
+    assert per_sample > 40 << 20  # ResNet-50 at 224x224: ~56 MB of activations per image
+    assert calibration["batch_size"] == (256 << 20) // (2 * per_sample)
+    tight = [*argv[:-4], "--calib-memory", "64MiB", "--calib-cache", str(tmp_path / "fresh")]
+    assert main(tight) == 9  # below one sample (x2 while ONNX Runtime runs): refused before any run
