@@ -144,16 +144,32 @@ class Sweep:
             self.ceiling = probe.throughput_rps
             self.seconds += 1.5 if self.sim else 0.0  # (real: counted by the wall clock below)
         rate = float(f"{self.ceiling * 0.025 * (len(self.points) + 1):.3g}")
-        config = BenchConfig(url=self.url, model=self.model, rates=(rate,), duration_s=self.level_s,
-                             warmup_s=self.settings.warmup_s, seed=len(self.points))
+        config = BenchConfig(
+            url=self.url,
+            model=self.model,
+            rates=(rate,),
+            duration_s=self.level_s,
+            warmup_s=self.settings.warmup_s,
+            seed=len(self.points),
+        )
         point = self.sim.level(rate, self.level_s, "rate") if self.sim else run_bench(config).first
         if self.sim:
             self.sim.spent = mark
         verdict = judge(point, self.slo, self.settings)
-        self.points.append({"rate": rate, "p50_ms": point.latency_us["p50"] / 1e3, "p99_ms": verdict.p99_ms,
-                            "error_rate": verdict.error_rate, "meets": verdict.meets, "cause": verdict.cause})
-        print(f"  sweep  {rate:7.1f}/s  p50 {self.points[-1]['p50_ms']:7.2f} ms  p99 {verdict.p99_ms:8.2f} ms  "
-              f"{'meets' if verdict.meets else verdict.cause}")
+        self.points.append(
+            {
+                "rate": rate,
+                "p50_ms": point.latency_us["p50"] / 1e3,
+                "p99_ms": verdict.p99_ms,
+                "error_rate": verdict.error_rate,
+                "meets": verdict.meets,
+                "cause": verdict.cause,
+            }
+        )
+        print(
+            f"  sweep  {rate:7.1f}/s  p50 {self.points[-1]['p50_ms']:7.2f} ms  p99 {verdict.p99_ms:8.2f} ms  "
+            f"{'meets' if verdict.meets else verdict.cause}"
+        )
         self.fails = 0 if verdict.meets else self.fails + 1
         self.seconds += self.settings.warmup_s + self.level_s if self.sim else time.perf_counter() - started
 
@@ -163,9 +179,13 @@ class Sweep:
             if not p["meets"]:
                 break
             knee = p["rate"]
-        return {"ceiling_rps": self.ceiling, "points": self.points, "knee": knee,
-                "highest_passing": max((p["rate"] for p in self.points if p["meets"]), default=0.0),
-                "seconds": self.seconds}
+        return {
+            "ceiling_rps": self.ceiling,
+            "points": self.points,
+            "knee": knee,
+            "highest_passing": max((p["rate"] for p in self.points if p["meets"]), default=0.0),
+            "seconds": self.seconds,
+        }
 
 
 def search(
@@ -190,8 +210,9 @@ def search(
     started = time.perf_counter()
     if sim is not None:
         before = sim.spent
-        result = find_capacity(lambda step: sim.level(step.load or 0.0, step.duration_s, step.mode, True), slo,
-                               settings, on_run)
+        result = find_capacity(
+            lambda step: sim.level(step.load or 0.0, step.duration_s, step.mode, True), slo, settings, on_run
+        )
         seconds = sim.spent - before
     else:
         result, _ = search_endpoint(BenchConfig(url=url, model=model), slo, settings, on_run)
@@ -212,11 +233,20 @@ def plot(found: list[CapacityResult], swept: dict[str, Any], slo: Slo, path: Pat
     ax.plot(rates, [p["p99_ms"] for p in swept["points"]], "s-", label="sweep p99")
     for index, result in enumerate(found):
         runs = sorted((r for r in result.runs if r.phase != "probe"), key=lambda r: r.load)
-        ax.plot([r.load for r in runs], [r.judgement.p99_ms for r in runs], "x", markersize=9,
-                label=f"search {index + 1} levels (p99)")
+        ax.plot(
+            [r.load for r in runs],
+            [r.judgement.p99_ms for r in runs],
+            "x",
+            markersize=9,
+            label=f"search {index + 1} levels (p99)",
+        )
         if result.capacity:
-            ax.axvline(result.capacity, linestyle="--", color=f"C{index + 2}",
-                       label=f"search {index + 1}: {result.capacity:g}/s")
+            ax.axvline(
+                result.capacity,
+                linestyle="--",
+                color=f"C{index + 2}",
+                label=f"search {index + 1}: {result.capacity:g}/s",
+            )
     ax.axvline(swept["knee"], color="black", linestyle=":", label=f"true knee (sweep): {swept['knee']:g}/s")
     ax.axhline(slo.p99_ms, color="gray", linestyle=":", label=f"SLO p99 {slo.p99_ms:g} ms")
     ax.set_yscale("log")
@@ -237,22 +267,35 @@ def main() -> int:
     parser.add_argument("--level", type=float, default=3.0, help="measured seconds per level (both methods)")
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per level (both methods)")
     parser.add_argument("--seed", type=int, default=0, help="sim: the noise's seed")
-    parser.add_argument("--server", choices=("delay", "mlp", "sim"), default="delay",
-                        help="delay: 5 ms per request, knee set by the sleep; mlp: kiln serve, knee set by CPU; "
-                             "sim: an M/M/1 queue with noisy p99 in virtual time (the search alone, no machine noise)")
+    parser.add_argument(
+        "--server",
+        choices=("delay", "mlp", "sim"),
+        default="delay",
+        help="delay: 5 ms per request, knee set by the sleep; mlp: kiln serve, knee set by CPU; "
+        "sim: an M/M/1 queue with noisy p99 in virtual time (the search alone, no machine noise)",
+    )
     args = parser.parse_args()
     cpu = probe_cpu()
     print(f"CPU: {cpu.model} ({cpu.cores} cores), ISA: {', '.join(cpu.isa()) or 'none of AVX2/AVX-512/VNNI'}")
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.1f} (1 min), {load_before[1]:.1f} (5 min) on {cpu.cores} cores")
     slo = Slo(args.slo_p99_ms)
-    settings = SearchSettings(mode="rate", start=10, min_duration_s=args.level, max_duration_s=args.level,
-                              warmup_s=args.warmup, precision=0.05, repeats=2)
+    settings = SearchSettings(
+        mode="rate",
+        start=10,
+        min_duration_s=args.level,
+        max_duration_s=args.level,
+        warmup_s=args.warmup,
+        precision=0.05,
+        repeats=2,
+    )
     if args.server == "sim":
         endpoint = SimEndpoint(mu=200.0, slo=slo, warmup_s=args.warmup, seed=args.seed)
         knee = 200 - math.log(100) / (slo.p99_ms / 1e3)
-        print(f"simulated M/M/1 at 200 requests/s, p99 noise 10 %; true knee {knee:.1f}/s; {slo.describe()}; "
-              f"levels {args.warmup:g} s + {args.level:g} s of virtual time")
+        print(
+            f"simulated M/M/1 at 200 requests/s, p99 noise 10 %; true knee {knee:.1f}/s; {slo.describe()}; "
+            f"levels {args.warmup:g} s + {args.level:g} s of virtual time"
+        )
         fine = Sweep("", "", slo, settings, args.level, sim=endpoint)
         print("search 1, interleaved with the fine sweep")
         first, first_s = search("", "", slo, settings, fine.step, sim=endpoint)
@@ -270,8 +313,10 @@ def main() -> int:
             model = delay_repository(Path(tmp))
             server = child_server([sys.executable, "-c", _DELAY_SERVE, str(Path(tmp) / "repo"), str(DELAY_S)])
         with server as url:
-            print(f"{args.server} server at {url}, model {model}; {slo.describe()}; "
-                  f"levels {args.warmup:g} s + {args.level:g} s")
+            print(
+                f"{args.server} server at {url}, model {model}; {slo.describe()}; "
+                f"levels {args.warmup:g} s + {args.level:g} s"
+            )
             fine = Sweep(url, model, slo, settings, args.level)
             print("search 1, interleaved with the fine sweep (one sweep level after each search level)")
             first, first_s = search(url, model, slo, settings, fine.step)
@@ -299,31 +344,55 @@ def report(
     for index, (result, seconds) in enumerate(((first, first_s), (second, second_s)), 1):
         error = abs((result.capacity or 0) - knee) / knee if knee else float("inf")
         share = seconds / swept["seconds"]
-        rows.append({"capacity": result.capacity, "limited_by": result.limited_by, "levels": len(result.runs),
-                     "seconds": seconds, "error_vs_knee": error, "time_share_of_sweep": share,
-                     "within_10pct": error <= 0.10, "under_a_third": share < 1 / 3})
-        print(f"search {index}: {result.capacity}/s ({result.limited_by}'s limit) vs true knee {knee:g}/s: "
-              f"{error * 100:.1f} % off; {seconds:.1f} s = {share:.2f} of the sweep's {swept['seconds']:.1f} s "
-              f"({len(result.runs)} levels vs {len(swept['points'])})")
+        rows.append(
+            {
+                "capacity": result.capacity,
+                "limited_by": result.limited_by,
+                "levels": len(result.runs),
+                "seconds": seconds,
+                "error_vs_knee": error,
+                "time_share_of_sweep": share,
+                "within_10pct": error <= 0.10,
+                "under_a_third": share < 1 / 3,
+            }
+        )
+        print(
+            f"search {index}: {result.capacity}/s ({result.limited_by}'s limit) vs true knee {knee:g}/s: "
+            f"{error * 100:.1f} % off; {seconds:.1f} s = {share:.2f} of the sweep's {swept['seconds']:.1f} s "
+            f"({len(result.runs)} levels vs {len(swept['points'])})"
+        )
     if args.server == "sim":  # the noise-free knee is known too
         analytic = 200 - math.log(100) / (slo.p99_ms / 1e3)
         for row in rows:
             row["error_vs_analytic_knee"] = abs((row["capacity"] or 0) - analytic) / analytic
-        print(f"analytic knee {analytic:.1f}/s: searches "
-              + ", ".join(f"{r['error_vs_analytic_knee'] * 100:.1f} %" for r in rows) + " off; sweep "
-              f"{abs(knee - analytic) / analytic * 100:.1f} % off")
+        print(
+            f"analytic knee {analytic:.1f}/s: searches "
+            + ", ".join(f"{r['error_vs_analytic_knee'] * 100:.1f} %" for r in rows)
+            + " off; sweep "
+            f"{abs(knee - analytic) / analytic * 100:.1f} % off"
+        )
     met = all(r["within_10pct"] and r["under_a_third"] for r in rows)
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.1f} (1 min), {load_after[1]:.1f} (5 min)")
-    print(f"goal (within 10 % of the knee, < 1/3 of the sweep's time): {'met' if met else 'MISSED'} "
-          f"(highest passing sweep level {swept['highest_passing']:g}/s, ceiling {swept['ceiling_rps']:.0f}/s)")
+    print(
+        f"goal (within 10 % of the knee, < 1/3 of the sweep's time): {'met' if met else 'MISSED'} "
+        f"(highest passing sweep level {swept['highest_passing']:g}/s, ceiling {swept['ceiling_rps']:.0f}/s)"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"capacity_{args.server}.png"
     plot([first, second], swept, slo, png, args.server)
-    data = {"cpu": {"model": cpu.model, "isa": cpu.isa()}, "server": args.server, "slo": slo.describe(),
-            "load_average": {"before": load_before, "after": load_after}, "level_s": args.level,
-            "warmup_s": args.warmup, "sweep": swept, "searches": rows, "goal_met": met,
-            "search_runs": [first.to_dict(), second.to_dict()]}
+    data = {
+        "cpu": {"model": cpu.model, "isa": cpu.isa()},
+        "server": args.server,
+        "slo": slo.describe(),
+        "load_average": {"before": load_before, "after": load_after},
+        "level_s": args.level,
+        "warmup_s": args.warmup,
+        "sweep": swept,
+        "searches": rows,
+        "goal_met": met,
+        "search_runs": [first.to_dict(), second.to_dict()],
+    }
     (RESULTS / f"capacity_{args.server}.json").write_text(json.dumps(data, indent=2, default=str))
     print(f"wrote {RESULTS / f'capacity_{args.server}.json'} and {png}")
     return 0 if met else 1

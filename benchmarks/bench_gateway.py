@@ -275,8 +275,11 @@ def weight_changes_and_rollback(address: str, admin_url: str, body: bytes, flips
         for flip in range(flips):
             target = "b" if flip % 2 == 0 else "a"
             started = time.perf_counter()
-            h.admin_post(admin_url, f"/routes/{model}/weights", {"weights": {"a": 100 if target == "a" else 0,
-                                                                             "b": 100 if target == "b" else 0}})
+            h.admin_post(
+                admin_url,
+                f"/routes/{model}/weights",
+                {"weights": {"a": 100 if target == "a" else 0, "b": 100 if target == "b" else 0}},
+            )
             change_ms.append((time.perf_counter() - started) * 1e3)
             _, info = call.with_call(body)
             in_effect += dict(info.trailing_metadata())["kiln-variant"] == target
@@ -448,11 +451,13 @@ def report(result: dict[str, Any]) -> None:
     cost = result.get("shadow_cost")
     if cost:
         base, shadow = cost["no_shadow"], cost["shadow_100"]
-        print(f"Envoy shadow comparator (100 % mirrored, c8, digits): Kiln process CPU/request "
-              f"{base['kiln_cpu_us_per_request']:.0f} -> {shadow['kiln_cpu_us_per_request']:.0f} µs, upstream "
-              f"{base['upstream_cpu_us_per_request']:.0f} -> {shadow['upstream_cpu_us_per_request']:.0f} µs, Envoy "
-              f"{base['envoy_cpu_us_per_request']:.0f} -> {shadow['envoy_cpu_us_per_request']:.0f} µs, throughput "
-              f"{base['rps']:.0f} -> {shadow['rps']:.0f} rps; compared {cost['compared']}, dropped {cost['dropped']}")
+        print(
+            f"Envoy shadow comparator (100 % mirrored, c8, digits): Kiln process CPU/request "
+            f"{base['kiln_cpu_us_per_request']:.0f} -> {shadow['kiln_cpu_us_per_request']:.0f} µs, upstream "
+            f"{base['upstream_cpu_us_per_request']:.0f} -> {shadow['upstream_cpu_us_per_request']:.0f} µs, Envoy "
+            f"{base['envoy_cpu_us_per_request']:.0f} -> {shadow['envoy_cpu_us_per_request']:.0f} µs, throughput "
+            f"{base['rps']:.0f} -> {shadow['rps']:.0f} rps; compared {cost['compared']}, dropped {cost['dropped']}"
+        )
     move = result["routing_movement"]
     print(f"weights 90/10 -> 80/20 moved {move['moved_90_10_to_80_20'] * 100:.1f} % of keys (minimum 10 %); "
           f"unchanged weights moved {move['moved_unchanged']}")  # fmt: skip

@@ -273,6 +273,7 @@ def run_model(model: RealModel, quick: bool, seconds: float, kiln_flags: list[st
             rows[label]["latency_ratio"] = ms[label] / ms["fp32"]
     statics = [k for k in rows if k.startswith("ort static") and "error" not in rows[k]]
     key = "agreement" if model.kind == "classifier" else "pooled_cosine"
+
     def rank(k: str) -> tuple[float, float]:  # agreement ties (common on 2-class models) go to the smaller max |dp|
         return (rows[k][key], -rows[k].get("max_dp", 0.0))
 
@@ -329,14 +330,16 @@ def goals(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["resnet: build peak RSS <= 2.5 GB (64 images)"] = r.get("peak_rss_gb")
         out["resnet: build <= 60 s (64 images)"] = r.get("build_s")
         out["resnet: build peak RSS with 512 images (<= the 64-image figure)"] = row(
-            "resnet", "kiln int8 (512 calib)").get("peak_rss_gb")
+            "resnet", "kiln int8 (512 calib)"
+        ).get("peak_rss_gb")
     if "minilm" in results:
         best = max((r for k, r in results["minilm"]["rows"].items() if k.startswith("kiln") and "pooled_cosine" in r),
                    key=lambda r: r["pooled_cosine"], default={})  # fmt: skip
         out["minilm: best kiln pooled cosine >= 0.995"] = best.get("pooled_cosine")
         out["minilm: its latency <= 0.8x fp32 (8 x 64 tokens)"] = best.get("latency_ratio")
-        out["minilm: ort dynamic per-channel pooled cosine (reference)"] = row(
-            "minilm", "ort dynamic per-channel").get("pooled_cosine")
+        out["minilm: ort dynamic per-channel pooled cosine (reference)"] = row("minilm", "ort dynamic per-channel").get(
+            "pooled_cosine"
+        )
     return out
 
 

@@ -305,8 +305,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--data-plane", choices=("python", "envoy"), default="python",
-                        help="the gateway's data plane (RSS is the kiln process's; with envoy, Envoy's is not counted)")
+    parser.add_argument(
+        "--data-plane",
+        choices=("python", "envoy"),
+        default="python",
+        help="the gateway's data plane (RSS is the kiln process's; with envoy, Envoy's is not counted)",
+    )
     args = parser.parse_args()
     result = run(args.minutes, args.clients, args.data_plane)
     RESULTS.mkdir(parents=True, exist_ok=True)

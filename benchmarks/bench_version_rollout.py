@@ -47,19 +47,29 @@ CONCURRENCY = 8
 
 
 def _plan(route: str, baseline: str, candidate: dict[str, str], **extra: Any) -> Any:
-    return plan_from_mapping({
-        "route": route, "baseline": baseline, "candidate": candidate,
-        "steps": [10, 50, 100], "interval_s": 1.0, "min_requests": 20, "max_wait_s": 30,
-        "shadow": {"duration_s": 1.0, "percent": 100, "min_comparisons": 20},
-        "sample_percent": 20, "min_comparisons": 10, "ready_timeout_s": 60,
-        # a loose p99 ratio: this measures the flow and client errors, not latency noise on a shared box
-        "slos": {"max_error_rate": 0.0, "max_p99_ratio": 20.0, "min_agreement": 0.95},
-        **extra,
-    })
+    return plan_from_mapping(
+        {
+            "route": route,
+            "baseline": baseline,
+            "candidate": candidate,
+            "steps": [10, 50, 100],
+            "interval_s": 1.0,
+            "min_requests": 20,
+            "max_wait_s": 30,
+            "shadow": {"duration_s": 1.0, "percent": 100, "min_comparisons": 20},
+            "sample_percent": 20,
+            "min_comparisons": 10,
+            "ready_timeout_s": 60,
+            # a loose p99 ratio: this measures the flow and client errors, not latency noise on a shared box
+            "slos": {"max_error_rate": 0.0, "max_p99_ratio": 20.0, "min_agreement": 0.95},
+            **extra,
+        }
+    )
 
 
-def _first_candidate_route(swaps: list[tuple[float, dict[str, Any]]], route: str, candidate: str,
-                           since: float) -> float:
+def _first_candidate_route(
+    swaps: list[tuple[float, dict[str, Any]]], route: str, candidate: str, since: float
+) -> float:
     for at, routes in swaps:
         variants = routes.get(route, {}).get("variants", [])
         if at >= since and any(v["name"] == candidate for v in variants):
@@ -79,10 +89,14 @@ def version_rollout(tmp: Path) -> dict[str, Any]:
         config = {
             "upstreams": {"local": {"address": server.url}},
             "routes": {
-                "digits": {"variants": [{"name": "v1", "upstream": "local", "model": MODEL, "version": "1",
-                                         "weight": 100}]},
-                "warm": {"variants": [{"name": "a", "upstream": "local", "model": "other-fp32-ort", "version": "1",
-                                       "weight": 100}]},
+                "digits": {
+                    "variants": [{"name": "v1", "upstream": "local", "model": MODEL, "version": "1", "weight": 100}]
+                },
+                "warm": {
+                    "variants": [
+                        {"name": "a", "upstream": "local", "model": "other-fp32-ort", "version": "1", "weight": 100}
+                    ]
+                },
             },
             "metrics": {"window_s": 30},
         }
@@ -93,15 +107,21 @@ def version_rollout(tmp: Path) -> dict[str, Any]:
             with Load(gw.address, "digits", threads=CONCURRENCY, max_s=300) as load:
                 # baseline: a candidate that is already loaded (no repository call needed)
                 began = time.perf_counter()
-                controller.start(_plan("warm", "a", {"name": "b", "upstream": "local", "model": MODEL,
-                                                       "version": "1"}))
+                controller.start(_plan("warm", "a", {"name": "b", "upstream": "local", "model": MODEL, "version": "1"}))
                 warm_s = _first_candidate_route(swaps, "warm", "b", began)
                 controller.command("warm", Command.ABORT)
                 # the version rollout: load v2, shadow, steps, promote, retire v1
                 began = time.perf_counter()
-                run = run_rollout(gw, _plan("digits", "v1", {"name": "v2", "upstream": "local", "model": MODEL,
-                                                               "version": "2"}, retire_previous=True),
-                                  timeout_s=120)
+                run = run_rollout(
+                    gw,
+                    _plan(
+                        "digits",
+                        "v1",
+                        {"name": "v2", "upstream": "local", "model": MODEL, "version": "2"},
+                        retire_previous=True,
+                    ),
+                    timeout_s=120,
+                )
                 cold_s = _first_candidate_route(swaps, "digits", "v2", began)
                 for _ in range(600):  # retirement follows promotion on the next controller tick
                     if controller.status("digits").get("retire"):
@@ -174,13 +194,19 @@ def main() -> int:
         poll = poll_pickup(Path(tmp), args.poll_secs, args.versions)
     figures = {"cpu_isa": isa, "version_rollout": rollout, "poll": poll}
     print(json.dumps(figures, indent=2))
-    print(f"version rollout at concurrency {CONCURRENCY}: {rollout['outcome']}, v1 {rollout['retire']['state']}; "
-          f"{rollout['client_failed']} of {rollout['client_requests']} client requests failed (goal 0)")
-    print(f"rollout start -> first candidate traffic: {rollout['start_to_first_candidate_traffic_s']} s "
-          f"(of which loading v2 {rollout['candidate_load_s']} s; an already-loaded candidate: "
-          f"{rollout['baseline_already_loaded_s']} s, {rollout['ratio_vs_already_loaded']}x)")
-    print(f"poll pickup: max {poll['pickup_max_s']} s, p50 {poll['pickup_p50_s']} s over {poll['versions']} "
-          f"versions; goal <= poll secs + 1 s = {poll['goal_s']:g} s ({poll['max_over_goal']}x of the goal)")
+    print(
+        f"version rollout at concurrency {CONCURRENCY}: {rollout['outcome']}, v1 {rollout['retire']['state']}; "
+        f"{rollout['client_failed']} of {rollout['client_requests']} client requests failed (goal 0)"
+    )
+    print(
+        f"rollout start -> first candidate traffic: {rollout['start_to_first_candidate_traffic_s']} s "
+        f"(of which loading v2 {rollout['candidate_load_s']} s; an already-loaded candidate: "
+        f"{rollout['baseline_already_loaded_s']} s, {rollout['ratio_vs_already_loaded']}x)"
+    )
+    print(
+        f"poll pickup: max {poll['pickup_max_s']} s, p50 {poll['pickup_p50_s']} s over {poll['versions']} "
+        f"versions; goal <= poll secs + 1 s = {poll['goal_s']:g} s ({poll['max_over_goal']}x of the goal)"
+    )
     (RESULTS / "version_rollout.json").write_text(json.dumps(figures, indent=2))
     return 0 if rollout["client_failed"] == 0 and poll["max_over_goal"] <= 1.0 else 1
 

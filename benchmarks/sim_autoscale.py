@@ -98,43 +98,66 @@ def main() -> int:
     else:
         raise SystemExit("pass --repo DIR --model M (a recorded capacity) or --capacity REQ_PER_S")
     peak = capacity * args.peak_replicas
-    spec = AutoscaleSpec(model=args.model or "model", mode="rate", capacity=capacity, headroom=args.headroom,
-                         max_replicas=math.ceil(args.peak_replicas * (1 + args.burst) / args.headroom) + 2)
+    spec = AutoscaleSpec(
+        model=args.model or "model",
+        mode="rate",
+        capacity=capacity,
+        headroom=args.headroom,
+        max_replicas=math.ceil(args.peak_replicas * (1 + args.burst) / args.headroom) + 2,
+    )
     policy = policy_from_hpa(triton_hpa(spec), startup_s=args.startup_s)
     times, rates = diurnal_trace(peak, burst_share=args.burst, seed=args.seed)
     result = replay(times, rates, capacity, policy)
 
     ratio = result.replica_hours / result.fixed_replica_hours
-    print(f"capacity {capacity:g} req/s per replica ({source}); HPA target {policy.target_per_pod:g} "
-          f"(headroom {args.headroom:g}), pods start in {args.startup_s:g} s")
-    print(f"trace: 24 h in {result.step_s:g} s steps, {rates.min():.0f}..{rates.max():.0f} req/s "
-          f"(burst +{args.burst * 100:.0f} % for 10 min at 15:00)")
+    print(
+        f"capacity {capacity:g} req/s per replica ({source}); HPA target {policy.target_per_pod:g} "
+        f"(headroom {args.headroom:g}), pods start in {args.startup_s:g} s"
+    )
+    print(
+        f"trace: 24 h in {result.step_s:g} s steps, {rates.min():.0f}..{rates.max():.0f} req/s "
+        f"(burst +{args.burst * 100:.0f} % for 10 min at 15:00)"
+    )
     print("hour  req/s  replicas  ready")
     for hour in range(0, 24, 2):
         i = int(hour * 3600 / result.step_s)
         print(f"{hour:4d} {rates[i]:6.0f} {result.replicas[i]:9d} {result.ready[i]:6d}")
     burst = burst_window(times)
-    print(f"burst: replicas {result.replicas[burst].min()}..{result.replicas[burst].max()}, "
-          f"{int(result.breached[burst].sum())} breached step(s)")
+    print(
+        f"burst: replicas {result.replicas[burst].min()}..{result.replicas[burst].max()}, "
+        f"{int(result.breached[burst].sum())} breached step(s)"
+    )
     met, met_requests = result.slo_met_share, result.requests_met_share
-    print(f"SLO met for {met * 100:.2f} % of the time ({met_requests * 100:.2f} % of requests); "
-          f"{int(result.breached.sum())} of {len(rates)} steps breached")
-    print(f"replica-hours: autoscaled {result.replica_hours:.1f} vs fixed fleet of {result.fixed_replicas} "
-          f"{result.fixed_replica_hours:.1f} -> ratio {ratio:.3f}")
+    print(
+        f"SLO met for {met * 100:.2f} % of the time ({met_requests * 100:.2f} % of requests); "
+        f"{int(result.breached.sum())} of {len(rates)} steps breached"
+    )
+    print(
+        f"replica-hours: autoscaled {result.replica_hours:.1f} vs fixed fleet of {result.fixed_replicas} "
+        f"{result.fixed_replica_hours:.1f} -> ratio {ratio:.3f}"
+    )
     calm = ~burst_window(times)
     diurnal_fleet = max(1, math.ceil(float(rates[calm].max()) / capacity))
     diurnal_met = 1.0 - float((rates > diurnal_fleet * capacity).mean())
-    print(f"for comparison, a fixed fleet of {diurnal_fleet} sized for the daily peak without the burst: "
-          f"replica-hours ratio {diurnal_fleet / result.fixed_replicas:.3f}, SLO met {diurnal_met * 100:.2f} % "
-          "of the time")
+    print(
+        f"for comparison, a fixed fleet of {diurnal_fleet} sized for the daily peak without the burst: "
+        f"replica-hours ratio {diurnal_fleet / result.fixed_replicas:.3f}, SLO met {diurnal_met * 100:.2f} % "
+        "of the time"
+    )
     goal_slo, goal_cost = met >= 0.99, ratio <= 0.70
-    print(f"goal: SLO >= 99 % of the trace: {'met' if goal_slo else 'MISSED'}; "
-          f"replica-hours <= 70 % of fixed: {'met' if goal_cost else 'MISSED'}")
+    print(
+        f"goal: SLO >= 99 % of the trace: {'met' if goal_slo else 'MISSED'}; "
+        f"replica-hours <= 70 % of fixed: {'met' if goal_cost else 'MISSED'}"
+    )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / "sim_autoscale.png"
-    plot(result, png, f"HPA replay: capacity {capacity:g} req/s/replica, headroom {args.headroom:g}, "
-                      f"SLO met {met * 100:.2f} %, replica-hours {ratio * 100:.1f} % of fixed")
+    plot(
+        result,
+        png,
+        f"HPA replay: capacity {capacity:g} req/s/replica, headroom {args.headroom:g}, "
+        f"SLO met {met * 100:.2f} %, replica-hours {ratio * 100:.1f} % of fixed",
+    )
     data = {
         "cpu": {"model": cpu.model, "isa": cpu.isa()},
         "capacity_rps": capacity,

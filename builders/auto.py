@@ -116,6 +116,7 @@ def search_precision(
     workdir: Path,
 ) -> tuple[PreparedOnnx, Validation, dict[str, Path], dict[str, Any]]:
     """Run the search; returns the chosen candidate, its validation, files to publish, details."""
+
     def evaluate(label: str, precision: str, excluded: tuple[str, ...] = ()) -> Candidate:
         prepared = prepare_onnx(
             request, model, precision, workdir, calibration=calibration if precision == "int8" else None,

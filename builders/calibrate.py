@@ -269,9 +269,7 @@ def calibrate_each(
     if not 0 < settings.percentile <= 100:
         raise InvalidInputError(f"--percentile must be in (0, 100], got {settings.percentile}")
     if cache_root.exists() and not cache_root.is_dir():
-        raise RepositoryError(
-            f"calibration cache {str(cache_root)!r} is a file; pass a directory with --calib-cache"
-        )
+        raise RepositoryError(f"calibration cache {str(cache_root)!r} is a file; pass a directory with --calib-cache")
     results: dict[str, Calibration] = {}
     missing: dict[str, CalibrationSettings] = {}
     for method in methods:

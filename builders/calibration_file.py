@@ -78,13 +78,9 @@ class CalibrationTable:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidInputError(f"amax of tensor {name!r} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
-                raise InvalidInputError(
-                    f"amax of tensor {name!r} is {value!r}; it must be finite and >= 0"
-                )
+                raise InvalidInputError(f"amax of tensor {name!r} is {value!r}; it must be finite and >= 0")
         for key, param in self.method_params.items():
-            if isinstance(param, bool) or not isinstance(param, int | float) or not math.isfinite(
-                param
-            ):
+            if isinstance(param, bool) or not isinstance(param, int | float) or not math.isfinite(param):
                 raise InvalidInputError(f"method parameter {key!r} must be finite, got {param!r}")
         both = sorted(set(self.amax) & set(self.skipped))
         if both:
@@ -95,8 +91,7 @@ class CalibrationTable:
                 raise InvalidInputError(f"{key} must be 64 lowercase hex digits, got {digest!r}")
         if self.trt_algorithm not in TRT_ALGORITHMS:
             raise InvalidInputError(
-                f"TensorRT calibration algorithm {self.trt_algorithm!r} is not one of "
-                f"{', '.join(TRT_ALGORITHMS)}"
+                f"TensorRT calibration algorithm {self.trt_algorithm!r} is not one of {', '.join(TRT_ALGORITHMS)}"
             )
 
     def scale(self, name: str) -> float:
@@ -107,11 +102,7 @@ class CalibrationTable:
 
     def matches(self, *, model_sha256: str, data_sha256: str, method: str) -> bool:
         """Whether this table can be reused for that model, data and method."""
-        return (
-            self.model_sha256 == model_sha256
-            and self.data_sha256 == data_sha256
-            and self.method == method
-        )
+        return self.model_sha256 == model_sha256 and self.data_sha256 == data_sha256 and self.method == method
 
     # -------------------------------------------------------------- calibration.json
     def to_dict(self) -> dict[str, Any]:
@@ -174,9 +165,7 @@ class CalibrationTable:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise InvalidInputError(
-                f"calibration file {source!r} is not valid JSON ({err}); recreate it"
-            ) from err
+            raise InvalidInputError(f"calibration file {source!r} is not valid JSON ({err}); recreate it") from err
         return cls.from_dict(data, source=f"calibration file {source!r}")
 
 
@@ -193,9 +182,7 @@ class _Fields:
         return self._data[key]
 
     def _fail(self, key: str, expected: str, value: object) -> InvalidInputError:
-        return InvalidInputError(
-            f"{self._source}: field {key!r} must be {expected}, got {value!r}"
-        )
+        return InvalidInputError(f"{self._source}: field {key!r} must be {expected}, got {value!r}")
 
     def typed(self, key: str, kind: type) -> Any:
         value = self._get(key)
@@ -233,8 +220,7 @@ def encode_trt_version(version: str) -> str:
     parts = version.split(".")
     if not 1 <= len(parts) <= 4 or not all(part.isdigit() for part in parts):
         raise InvalidInputError(
-            f"TensorRT version {version!r} is not like '10.3.0' or '8.6.1' (or '100300'); "
-            "pass tensorrt.__version__"
+            f"TensorRT version {version!r} is not like '10.3.0' or '8.6.1' (or '100300'); pass tensorrt.__version__"
         )
     major, minor, patch = (int(part) for part in [*parts, "0", "0"][:3])
     if minor > 99 or patch > 99:
@@ -264,8 +250,7 @@ def from_trt_cache(data: bytes, kiln_version: str = builders.__version__) -> Cal
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InvalidInputError(
-            f"TensorRT calibration cache is not text ({err}); is it a binary cache from "
-            "another tool?"
+            f"TensorRT calibration cache is not text ({err}); is it a binary cache from another tool?"
         ) from err
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if lines and lines[-1] == "":
@@ -277,9 +262,7 @@ def from_trt_cache(data: bytes, kiln_version: str = builders.__version__) -> Cal
     for number, line in enumerate(lines[1:], start=2):
         name, scale = _parse_entry(line, number)
         if name in amax:
-            raise InvalidInputError(
-                f"TensorRT calibration cache line {number}: tensor {name!r} appears twice"
-            )
+            raise InvalidInputError(f"TensorRT calibration cache line {number}: tensor {name!r} appears twice")
         amax[name] = float(scale) * INT8_MAX
     return CalibrationTable(
         amax=amax,
@@ -294,14 +277,12 @@ def _parse_header(line: str) -> tuple[str, str]:
     match = _HEADER.fullmatch(line)
     if match is None:
         raise InvalidInputError(
-            f"TensorRT calibration cache header {line[:80]!r} is not like "
-            "'TRT-100300-EntropyCalibration2'"
+            f"TensorRT calibration cache header {line[:80]!r} is not like 'TRT-100300-EntropyCalibration2'"
         )
     version, algorithm = match.groups()
     if algorithm not in TRT_ALGORITHMS:
         raise InvalidInputError(
-            f"TensorRT calibration cache uses algorithm {algorithm!r}; Kiln reads "
-            f"{', '.join(TRT_ALGORITHMS)}"
+            f"TensorRT calibration cache uses algorithm {algorithm!r}; Kiln reads {', '.join(TRT_ALGORITHMS)}"
         )
     return version, algorithm
 
@@ -309,9 +290,7 @@ def _parse_header(line: str) -> tuple[str, str]:
 def _parse_entry(line: str, number: int) -> tuple[str, np.float32]:
     name, sep, hex_bits = line.rpartition(": ")
     if not sep or not name:
-        raise InvalidInputError(
-            f"TensorRT calibration cache line {number} {line[:80]!r} is not 'name: hexscale'"
-        )
+        raise InvalidInputError(f"TensorRT calibration cache line {number} {line[:80]!r} is not 'name: hexscale'")
     if not _HEX.fullmatch(hex_bits):
         raise InvalidInputError(
             f"TensorRT calibration cache line {number}: scale {hex_bits[:20]!r} of tensor "
@@ -328,9 +307,7 @@ def _parse_entry(line: str, number: int) -> tuple[str, np.float32]:
 
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name or "\n" in name or "\r" in name:
-        raise InvalidInputError(
-            f"tensor name {name!r} cannot be stored: it must be a non-empty single-line string"
-        )
+        raise InvalidInputError(f"tensor name {name!r} cannot be stored: it must be a non-empty single-line string")
 
 
 def write_trt_cache(path: str | os.PathLike[str], data: bytes) -> None:

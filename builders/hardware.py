@@ -125,14 +125,11 @@ def _trt_int8(cc: tuple[int, int], where: str) -> Verdict:
         return Verdict(SUPPORTED, f"{where}: INT8 tensor cores")
     return Verdict(
         SLOW,
-        f"{where} has no INT8 tensor cores (compute capability 7.5+); INT8 runs on DP4A and "
-        "FP16 may be as fast",
+        f"{where} has no INT8 tensor cores (compute capability 7.5+); INT8 runs on DP4A and FP16 may be as fast",
     )
 
 
-def support_matrix(
-    machine: MachineInfo, op_speed: Mapping[str, float] | None = None
-) -> dict[tuple[str, str], Verdict]:
+def support_matrix(machine: MachineInfo, op_speed: Mapping[str, float] | None = None) -> dict[tuple[str, str], Verdict]:
     """(target, precision) -> Verdict for every target and precision Kiln builds; the ORT INT8 line
     comes from ``op_speed`` (INT8/FP32 latency per op pattern measured here) when given."""
     matrix: dict[tuple[str, str], Verdict] = {}

@@ -41,8 +41,7 @@ class AbsHistogram:
     def __init__(self, num_bins: int = DEFAULT_NUM_BINS) -> None:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
             raise InvalidInputError(
-                f"histogram bin count must be a positive integer, got {num_bins!r}; "
-                f"use e.g. {DEFAULT_NUM_BINS}"
+                f"histogram bin count must be a positive integer, got {num_bins!r}; use e.g. {DEFAULT_NUM_BINS}"
             )
         self._num_bins = num_bins
         self._counts = np.zeros(num_bins, dtype=np.int64)
@@ -199,14 +198,10 @@ class AbsHistogram:
     def from_dict(cls, data: Mapping[str, Any]) -> AbsHistogram:
         """Rebuild a histogram saved by :meth:`to_dict`, checking it is consistent."""
         if not isinstance(data, Mapping):
-            raise InvalidInputError(
-                f"histogram state must be a mapping, got {type(data).__name__}"
-            )
+            raise InvalidInputError(f"histogram state must be a mapping, got {type(data).__name__}")
         missing = {"num_bins", "upper", "count", "nonfinite", "min", "max", "counts"} - set(data)
         if missing:
-            raise InvalidInputError(
-                f"histogram state lacks {sorted(missing)}; write it with AbsHistogram.to_dict()"
-            )
+            raise InvalidInputError(f"histogram state lacks {sorted(missing)}; write it with AbsHistogram.to_dict()")
         hist = cls(_as_int(data["num_bins"], "num_bins"))
         hist._upper = _as_float(data["upper"], "upper")
         hist._count = _as_int(data["count"], "count")
@@ -221,8 +216,7 @@ class AbsHistogram:
 def _checked_upper(upper: float, amax: float) -> float:
     if not math.isfinite(upper):
         raise InvalidInputError(
-            f"|x| = {amax!r} is too close to the float64 limit to histogram; the tensor "
-            "overflows, leave it in float"
+            f"|x| = {amax!r} is too close to the float64 limit to histogram; the tensor overflows, leave it in float"
         )
     return upper
 
@@ -258,15 +252,11 @@ def _as_counts(value: object, num_bins: int) -> np.ndarray:
 def _check_consistent(hist: AbsHistogram) -> None:
     total = int(hist._counts.sum())
     if total != hist._count:
-        raise InvalidInputError(
-            f"histogram counts sum to {total} but 'count' says {hist._count}; the state is corrupt"
-        )
+        raise InvalidInputError(f"histogram counts sum to {total} but 'count' says {hist._count}; the state is corrupt")
     if (hist._min is None) != (hist._count == 0) or (hist._max is None) != (hist._count == 0):
         raise InvalidInputError("histogram 'min'/'max' must be null exactly when 'count' is 0")
     if hist._min is not None and hist._max is not None:
         if hist._min > hist._max:
             raise InvalidInputError(f"histogram min {hist._min} exceeds max {hist._max}")
         if hist.amax > 0.0 and hist.amax >= hist._upper:
-            raise InvalidInputError(
-                f"histogram upper edge {hist._upper} is not above the largest |x| {hist.amax}"
-            )
+            raise InvalidInputError(f"histogram upper edge {hist._upper} is not above the largest |x| {hist.amax}")

@@ -222,8 +222,12 @@ def _refuse_if_every_op_is_slower(request: BuildRequest, model: onnx.ModelProto)
 
 
 def choose_calibration(
-    request: BuildRequest, model: onnx.ModelProto, calibrations: dict[str, Calibration], data: BuildData,
-    opts: Int8Options, workdir: Path,
+    request: BuildRequest,
+    model: onnx.ModelProto,
+    calibrations: dict[str, Calibration],
+    data: BuildData,
+    opts: Int8Options,
+    workdir: Path,
 ) -> tuple[Calibration, onnx.ModelProto, list[dict[str, Any]]]:
     """The calibration (and FP32 model to quantize) whose INT8 is closest to FP32 on held-out data.
 

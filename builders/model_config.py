@@ -212,8 +212,7 @@ def mismatches(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], outputs: 
                 problems.append(f"{kind} {spec.name!r}: config dtype {spec.dtype}, artifact {real.dtype}")
             if not _shapes_compatible(spec.numeric_shape, real.numeric_shape):
                 problems.append(
-                    f"{kind} {spec.name!r}: config dims {list(spec.numeric_shape)}, "
-                    f"artifact {list(real.numeric_shape)}"
+                    f"{kind} {spec.name!r}: config dims {list(spec.numeric_shape)}, artifact {list(real.numeric_shape)}"
                 )
         for name in actual_by_name:
             if name not in declared_names:

@@ -184,8 +184,9 @@ def _commit(model_dir: Path, stage: Path, config: mc.ModelConfig, manifest: dict
     try:
         _fsync_dir(model_dir)
     except OSError as err:  # the version is in place and complete; only its durability is unconfirmed
-        logger.warning("version %d of %s is published but syncing %s failed: %s", version, model_dir.name,
-                       model_dir, err)
+        logger.warning(
+            "version %d of %s is published but syncing %s failed: %s", version, model_dir.name, model_dir, err
+        )
     return version
 
 

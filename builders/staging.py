@@ -107,9 +107,7 @@ class Leftover:
 
 def find_leftovers(model_dir: Path) -> list[Leftover]:
     """Stages in ``model_dir`` whose owner no longer holds its lock (nothing in flight is listed)."""
-    tokens = sorted(
-        {p.name.removesuffix(OWNER_SUFFIX) for p in _entries(model_dir) if p.name.startswith(STAGE_PREFIX)}
-    )
+    tokens = sorted({p.name.removesuffix(OWNER_SUFFIX) for p in _entries(model_dir) if p.name.startswith(STAGE_PREFIX)})
     found = []
     for token in tokens:
         owner = _stale_owner(model_dir / f"{token}{OWNER_SUFFIX}")

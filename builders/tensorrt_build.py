@@ -287,4 +287,3 @@ def _default_runner(machine: MachineInfo) -> RunnerFactory:
         return TensorRTRunner(plan, machine=machine, check_manifest=False)
 
     return factory
-

@@ -235,9 +235,7 @@ def _check_histogram(counts: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray,
     if c.ndim != 1 or c.size == 0:
         raise InvalidInputError(f"histogram counts must be a non-empty 1-D array, got shape {c.shape}")
     if e.shape != (c.size + 1,):
-        raise InvalidInputError(
-            f"histogram has {c.size} bins, so it needs {c.size + 1} edges; got shape {e.shape}"
-        )
+        raise InvalidInputError(f"histogram has {c.size} bins, so it needs {c.size + 1} edges; got shape {e.shape}")
     if c.dtype.kind not in "iuf" or not np.all(np.isfinite(c)) or np.any(c < 0):
         raise InvalidInputError("histogram counts must be finite numbers >= 0")
     if not np.all(np.isfinite(e)) or np.any(np.diff(e) < 0):
@@ -261,16 +259,16 @@ def minmax_amax(counts: np.ndarray, edges: np.ndarray) -> float:
     return _last_nonempty_edge(c, e)
 
 
-def percentile_amax(
-    counts: np.ndarray, edges: np.ndarray, percentile: float = DEFAULT_PERCENTILE
-) -> float:
+def percentile_amax(counts: np.ndarray, edges: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
     """Smallest bin edge with at least ``percentile`` % of the values at or below it.
 
     That is the upper edge of the bin where the cumulative count reaches the percentile.
     (ModelOpt and onnxruntime return that bin's lower edge, one bin lower.)
     """
-    if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not (
-        0.0 < float(percentile) <= 100.0
+    if (
+        isinstance(percentile, bool)
+        or not isinstance(percentile, int | float)
+        or not (0.0 < float(percentile) <= 100.0)
     ):
         raise InvalidInputError(f"percentile must be in (0, 100], got {percentile!r}; e.g. 99.99")
     c, e = _check_histogram(counts, edges)
@@ -298,9 +296,7 @@ def choose_amax(
     at the exact largest ``|x|`` seen, since a bin edge can lie above it.
     """
     if method not in METHODS:
-        raise InvalidInputError(
-            f"calibration method {method!r} is not one of {', '.join(METHODS)}"
-        )
+        raise InvalidInputError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
     reason = _skip_reason(hist, skip_nonfinite)
     if reason is not None:
         return ThresholdChoice(amax=None, skip_reason=reason)

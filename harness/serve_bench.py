@@ -170,8 +170,10 @@ def cnn_model(path: Path, seed: int = 0) -> Path:
         )
         nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"]))
         last = index == len(channels) - 1
-        pool = helper.make_node("GlobalAveragePool", [f"r{index}"], [f"p{index}"]) if last else helper.make_node(
-            "MaxPool", [f"r{index}"], [f"p{index}"], kernel_shape=[2, 2], strides=[2, 2]
+        pool = (
+            helper.make_node("GlobalAveragePool", [f"r{index}"], [f"p{index}"])
+            if last
+            else helper.make_node("MaxPool", [f"r{index}"], [f"p{index}"], kernel_shape=[2, 2], strides=[2, 2])
         )
         nodes.append(pool)
         current = f"p{index}"

@@ -190,8 +190,15 @@ def start_server(
 ) -> ServerHandle:
     """Start a server in this process on ``host:port`` (0: a free port, see ``.port``); loads models first."""
     options = make_options(
-        host, port, models, max_message_mb, intra_op_threads, dynamic_batching, runner_factory,
-        model_control_mode=model_control_mode, poll_s=poll_s,
+        host,
+        port,
+        models,
+        max_message_mb,
+        intra_op_threads,
+        dynamic_batching,
+        runner_factory,
+        model_control_mode=model_control_mode,
+        poll_s=poll_s,
     )
     loop = asyncio.new_event_loop()
     server_box: list[_Server] = []
@@ -275,8 +282,9 @@ async def serve(repo: Path | str, options: ServerOptions, on_ready: threading.Ev
         control = options.model_control_mode
         if control == "poll":
             control += f", every {options.poll_s:g} s"
-        print(f"kiln serve: listening on {options.host}:{port} (repository {repo}, model control {control})",
-              flush=True)
+        print(
+            f"kiln serve: listening on {options.host}:{port} (repository {repo}, model control {control})", flush=True
+        )
         if on_ready is not None:
             on_ready.set()
         await stop.wait()

@@ -259,9 +259,7 @@ class Batcher:
         if self._run_ns_avg is not None and self._run_ns_avg < self._inline_below_ns:
             outputs, elapsed = self._timed_run(merged)
         else:
-            outputs, elapsed = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._timed_run, merged
-            )
+            outputs, elapsed = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, merged)
         self._run_ns_avg = elapsed if self._run_ns_avg is None else 0.9 * self._run_ns_avg + 0.1 * elapsed
         return outputs
 

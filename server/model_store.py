@@ -255,7 +255,11 @@ class ModelStore:
 
     # -- loading -------------------------------------------------------------------------------
     async def load(
-        self, name: str, *, override: mc.ModelConfig | None = None, strict: bool = True,
+        self,
+        name: str,
+        *,
+        override: mc.ModelConfig | None = None,
+        strict: bool = True,
         among: set[int] | None = None,
     ) -> ModelRecord:
         """Load (or reload) a model; the versions serving keep serving until the new set is ready.
@@ -280,7 +284,8 @@ class ModelStore:
                 raise
             prints = {v: version_fingerprint(entry.path / str(v)) for v in chosen}
             reused = {
-                v: s for v, s in serving.items()
+                v: s
+                for v, s in serving.items()
                 if v in prints and s.config_key == serving_key(config) and s.fingerprint == prints[v]
             }
             built, failed = await self._build(entry, config, [v for v in chosen if v not in reused], prints)
@@ -295,8 +300,12 @@ class ModelStore:
             for version, served in serving.items():
                 if versions.get(version) is not served:
                     await served.close()  # drains what it has queued; new requests already go elsewhere
-            logger.info("model %s serves versions %s%s", name, sorted(versions),
-                        f" (failed: {sorted(failed)})" if failed else "")
+            logger.info(
+                "model %s serves versions %s%s",
+                name,
+                sorted(versions),
+                f" (failed: {sorted(failed)})" if failed else "",
+            )
             return self._records[name]
 
     def _plan(
@@ -312,14 +321,20 @@ class ModelStore:
         return config, chosen
 
     def _failed(
-        self, name: str, old: ModelRecord | None, serving: dict[int, ServedVersion],
-        config: mc.ModelConfig | None, reason: str, failed: dict[int, str],
+        self,
+        name: str,
+        old: ModelRecord | None,
+        serving: dict[int, ServedVersion],
+        config: mc.ModelConfig | None,
+        reason: str,
+        failed: dict[int, str],
     ) -> None:
         """Record a failed load: the versions serving stay as they were."""
         if serving and old is not None:
             old.failed = {**old.failed, **failed}
-            logger.warning("model %s: new versions did not load (%s); versions %s keep serving",
-                           name, reason, sorted(serving))
+            logger.warning(
+                "model %s: new versions did not load (%s); versions %s keep serving", name, reason, sorted(serving)
+            )
             return
         self._records[name] = ModelRecord(name, ModelState.UNAVAILABLE, reason, config, {}, failed)
 

@@ -113,39 +113,54 @@ def check_requests(server: ServerHandle, console: Console, n: int = 32) -> float
 def gateway_config(server: ServerHandle) -> dict[str, Any]:
     return {
         "upstreams": {"local": {"address": server.url}},
-        "routes": {BASE: {"variants": [{"name": "fp32", "upstream": "local", "model": f"{BASE}-fp32-ort",
-                                        "weight": 100}]}},
+        "routes": {
+            BASE: {"variants": [{"name": "fp32", "upstream": "local", "model": f"{BASE}-fp32-ort", "weight": 100}]}
+        },
     }
 
 
 def canary_plan(baseline: str, candidate: str, model: str, *, interval_s: float) -> RolloutPlan:
-    return plan_from_mapping({
-        "route": BASE,
-        "baseline": baseline,
-        "candidate": {"name": candidate, "upstream": "local", "model": model},
-        "steps": [10, 25, 50],
-        "interval_s": interval_s,
-        "min_requests": 30,
-        "max_wait_s": 20,
-        "shadow": {"duration_s": interval_s, "percent": 100, "min_comparisons": 50},
-        "sample_percent": 20,
-        "min_comparisons": 20,
-        # p99 on a shared 2-core machine is noisy: a generous ratio with an absolute ceiling.
-        "slos": {"max_error_rate": 0.01, "max_p99_ratio": 4.0, "min_agreement": 0.97, "max_p99_ms": 250},
-        "on_failure": "rollback",
-    }, source="(quickstart)")
+    return plan_from_mapping(
+        {
+            "route": BASE,
+            "baseline": baseline,
+            "candidate": {"name": candidate, "upstream": "local", "model": model},
+            "steps": [10, 25, 50],
+            "interval_s": interval_s,
+            "min_requests": 30,
+            "max_wait_s": 20,
+            "shadow": {"duration_s": interval_s, "percent": 100, "min_comparisons": 50},
+            "sample_percent": 20,
+            "min_comparisons": 20,
+            # p99 on a shared 2-core machine is noisy: a generous ratio with an absolute ceiling.
+            "slos": {"max_error_rate": 0.01, "max_p99_ratio": 4.0, "min_agreement": 0.97, "max_p99_ms": 250},
+            "on_failure": "rollback",
+        },
+        source="(quickstart)",
+    )
 
 
-def run_with_load(gateway: GatewayHandle, plan: RolloutPlan, console: Console,
-                  concurrency: int = 4) -> tuple[RolloutRun, LoadTally]:
+def run_with_load(
+    gateway: GatewayHandle, plan: RolloutPlan, console: Console, concurrency: int = 4
+) -> tuple[RolloutRun, LoadTally]:
     """Drive closed-loop load through the gateway with ``kiln bench`` while the rollout runs."""
     stop = threading.Event()
     tally = LoadTally()
 
     def load() -> None:
         while not stop.is_set():
-            tally.add(run_bench(BenchConfig(url=gateway.address, model=BASE, concurrency=(concurrency,),
-                                            duration_s=0.5, warmup_s=0.0, data=example_data_path())))
+            tally.add(
+                run_bench(
+                    BenchConfig(
+                        url=gateway.address,
+                        model=BASE,
+                        concurrency=(concurrency,),
+                        duration_s=0.5,
+                        warmup_s=0.0,
+                        data=example_data_path(),
+                    )
+                )
+            )
 
     thread = threading.Thread(target=load, name="quickstart-load", daemon=True)
     thread.start()
@@ -176,8 +191,9 @@ def summary_table(runs: list[tuple[RolloutRun, LoadTally]]) -> Table:
     return table
 
 
-def version_rollout(gateway: GatewayHandle, repo: Path, out_dir: Path, console: Console,
-                    *, interval_s: float) -> tuple[RolloutRun, LoadTally, str]:
+def version_rollout(
+    gateway: GatewayHandle, repo: Path, out_dir: Path, console: Console, *, interval_s: float
+) -> tuple[RolloutRun, LoadTally, str]:
     """Rebuild INT8 with other calibration data (version 2 of the same model) and roll it out over
     version 1 on the same route: loaded before traffic moves, canaried, promoted, version 1 retired."""
     from server.cli.build_cmd import print_result
@@ -188,14 +204,21 @@ def version_rollout(gateway: GatewayHandle, repo: Path, out_dir: Path, console: 
     np.savez(calib, **{key: data[key][::2] for key in data.files})  # every other sample: new data
     print_result(build_example_int8(repo, name=BASE, calib=calib), console)
     model = f"{BASE}-int8-ort"
-    gateway.routes.replace_route(BASE, {"variants": [
-        {"name": "int8-v1", "upstream": "local", "model": model, "version": "1", "weight": 100}]},
-        reason="name the version serving today before a version rollout")
-    plan = plan_from_mapping({
-        **canary_plan("int8-v1", "int8-v2", model, interval_s=interval_s).to_dict(),
-        "candidate": {"name": "int8-v2", "upstream": "local", "model": model, "version": "2"},
-        "steps": [25, 50], "retire_previous": True, "retain_for_s": 0,
-    }, source="(quickstart)")
+    gateway.routes.replace_route(
+        BASE,
+        {"variants": [{"name": "int8-v1", "upstream": "local", "model": model, "version": "1", "weight": 100}]},
+        reason="name the version serving today before a version rollout",
+    )
+    plan = plan_from_mapping(
+        {
+            **canary_plan("int8-v1", "int8-v2", model, interval_s=interval_s).to_dict(),
+            "candidate": {"name": "int8-v2", "upstream": "local", "model": model, "version": "2"},
+            "steps": [25, 50],
+            "retire_previous": True,
+            "retain_for_s": 0,
+        },
+        source="(quickstart)",
+    )
     run, tally = run_with_load(gateway, plan, console)
     controller = controller_for(gateway)
     for _ in range(200):  # the retirement follows promotion on the controller's next tick (bounded)
@@ -225,8 +248,16 @@ def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: f
     with start_server(repo, port=0, model_control_mode="explicit") as server:
         console.print(f"kiln serve listening on {server.url}")
         check_requests(server, console)
-        direct = run_bench(BenchConfig(url=server.url, model=f"{BASE}-int8-ort", concurrency=(1, 8),
-                                       duration_s=1.5, warmup_s=0.3, data=example_data_path()))
+        direct = run_bench(
+            BenchConfig(
+                url=server.url,
+                model=f"{BASE}-int8-ort",
+                concurrency=(1, 8),
+                duration_s=1.5,
+                warmup_s=0.3,
+                data=example_data_path(),
+            )
+        )
         _print_bench(direct, console)
         console.rule("[bold]3. gateway + canary rollouts under load")
         with start_gateway(gateway_config(server), port=0, admin_port=0, insecure_admin=True,
@@ -234,12 +265,14 @@ def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: f
             console.print(f"gateway on {gateway.address} ({gateway.data_plane} data plane: "
                           f"{gateway.data_plane_note}), admin API on {gateway.admin_url}")  # fmt: skip
             console.print("[bold]canary: INT8 replacing FP32[/]")
-            first = run_with_load(gateway, canary_plan("fp32", "int8", f"{BASE}-int8-ort", interval_s=interval_s),
-                                  console)
+            first = run_with_load(
+                gateway, canary_plan("fp32", "int8", f"{BASE}-int8-ort", interval_s=interval_s), console
+            )
             baseline = "int8" if first[0].outcome == "promoted" else "fp32"
             console.print(f"[bold]canary: miscalibrated INT8 replacing {baseline}[/]")
-            second = run_with_load(gateway, canary_plan(baseline, "int8-bad", f"{BROKEN}-int8-ort",
-                                                        interval_s=interval_s), console)
+            second = run_with_load(
+                gateway, canary_plan(baseline, "int8-bad", f"{BROKEN}-int8-ort", interval_s=interval_s), console
+            )
             runs = [first, second]
             retired = "skipped: INT8 was not promoted"
             if first[0].outcome == "promoted":
@@ -257,19 +290,30 @@ def run_quickstart(repo: Path, out_dir: Path, console: Console, *, interval_s: f
     ok = outcomes == ["promoted", "rolled_back", "promoted"] and retired.startswith("retired")
     verdict = "as expected" if ok else "[red]NOT as expected[/]"
     version_two = outcomes[2] if len(outcomes) > 2 else "not run"
-    console.print(f"quickstart finished in {took:.0f}s: INT8 {outcomes[0]}, broken build {outcomes[1]}, "
-                  f"INT8 version 2 {version_two} ({verdict})")
-    console.print(f"next: [bold]kiln serve --repo {repo}[/], [bold]kiln bench --url 127.0.0.1:8001 "
-                  f"--model {BASE}-int8-ort --concurrency 1,4,16 --plot bench.png[/], [bold]kiln doctor[/]")
+    console.print(
+        f"quickstart finished in {took:.0f}s: INT8 {outcomes[0]}, broken build {outcomes[1]}, "
+        f"INT8 version 2 {version_two} ({verdict})"
+    )
+    console.print(
+        f"next: [bold]kiln serve --repo {repo}[/], [bold]kiln bench --url 127.0.0.1:8001 "
+        f"--model {BASE}-int8-ort --concurrency 1,4,16 --plot bench.png[/], [bold]kiln doctor[/]"
+    )
     if not ok:
-        raise KilnError(f"quickstart rollouts ended {'/'.join(outcomes)} (version 1 {retired}), expected "
-                        "promoted/rolled_back/promoted with version 1 retired; see the events above and the plot")
+        raise KilnError(
+            f"quickstart rollouts ended {'/'.join(outcomes)} (version 1 {retired}), expected "
+            "promoted/rolled_back/promoted with version 1 retired; see the events above and the plot"
+        )
     return 0
 
 
 def _print_bench(result: BenchResult, console: Console) -> None:
     table = Table("concurrency", "infer/s", "p50 ms", "p99 ms", "errors", title=f"kiln bench -> {result.model}")
     for p in result.points:
-        table.add_row(f"{p.load:g}", f"{p.throughput_rps:.0f}", f"{p.latency_us['p50'] / 1e3:.2f}",
-                      f"{p.latency_us['p99'] / 1e3:.2f}", str(sum(p.errors.values())))
+        table.add_row(
+            f"{p.load:g}",
+            f"{p.throughput_rps:.0f}",
+            f"{p.latency_us['p50'] / 1e3:.2f}",
+            f"{p.latency_us['p99'] / 1e3:.2f}",
+            str(sum(p.errors.values())),
+        )
     console.print(table)

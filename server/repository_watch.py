@@ -121,8 +121,12 @@ class RepositoryPoller:
                 settled.add(version)
             else:
                 changing[version] = prints
-                logger.info("poll: %s version %d has no %s and may still be being copied; waiting a pass",
-                            name, version, MANIFEST_NAME)
+                logger.info(
+                    "poll: %s version %d has no %s and may still be being copied; waiting a pass",
+                    name,
+                    version,
+                    MANIFEST_NAME,
+                )
         if changing:
             self._settling[name] = changing
         return settled

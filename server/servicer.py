@@ -279,9 +279,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     response.models.add(name=entry.name, version=str(version), state=record.state.value)
                 for version, reason in sorted(record.failed.items()):
                     if version not in record.versions:
-                        response.models.add(name=entry.name, version=str(version),
-                                            state=ModelState.UNAVAILABLE.value,
-                                            reason=public_message(reason, self.store.root))
+                        response.models.add(
+                            name=entry.name,
+                            version=str(version),
+                            state=ModelState.UNAVAILABLE.value,
+                            reason=public_message(reason, self.store.root),
+                        )
             elif not request.ready:
                 state = record.state.value if record is not None else ModelState.UNAVAILABLE.value
                 reason = public_message(record.reason if record is not None else "not loaded", self.store.root)

@@ -127,9 +127,7 @@ def train(model: nn.Module, split: Split, config: TrainConfig) -> None:
     """Adam with cosine decay over ``config.epochs`` epochs of shuffled mini-batches."""
     x = torch.from_numpy(split.x_train)
     y = torch.from_numpy(split.y_train)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(config.seed)

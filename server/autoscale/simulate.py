@@ -160,7 +160,7 @@ def replay(
             if target > len(starts):
                 starts += [now] * (target - len(starts))
             elif target < len(starts):
-                starts = sorted(starts)[: target]  # the newest pods go first
+                starts = sorted(starts)[:target]  # the newest pods go first
         replicas[i] = len(starts)
         ready[i] = sum(1 for s in starts if now - s >= policy.startup_s)
     breached = rates > ready * capacity_rps
@@ -176,9 +176,7 @@ def _recommend(current: int, metric: float, policy: HpaPolicy) -> int:
 
 def _limit(current: int, desired: int, history: deque[tuple[float, int]], policy: HpaPolicy) -> int:
     if desired > current:
-        most = max(
-            current + math.ceil(current * policy.scale_up_percent / 100), current + policy.scale_up_pods
-        )
+        most = max(current + math.ceil(current * policy.scale_up_percent / 100), current + policy.scale_up_pods)
         return min(desired, most, policy.max_replicas)
     stabilized = max(r for _, r in history)  # the highest recommendation of the window
     if stabilized >= current:

@@ -313,8 +313,13 @@ def summarize(runs: Sequence[Run], slo: Slo, settings: SearchSettings, outcome: 
     client = any(r.judgement.cause == "client" for r in boundary)
     if lo is None:
         if not levels:
-            return CapacityResult(outcome=outcome, capacity=None, limited_by="server",
-                                  message=f"the search stopped before any level was measured ({outcome})", **common)
+            return CapacityResult(
+                outcome=outcome,
+                capacity=None,
+                limited_by="server",
+                message=f"the search stopped before any level was measured ({outcome})",
+                **common,
+            )
         floor = min(r.load for r in levels)  # its failing run: it may also have passed once before a repeat failed
         lowest = next(r for r in levels if r.load == floor and not r.judgement.meets)
         every_error = all(r.judgement.error_rate >= 1.0 for r in levels)
@@ -334,32 +339,48 @@ def summarize(runs: Sequence[Run], slo: Slo, settings: SearchSettings, outcome: 
             message += "; relax the SLO or lower --start"
         if outcome == "budget":
             message += f" (the search stopped after {settings.max_levels} levels, --max-levels)"
-        return CapacityResult(outcome="none", capacity=None, limited_by="client" if client else "server",
-                              message=message, **common)
+        return CapacityResult(
+            outcome="none", capacity=None, limited_by="client" if client else "server", message=message, **common
+        )
     at = [r for r in levels if r.load == lo]
     p99s = tuple(r.judgement.p99_ms for r in at)
     throughput = sum(r.point.throughput_rps for r in at) / len(at)
     figures = f"p99 {', '.join(f'{p:.2f}' for p in p99s)} ms over {len(at)} run(s), {throughput:.1f} ok/s"
     if hi is None and outcome == "budget":
         limited, result_outcome = "max-levels", "budget"
-        message = (f"met the SLO ({slo.describe()}) at every level up to {lo:g} {unit} ({figures}), then ran out of "
-                   f"--max-levels ({settings.max_levels}): the capacity is at least that")
+        message = (
+            f"met the SLO ({slo.describe()}) at every level up to {lo:g} {unit} ({figures}), then ran out of "
+            f"--max-levels ({settings.max_levels}): the capacity is at least that"
+        )
     elif hi is None:
         limited, result_outcome = "max-load", "above-max"
-        message = (f"met the SLO ({slo.describe()}) at every level up to --max-load {lo:g} {unit} ({figures}); "
-                   "the capacity is at least that: raise --max-load to find the knee")
+        message = (
+            f"met the SLO ({slo.describe()}) at every level up to --max-load {lo:g} {unit} ({figures}); "
+            "the capacity is at least that: raise --max-load to find the knee"
+        )
     else:
         limited = "client" if client else "server"
         result_outcome = "found" if outcome == "found" else outcome
         message = f"capacity {lo:g} {unit} at {slo.describe()} ({figures}); {hi:g} failed"
         if client:
-            message += (": the load generator could not offer that load, so this is the client's limit, not the "
-                        "endpoint's (a lower bound); run the client on another machine for the endpoint's own figure")
+            message += (
+                ": the load generator could not offer that load, so this is the client's limit, not the "
+                "endpoint's (a lower bound); run the client on another machine for the endpoint's own figure"
+            )
         if outcome == "budget":
             message += f" (stopped after {settings.max_levels} levels before the bracket closed)"
-    return CapacityResult(outcome=result_outcome, capacity=lo, limited_by=limited, message=message,
-                          knee_runs=len(at), knee_passes=sum(r.judgement.meets for r in at), knee_p99_ms=p99s,
-                          knee_throughput_rps=throughput, failed_above=hi, **common)
+    return CapacityResult(
+        outcome=result_outcome,
+        capacity=lo,
+        limited_by=limited,
+        message=message,
+        knee_runs=len(at),
+        knee_passes=sum(r.judgement.meets for r in at),
+        knee_p99_ms=p99s,
+        knee_throughput_rps=throughput,
+        failed_above=hi,
+        **common,
+    )
 
 
 # ---------------------------------------------------------------- internals

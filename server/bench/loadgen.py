@@ -152,8 +152,14 @@ async def run_level(
 
 
 async def _level(
-    send: Send, payloads: list[bytes], config: BenchConfig, mode: str, load: float, seconds: float | None,
-    requests: int | None, stop: StopRule | None,
+    send: Send,
+    payloads: list[bytes],
+    config: BenchConfig,
+    mode: str,
+    load: float,
+    seconds: float | None,
+    requests: int | None,
+    stop: StopRule | None,
 ) -> LoadPoint:
     if mode == "rate":
         rng = np.random.default_rng(config.seed)
@@ -332,8 +338,16 @@ class _Tally:
         loop_lags_ns: list[int] | None = None,
     ) -> LoadPoint:
         point = make_point(
-            mode, load, self.latencies, dict(self.errors), duration_ns, send_lags_ns, self.by_variant,
-            sent_rps=sent_rps, loop_lags_ns=loop_lags_ns, stopped_early=self.stopped,
+            mode,
+            load,
+            self.latencies,
+            dict(self.errors),
+            duration_ns,
+            send_lags_ns,
+            self.by_variant,
+            sent_rps=sent_rps,
+            loop_lags_ns=loop_lags_ns,
+            stopped_early=self.stopped,
         )
         return replace(point, error_examples=dict(sorted(self.error_examples.items())))
 

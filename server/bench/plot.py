@@ -56,12 +56,22 @@ def plot_capacity(result: CapacityResult, path: Path, title: str) -> Path:
         ax.plot(loads, [r.point.latency_us.get(name, float("nan")) / 1e3 for r in runs], style, label=name)
     failed = [r for r in runs if not r.judgement.meets]
     if failed:
-        ax.plot([r.load for r in failed], [r.judgement.p99_ms for r in failed], "x", color="red", markersize=10,
-                label="level failed the SLO")
+        ax.plot(
+            [r.load for r in failed],
+            [r.judgement.p99_ms for r in failed],
+            "x",
+            color="red",
+            markersize=10,
+            label="level failed the SLO",
+        )
     ax.axhline(result.slo.p99_ms, color="gray", linestyle=":", label=f"SLO p99 {result.slo.p99_ms:g} ms")
     if result.capacity is not None:
-        ax.axvline(result.capacity, color="green", linestyle="--",
-                   label=f"knee: {result.capacity:g} ({result.limited_by}'s limit)")
+        ax.axvline(
+            result.capacity,
+            color="green",
+            linestyle="--",
+            label=f"knee: {result.capacity:g} ({result.limited_by}'s limit)",
+        )
     mode = result.mode
     ax.set_xlabel("offered rate (requests/s)" if mode == "rate" else "concurrency (requests in flight)")
     ax.set_ylabel("latency (ms)")

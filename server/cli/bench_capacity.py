@@ -23,33 +23,53 @@ from server.bench.loadgen import BenchConfig
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("capacity under a latency SLO (--find-capacity)")
-    group.add_argument("--find-capacity", action="store_true",
-                       help="search for the highest load that meets the SLO (exponential, then binary, then repeats)")
+    group.add_argument(
+        "--find-capacity",
+        action="store_true",
+        help="search for the highest load that meets the SLO (exponential, then binary, then repeats)",
+    )
     group.add_argument("--slo-p99-ms", type=float, default=None, help="the SLO: p99 latency in ms (required)")
-    group.add_argument("--slo-error-rate", type=float, default=0.0,
-                       help="the SLO: share of requests allowed to fail, 0..1 (default 0)")
-    group.add_argument("--capacity-mode", choices=("rate", "concurrency"), default="rate",
-                       help="search open-loop Poisson arrival rate (default) or closed-loop concurrency")
+    group.add_argument(
+        "--slo-error-rate", type=float, default=0.0, help="the SLO: share of requests allowed to fail, 0..1 (default 0)"
+    )
+    group.add_argument(
+        "--capacity-mode",
+        choices=("rate", "concurrency"),
+        default="rate",
+        help="search open-loop Poisson arrival rate (default) or closed-loop concurrency",
+    )
     group.add_argument("--start", type=float, default=None, help="first level (default 10 req/s, or concurrency 1)")
-    group.add_argument("--max-load", type=float, default=None,
-                       help="highest level to offer (default 20000 req/s, or concurrency 1024)")
-    group.add_argument("--precision", type=float, default=0.05,
-                       help="stop bisecting when the bracket is within this share (default 0.05)")
+    group.add_argument(
+        "--max-load", type=float, default=None, help="highest level to offer (default 20000 req/s, or concurrency 1024)"
+    )
+    group.add_argument(
+        "--precision",
+        type=float,
+        default=0.05,
+        help="stop bisecting when the bracket is within this share (default 0.05)",
+    )
     group.add_argument("--repeats", type=int, default=2, help="extra runs of the final level (default 2)")
-    group.add_argument("--min-samples", type=int, default=2000,
-                       help="successful requests per level for a stable p99 (default 2000)")
-    group.add_argument("--level-seconds", default="2,15",
-                       help="MIN,MAX seconds per measured level (default 2,15)")
+    group.add_argument(
+        "--min-samples", type=int, default=2000, help="successful requests per level for a stable p99 (default 2000)"
+    )
+    group.add_argument("--level-seconds", default="2,15", help="MIN,MAX seconds per measured level (default 2,15)")
     group.add_argument("--max-levels", type=int, default=30, help="stop after this many levels (default 30)")
-    group.add_argument("--probe-concurrency", type=int, default=16,
-                       help="rate search: a 1 s closed-loop run at this concurrency first, to start near the "
-                            "endpoint's throughput (0: off, start at --start)")
-    group.add_argument("--record", action="store_true",
-                       help="write the capacity into the served version's kiln.json in --repo")
-    group.add_argument("--repo", type=Path, default=Path("model_repository"),
-                       help="repository for --record (default model_repository)")
-    group.add_argument("--record-model", default=None,
-                       help="repository model to record into, when --model is a gateway route name")
+    group.add_argument(
+        "--probe-concurrency",
+        type=int,
+        default=16,
+        help="rate search: a 1 s closed-loop run at this concurrency first, to start near the "
+        "endpoint's throughput (0: off, start at --start)",
+    )
+    group.add_argument(
+        "--record", action="store_true", help="write the capacity into the served version's kiln.json in --repo"
+    )
+    group.add_argument(
+        "--repo", type=Path, default=Path("model_repository"), help="repository for --record (default model_repository)"
+    )
+    group.add_argument(
+        "--record-model", default=None, help="repository model to record into, when --model is a gateway route name"
+    )
     group.add_argument("--hardware", default="", help="label of the server's hardware for --record (default: probed)")
 
 
@@ -110,15 +130,22 @@ def run_capacity(args: argparse.Namespace, config: BenchConfig, console: Console
 
         def on_run(run: Run) -> None:
             verdict = "meets" if run.judgement.meets else f"fails ({run.judgement.cause})"
-            progress.update(task, advance=1,
-                            description=f"{escape(args.model)}: {run.phase} {run.load:g} {unit} -> {verdict}")
+            progress.update(
+                task, advance=1, description=f"{escape(args.model)}: {run.phase} {run.load:g} {unit} -> {verdict}"
+            )
 
         result, versions = search_endpoint(config, slo, settings, on_run)
     print_capacity(result, console)
     title = f"{args.model} @ {args.url}{f' variant {args.variant}' if args.variant else ''}: {slo.describe()}"
     if args.json:
-        document = {"url": args.url, "model": args.model, "variant": args.variant, "batch": config.batch,
-                    "versions": list(versions), **result.to_dict()}
+        document = {
+            "url": args.url,
+            "model": args.model,
+            "variant": args.variant,
+            "batch": config.batch,
+            "versions": list(versions),
+            **result.to_dict(),
+        }
         _write(args.json, json.dumps(document, indent=2, default=str))
     if args.plot:
         plot_capacity(result, args.plot, title)
@@ -139,9 +166,18 @@ def print_capacity(result: CapacityResult, console: Console) -> None:
         point, judgement = run.point, run.judgement
         lag = (point.send_lag_us_p50 if point.mode == "rate" else point.loop_lag_us_p50) / 1e3
         verdict = "[green]meets[/]" if judgement.meets else f"[red]{escape(judgement.cause)}[/]"
-        table.add_row(str(index), run.phase, f"{run.load:g}", str(point.ok), f"{point.throughput_rps:.1f}",
-                      f"{point.latency_us.get('p50', math.nan) / 1e3:.2f}", f"{judgement.p99_ms:.2f}",
-                      f"{judgement.error_rate * 100:.2f}", f"{lag:.2f}", verdict)
+        table.add_row(
+            str(index),
+            run.phase,
+            f"{run.load:g}",
+            str(point.ok),
+            f"{point.throughput_rps:.1f}",
+            f"{point.latency_us.get('p50', math.nan) / 1e3:.2f}",
+            f"{judgement.p99_ms:.2f}",
+            f"{judgement.error_rate * 100:.2f}",
+            f"{lag:.2f}",
+            verdict,
+        )
     console.print(table)
     for run in result.runs:
         if not run.judgement.meets:
@@ -161,8 +197,16 @@ def _record(
     hardware = hardware_summary(probe_machine(), args.hardware)
 
     def build(precision: str | None, serving: dict[str, Any]) -> dict[str, Any]:
-        return capacity_entry(result, url=args.url, served_model=args.model, variant=args.variant,
-                              request_batch=config.batch, precision=precision, serving=serving, hardware=hardware)
+        return capacity_entry(
+            result,
+            url=args.url,
+            served_model=args.model,
+            variant=args.variant,
+            request_batch=config.batch,
+            precision=precision,
+            serving=serving,
+            hardware=hardware,
+        )
 
     model = args.record_model or args.model
     path, entry = record_capacity(args.repo, model, versions, args.version, build)

@@ -39,14 +39,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, default=None, help=".npz with one array per input name (default random)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per level, not measured")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
-    parser.add_argument("--max-in-flight", type=int, default=4096,
-                        help="open loop: arrivals beyond this many outstanding requests are counted as "
-                             "CLIENT_BACKLOG instead of sent (default 4096)")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=4096,
+        help="open loop: arrivals beyond this many outstanding requests are counted as "
+        "CLIENT_BACKLOG instead of sent (default 4096)",
+    )
     parser.add_argument(
         "--by-variant", action="store_true", help="also report percentiles per gateway variant (kiln-variant)"
     )
-    parser.add_argument("--variant", default="",
-                        help="through the gateway: pin every request to this variant (kiln-variant header)")
+    parser.add_argument(
+        "--variant", default="", help="through the gateway: pin every request to this variant (kiln-variant header)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--csv", type=Path, default=None, help="write one CSV row per load level")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of latency percentiles vs load")

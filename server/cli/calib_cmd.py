@@ -50,8 +50,10 @@ def run_write(args: argparse.Namespace) -> int:
 
 def print_table(table: CalibrationTable, console: Console) -> None:
     console.print(
-        escape(f"method {table.method}, TensorRT {table.trt_version or '?'} {table.trt_algorithm}, "
-               f"{len(table.amax)} tensors")
+        escape(
+            f"method {table.method}, TensorRT {table.trt_version or '?'} {table.trt_algorithm}, "
+            f"{len(table.amax)} tensors"
+        )
     )
     rows = Table("tensor", "amax", "scale (amax/127)")
     for name, amax in table.amax.items():

@@ -23,17 +23,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     auto.add_argument("--model", required=True, help="repository model whose recorded capacity sets the target")
     auto.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository directory")
     auto.add_argument("--version", type=int, default=None, help="version to read (default: the newest with a capacity)")
-    auto.add_argument("--metric", choices=("rate", "concurrency"), default="rate",
-                      help="scale on requests/s per pod (rate capacity, default) or requests in flight per pod")
+    auto.add_argument(
+        "--metric",
+        choices=("rate", "concurrency"),
+        default="rate",
+        help="scale on requests/s per pod (rate capacity, default) or requests in flight per pod",
+    )
     auto.add_argument("--slo-p99-ms", type=float, default=None, help="use the capacity recorded at this SLO")
-    auto.add_argument("--headroom", type=float, default=0.7,
-                      help="target = capacity x headroom, room for bursts while new pods start (default 0.7)")
+    auto.add_argument(
+        "--headroom",
+        type=float,
+        default=0.7,
+        help="target = capacity x headroom, room for bursts while new pods start (default 0.7)",
+    )
     auto.add_argument("--min-replicas", type=int, default=1)
     auto.add_argument("--max-replicas", type=int, default=10)
     auto.add_argument("--namespace", default="default")
     auto.add_argument("--deployment", default="triton", help="the Triton Deployment to scale (default triton)")
-    auto.add_argument("--gateway-deployment", default="kiln-gateway",
-                      help="the gateway Deployment (default kiln-gateway)")
+    auto.add_argument(
+        "--gateway-deployment", default="kiln-gateway", help="the gateway Deployment (default kiln-gateway)"
+    )
     auto.add_argument("--gateway-cpu", type=int, default=70, help="gateway target CPU utilization in %% (default 70)")
     auto.add_argument("--out", type=Path, default=None, help="write the YAML here instead of printing it")
     auto.set_defaults(func=run_autoscale)
@@ -42,9 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_autoscale(args: argparse.Namespace) -> int:
     entry, where = _recorded(args)
     spec = AutoscaleSpec(
-        model=args.model, mode=args.metric, capacity=float(entry["capacity"]), headroom=args.headroom,
-        min_replicas=args.min_replicas, max_replicas=args.max_replicas, namespace=args.namespace,
-        triton_deployment=args.deployment, gateway_deployment=args.gateway_deployment,
+        model=args.model,
+        mode=args.metric,
+        capacity=float(entry["capacity"]),
+        headroom=args.headroom,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        namespace=args.namespace,
+        triton_deployment=args.deployment,
+        gateway_deployment=args.gateway_deployment,
         gateway_cpu_percent=args.gateway_cpu,
     )
     spec.check()
@@ -81,8 +96,9 @@ def _recorded(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     for version in reversed(versions):
         where = f"{args.model} version {version.version}"
         try:
-            return pick_capacity(list((version.manifest or {}).get("capacity") or []), args.metric,
-                                 args.slo_p99_ms, where), where
+            return pick_capacity(
+                list((version.manifest or {}).get("capacity") or []), args.metric, args.slo_p99_ms, where
+            ), where
         except NotFoundError as err:
             problems.append(err)
     raise problems[0]

@@ -13,13 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "quickstart",
         help="build, serve, route and canary the example model on this CPU (about a minute)",
     )
-    parser.add_argument("--repo", type=Path, default=Path("quickstart_repository"),
-                        help="repository to create (replaced if it exists)")
+    parser.add_argument(
+        "--repo", type=Path, default=Path("quickstart_repository"), help="repository to create (replaced if it exists)"
+    )
     parser.add_argument("--out", type=Path, default=Path("quickstart_output"), help="where the PNG goes")
     parser.add_argument("--interval", type=float, default=None, help="seconds per canary step (default 2; --llm: 3)")
-    parser.add_argument("--llm", action="store_true",
-                        help="the token-streaming demo instead: a decoder served token by token, canaried on "
-                             "TTFT and on greedy token agreement")
+    parser.add_argument(
+        "--llm",
+        action="store_true",
+        help="the token-streaming demo instead: a decoder served token by token, canaried on "
+        "TTFT and on greedy token agreement",
+    )
     parser.set_defaults(func=run)
 
 

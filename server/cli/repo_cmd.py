@@ -59,11 +59,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_list(args: argparse.Namespace) -> int:
     entries = list_models(args.repo)
     if args.json:
-        print(json.dumps([
-            {"model": e.name, "versions": [v.version for v in e.versions],
-             "platform": e.config.platform if e.config else None,
-             "precision": (e.versions[-1].manifest or {}).get("precision") if e.versions else None}
-            for e in entries], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "model": e.name,
+                        "versions": [v.version for v in e.versions],
+                        "platform": e.config.platform if e.config else None,
+                        "precision": (e.versions[-1].manifest or {}).get("precision") if e.versions else None,
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return 0
     table = Table("model", "platform", "versions", "latest precision", "latest size", title=escape(str(args.repo)))
     for e in entries:
@@ -101,8 +110,17 @@ def print_capacity(versions: Sequence[VersionInfo]) -> None:
     rows = [(v.version, c) for v in versions for c in ((v.manifest or {}).get("capacity") or [])]
     if not rows:
         return
-    table = Table("version", "capacity", "SLO", "limited by", "precision", "batch", "hardware", "measured",
-                  title="capacity (kiln bench --find-capacity --record)")
+    table = Table(
+        "version",
+        "capacity",
+        "SLO",
+        "limited by",
+        "precision",
+        "batch",
+        "hardware",
+        "measured",
+        title="capacity (kiln bench --find-capacity --record)",
+    )
     for version, c in rows:
         slo = c.get("slo", {})
         batch = c.get("batch", {})
@@ -144,8 +162,18 @@ def run_policy(args: argparse.Namespace) -> int:
     else:
         change = change_policy(args.repo, args.model, args.keep_versions)
     if args.json:
-        print(json.dumps({"model": change.model, "old": change.old, "policy": change.new,
-                          "versions": list(change.versions), "served": list(change.served)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": change.model,
+                    "old": change.old,
+                    "policy": change.new,
+                    "versions": list(change.versions),
+                    "served": list(change.served),
+                },
+                indent=2,
+            )
+        )
         return 0
     what = f"{change.old} -> {change.new}" if args.keep_versions is not None else change.new
     print(f"{change.model}: version policy {what}; serves versions {list(change.served)} of {list(change.versions)}")

@@ -59,9 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print JSON")
     _watch_flags(status)
     status.set_defaults(func=run_status)
-    for verb, text in (("pause", "hold the current weights"), ("resume", "re-run the paused phase or step"),
-                       ("abort", "stop and restore the baseline"), ("promote", "make the candidate the baseline now"),
-                       ("retire", "stop serving the promoted rollout's previous version (refused while routed)")):
+    for verb, text in (
+        ("pause", "hold the current weights"),
+        ("resume", "re-run the paused phase or step"),
+        ("abort", "stop and restore the baseline"),
+        ("promote", "make the candidate the baseline now"),
+        ("retire", "stop serving the promoted rollout's previous version (refused while routed)"),
+    ):
         p = sub.add_parser(verb, help=text)
         _connection(p)
         p.add_argument("route", help="public model name")
@@ -85,8 +89,11 @@ def _replica_commands(sub: argparse._SubParsersAction) -> None:
     ctl.add_argument("--admin-port", type=int, default=8081, help="its /rollouts admin API port (default 8081)")
     ctl.add_argument("--token-file", type=Path, help="bearer token file (default: $KILN_ADMIN_TOKEN)")
     ctl.add_argument("--tick", type=float, default=1.0, help="seconds between decisions (default 1)")
-    ctl.add_argument("--insecure-admin", action="store_true",
-                     help="allow its admin API without a token (only when bound to 127.0.0.1)")
+    ctl.add_argument(
+        "--insecure-admin",
+        action="store_true",
+        help="allow its admin API without a token (only when bound to 127.0.0.1)",
+    )
     ctl.set_defaults(func=run_controller)
     sync = sub.add_parser("sync-routes", help="keep one gateway's routes equal to the shared routes file")
     _connection(sync)
@@ -105,8 +112,11 @@ def _plan_flags(p: argparse.ArgumentParser) -> None:
         if flag not in ("route", "baseline"):
             p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"plan field {'.'.join(path)}")
     p.add_argument("--no-shadow", action="store_true", help="skip the shadow phase")
-    p.add_argument("--retire-previous", action="store_true",
-                   help="after promotion (and --retain-for seconds), stop upstreams serving the baseline's version")
+    p.add_argument(
+        "--retire-previous",
+        action="store_true",
+        help="after promotion (and --retain-for seconds), stop upstreams serving the baseline's version",
+    )
 
 
 def _watch_flags(p: argparse.ArgumentParser) -> None:
@@ -224,8 +234,15 @@ def run_controller(args: argparse.Namespace) -> int:
             f"the controller's admin API has no token (--token-file or $KILN_ADMIN_TOKEN); without one it only "
             f"starts bound to 127.0.0.1 with --insecure-admin (got {args.admin_host!r})"
         )
-    with start_controller(args.routes_file, args.prometheus, args.state_dir, admin_host=args.admin_host,
-                          admin_port=args.admin_port, token=token, tick_s=args.tick) as ctl:
+    with start_controller(
+        args.routes_file,
+        args.prometheus,
+        args.state_dir,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        token=token,
+        tick_s=args.tick,
+    ) as ctl:
         print(f"kiln rollout controller: admin on {ctl.admin_url}, routes in {args.routes_file}", flush=True)
         _wait_for_signal()
     return 0
@@ -256,8 +273,13 @@ def render_status(status: dict[str, Any]) -> Group:
     weights = ", ".join(f"{k} {v:g}%" for k, v in status.get("weights", {}).items())
     colour = {"promoted": "green", "rolled_back": "red", "aborted": "red", "paused": "yellow"}
     phase = Text(status["phase"], style=colour.get(status["phase"], "cyan"))
-    head = Text.assemble(("rollout ", "bold"), (status["route"], "bold"), ": ", phase,
-                         f"  step {step} of {steps}  weights: {weights}  (version {status['version']})")
+    head = Text.assemble(
+        ("rollout ", "bold"),
+        (status["route"], "bold"),
+        ": ",
+        phase,
+        f"  step {step} of {steps}  weights: {weights}  (version {status['version']})",
+    )
     table = Table("SLO", "measured", "limit", "ok", title=None)
     for row in status.get("slos", []):
         ok = {True: "[green]yes[/]", False: "[red]NO[/]", None: "[dim]waiting[/]"}[row["ok"]]
@@ -266,7 +288,9 @@ def render_status(status: dict[str, Any]) -> Group:
     traffic = Text(
         f"window {status.get('elapsed_s', 0):.1f}s: baseline {window.get('baseline', {}).get('requests', 0)} req, "
         f"candidate {window.get('candidate', {}).get('requests', 0)} req, "
-        f"compared {window.get('compared', 0)}", style="dim")
+        f"compared {window.get('compared', 0)}",
+        style="dim",
+    )
     parts: list[Text | Table] = [head, Text(status.get("reason", ""), style="dim"), table, traffic]
     if status.get("retire"):
         parts.append(Text(f"previous version: {status['retire']['state']}: {status['retire']['message']}"))

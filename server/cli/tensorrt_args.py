@@ -34,9 +34,7 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(HARDWARE_COMPAT),
         help="plans that also run on other GPUs: ampere_plus, same_cc (default none: this GPU model only)",
     )
-    group.add_argument(
-        "--version-compat", action="store_true", help="plans that also run on later TensorRT versions"
-    )
+    group.add_argument("--version-compat", action="store_true", help="plans that also run on later TensorRT versions")
     group.add_argument(
         "--trt-int8",
         default=DEFAULTS.int8_mode,

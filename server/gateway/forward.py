@@ -184,8 +184,10 @@ class Forwarder:
         upstream = self._config.default_upstream
         if self._config.unknown_models != "passthrough" or upstream is None:
             routed = sorted(self._table.snapshot.routes)
-            raise RpcAbort(grpc.StatusCode.NOT_FOUND,
-                           f"model {shown(public)} is not routed by this gateway; routed models are {routed}")
+            raise RpcAbort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {shown(public)} is not routed by this gateway; routed models are {routed}",
+            )
         return upstream
 
     def succeeded(self, decision: Decision, sent: int, request: bytes, response: bytes) -> tuple[Metadata, bytes]:
@@ -278,7 +280,6 @@ class Forwarder:
             what = f"model {shown(public)} is not routed by this gateway" if public else f"{method} has no upstream"
             raise RpcAbort(code, f"{what}; routed models are {sorted(self._table.snapshot.routes)}")
         return upstream
-
 
     def control_target(self, method: str, metadata: Sequence[Any]) -> str:
         """The upstream a control RPC goes to, if it is enabled there and the caller is admin."""

@@ -164,7 +164,8 @@ class AioHandlers:
                 yield message + suffix
 
         call: Any = self._pool[decision.upstream].stream("ModelStreamInfer")(
-            upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded)
+            upstream_requests(), timeout=timeout_of(context.time_remaining()), metadata=decision.forwarded
+        )
         expired = asyncio.Event()
 
         async def watchdog() -> None:

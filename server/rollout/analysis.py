@@ -93,9 +93,7 @@ def shadow_checks(plan: RolloutPlan, m: Measurements) -> tuple[SloCheck, ...]:
     return (_at_most("error_rate", error_rate, plan.slos.max_error_rate), agreement)
 
 
-def step_checks(
-    plan: RolloutPlan, m: Measurements, baseline_p99_ms: float | None
-) -> tuple[SloCheck, ...]:
+def step_checks(plan: RolloutPlan, m: Measurements, baseline_p99_ms: float | None) -> tuple[SloCheck, ...]:
     """A canary step: candidate error rate, p99 ratio to baseline, ceiling, sampled agreement."""
     cand = m.candidate
     error_rate = cand.error_rate if cand.requests else None

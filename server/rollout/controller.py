@@ -53,9 +53,16 @@ class _Active:
 class RolloutController:
     """Owns every rollout of one gateway; thread-safe."""
 
-    def __init__(self, routes: RouteControl, metrics: MetricsSource, store: Store, *,
-                 tick_s: float = 0.2, clock: Callable[[], float] = _monotonic_s,
-                 versions: VersionControl | None = None) -> None:
+    def __init__(
+        self,
+        routes: RouteControl,
+        metrics: MetricsSource,
+        store: Store,
+        *,
+        tick_s: float = 0.2,
+        clock: Callable[[], float] = _monotonic_s,
+        versions: VersionControl | None = None,
+    ) -> None:
         self._routes = routes
         self._versions = versions
         self._preparing: set[str] = set()  # routes whose candidate is being loaded (outside the lock)
@@ -82,8 +89,9 @@ class RolloutController:
                     self._rollouts[route] = _Active(None, RolloutState(route, Phase.ROLLED_BACK))
                     self._commit(route, machine.unreadable(route, now, str(err)))
                     continue
-                active = _Active(record.plan, record.state, list(record.events), previous=record.previous,
-                                 retire=record.retire)
+                active = _Active(
+                    record.plan, record.state, list(record.events), previous=record.previous, retire=record.retire
+                )
                 if record.state.phase is Phase.PROMOTED:
                     active.promoted_at = now  # the rollback window restarts with the process (never shorter)
                 self._rollouts[route] = active
@@ -133,9 +141,14 @@ class RolloutController:
 
     def _retire_due(self, active: _Active) -> bool:
         plan = active.plan
-        return (plan is not None and plan.retire_previous and active.state.phase is Phase.PROMOTED
-                and active.retire is None and active.promoted_at is not None
-                and self._clock() - active.promoted_at >= plan.retain_for_s)
+        return (
+            plan is not None
+            and plan.retire_previous
+            and active.state.phase is Phase.PROMOTED
+            and active.retire is None
+            and active.promoted_at is not None
+            and self._clock() - active.promoted_at >= plan.retain_for_s
+        )
 
     def _tick_one(self, route: str, active: _Active, plan: RolloutPlan) -> None:
         if active.unapplied:
@@ -170,16 +183,26 @@ class RolloutController:
             # Apply the first route change before recording anything: a change the gateway refuses
             # (unknown upstream, ...) fails the start and leaves no trace.
             for action in first.actions:
-                self._routes.put_route(plan.route, desired_route(route, action, plan.candidate),
-                                       f"rollout {plan.candidate.name}: {action.kind}")
+                self._routes.put_route(
+                    plan.route,
+                    desired_route(route, action, plan.candidate),
+                    f"rollout {plan.candidate.name}: {action.kind}",
+                )
             self._rollouts[plan.route] = _Active(plan, begun.state, previous=previous_of(route, plan))
             events = begun.events
             if ready:
                 waited = max(r["waited_s"] for r in ready)
-                events += (machine.Event(
-                    "candidate_ready", now, begun.state.phase.value, begun.state.step,
-                    f"{plan.candidate.model} version {plan.candidate.version} ready on "
-                    f"{[r['upstream'] for r in ready]} after {waited:.2f}s", {"upstreams": ready}),)
+                events += (
+                    machine.Event(
+                        "candidate_ready",
+                        now,
+                        begun.state.phase.value,
+                        begun.state.step,
+                        f"{plan.candidate.model} version {plan.candidate.version} ready on "
+                        f"{[r['upstream'] for r in ready]} after {waited:.2f}s",
+                        {"upstreams": ready},
+                    ),
+                )
             self._commit(plan.route, replace(first, actions=()), prior_events=events)
             return self.status(plan.route)
 
@@ -210,11 +233,18 @@ class RolloutController:
         if not cand.version:
             return []
         if self._versions is None:  # e.g. the multi-replica controller, which knows no upstream addresses
-            logger.warning("rollout %s: cannot check that %s version %s is ready on the upstreams; make sure "
-                           "it is before traffic moves", plan.route, cand.model, cand.version)
+            logger.warning(
+                "rollout %s: cannot check that %s version %s is ready on the upstreams; make sure "
+                "it is before traffic moves",
+                plan.route,
+                cand.model,
+                cand.version,
+            )
             return []
-        return [self._versions.ensure_serving(name, cand.model, cand.version, plan.ready_timeout_s)
-                for name in upstreams_for(route, cand)]
+        return [
+            self._versions.ensure_serving(name, cand.model, cand.version, plan.ready_timeout_s)
+            for name in upstreams_for(route, cand)
+        ]
 
     def retire(self, route: str) -> dict[str, Any]:
         """Retire the version the promoted rollout's baseline served; refused while a route points at it."""
@@ -227,31 +257,41 @@ class RolloutController:
                     "version can be retired"
                 )
             if self._versions is None:
-                raise ConflictError("this controller cannot reach upstreams; change the repository's version "
-                                    "policy (kiln repo policy) instead")
+                raise ConflictError(
+                    "this controller cannot reach upstreams; change the repository's version "
+                    "policy (kiln repo policy) instead"
+                )
             previous = dict(active.previous or {})
             blocked = retire_blockers(active.previous, plan, self._routes.all_routes())
             if blocked:
                 self._record_retire(route, active, "refused", f"previous version not retired: {blocked}")
                 raise ConflictError(f"cannot retire the previous version of route {route!r}: {blocked}")
         try:
-            results = [self._versions.retire(name, previous["model"], previous["version"])
-                       for name in previous["upstreams"]]
+            results = [
+                self._versions.retire(name, previous["model"], previous["version"]) for name in previous["upstreams"]
+            ]
         except KilnError as err:
             with self._lock:
                 self._record_retire(route, active, "failed", f"previous version not retired: {err}")
             raise
         with self._lock:
-            self._record_retire(route, active, "retired", f"{previous['model']} version {previous['version']} "
-                                f"retired on {previous['upstreams']}", results)
+            self._record_retire(
+                route,
+                active,
+                "retired",
+                f"{previous['model']} version {previous['version']} retired on {previous['upstreams']}",
+                results,
+            )
             return self.status(route)
 
-    def _record_retire(self, route: str, active: _Active, state: str, message: str,
-                       results: list[dict[str, Any]] | None = None) -> None:
+    def _record_retire(
+        self, route: str, active: _Active, state: str, message: str, results: list[dict[str, Any]] | None = None
+    ) -> None:
         active.retire = {"state": state, "message": message}
         kind = "retired" if state == "retired" else "retire_" + state
-        event = machine.Event(kind, self._clock(), active.state.phase.value, active.state.step, message,
-                              {"upstreams": results or []})
+        event = machine.Event(
+            kind, self._clock(), active.state.phase.value, active.state.step, message, {"upstreams": results or []}
+        )
         self._commit(route, machine.Decision(active.state), prior_events=(event,))
 
     def command(self, route: str, cmd: Command, expect_version: int | None = None) -> dict[str, Any]:
@@ -262,8 +302,7 @@ class RolloutController:
             self._commit(route, machine.command(active.state, active.plan, cmd, self._clock(), expect_version))
             return self.status(route)
 
-    def _commit(self, route: str, decision: Decision,
-                prior_events: tuple[machine.Event, ...] = ()) -> None:
+    def _commit(self, route: str, decision: Decision, prior_events: tuple[machine.Event, ...] = ()) -> None:
         active = self._rollouts[route]
         changed = decision.state != active.state
         if decision.state.phase is Phase.PROMOTED and active.state.phase is not Phase.PROMOTED:
@@ -274,23 +313,31 @@ class RolloutController:
         if decision.new_window:
             self._metrics.mark(route)
         for event in (*prior_events, *decision.events):
-            stamped = {**event.to_dict(), "seq": len(active.events) + 1, "route": route,
-                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")}
+            stamped = {
+                **event.to_dict(),
+                "seq": len(active.events) + 1,
+                "route": route,
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            }
             active.events.append(stamped)
             warn = ("rolled_back", "state_unreadable", "paused", "retire_refused", "retire_failed")
             log = logger.warning if event.kind in warn else logger.info
             log("rollout %s: %s: %s", route, event.kind, event.message)
         if changed or decision.events or prior_events:
-            self._store.save(StoredRollout(active.state, active.plan, tuple(active.events), active.previous,
-                                           active.retire))
+            self._store.save(
+                StoredRollout(active.state, active.plan, tuple(active.events), active.previous, active.retire)
+            )
 
     def _apply(self, route: str, active: _Active, actions: tuple[machine.RouteAction, ...]) -> None:
         candidate = active.plan.candidate if active.plan else None
         try:
             for action in actions:
                 current = self._routes.get_route(route)
-                self._routes.put_route(route, desired_route(current, action, candidate),
-                                       f"rollout: {action.kind} ({active.state.reason[:120]})")
+                self._routes.put_route(
+                    route,
+                    desired_route(current, action, candidate),
+                    f"rollout: {action.kind} ({active.state.reason[:120]})",
+                )
             active.unapplied = ()
         except KilnError as err:
             logger.warning("rollout %s: route change failed (%s); retrying next tick", route, err)
@@ -364,5 +411,7 @@ def _slo_rows(plan: RolloutPlan | None, state: RolloutState, m: Measurements | N
         checks = shadow_checks(plan, m)
     else:
         checks = step_checks(plan, m, reference_p99(plan, m, state.baseline_p99_ms))
-    return [{"name": c.name, "measured": c.measured, "limit": c.limit, "comparison": c.comparison, "ok": c.ok}
-            for c in checks]
+    return [
+        {"name": c.name, "measured": c.measured, "limit": c.limit, "comparison": c.comparison, "ok": c.ok}
+        for c in checks
+    ]

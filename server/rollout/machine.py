@@ -146,49 +146,92 @@ def _moved(state: RolloutState, **changes: Any) -> RolloutState:
 def start(plan: RolloutPlan, now: float) -> Decision:
     """A new rollout, pending; the next ``decide`` enters its first phase."""
     state = RolloutState(route=plan.route, phase=Phase.PENDING, window_start=now, reason="started")
-    event = _event(state, "started", now, f"rollout of {plan.candidate.name!r} on route {plan.route!r} "
-                   f"against baseline {plan.baseline!r}, steps {list(plan.steps)}", **plan.to_dict()["slos"])
+    event = _event(
+        state,
+        "started",
+        now,
+        f"rollout of {plan.candidate.name!r} on route {plan.route!r} "
+        f"against baseline {plan.baseline!r}, steps {list(plan.steps)}",
+        **plan.to_dict()["slos"],
+    )
     return Decision(state, (event,))
 
 
-def _enter_step(state: RolloutState, plan: RolloutPlan, index: int, now: float, why: str,
-                figures: dict[str, Any]) -> Decision:
+def _enter_step(
+    state: RolloutState, plan: RolloutPlan, index: int, now: float, why: str, figures: dict[str, Any]
+) -> Decision:
     weight = plan.steps[index]
-    new = _moved(state, phase=Phase.STEPPING, step=index, window_start=now, candidate_weight=weight,
-                 shadow_percent=plan.sample_percent, paused_from=None, waiting_reported=False, reason=why)
-    event = _event(new, "step", now, f"step {index + 1}/{len(plan.steps)}: candidate at {weight:g}% ({why})",
-                   weight=weight, **figures)
+    new = _moved(
+        state,
+        phase=Phase.STEPPING,
+        step=index,
+        window_start=now,
+        candidate_weight=weight,
+        shadow_percent=plan.sample_percent,
+        paused_from=None,
+        waiting_reported=False,
+        reason=why,
+    )
+    event = _event(
+        new,
+        "step",
+        now,
+        f"step {index + 1}/{len(plan.steps)}: candidate at {weight:g}% ({why})",
+        weight=weight,
+        **figures,
+    )
     return Decision(new, (event,), (_split(plan, weight, plan.sample_percent),), new_window=True)
 
 
 def _enter_first_phase(state: RolloutState, plan: RolloutPlan, now: float) -> Decision:
     if plan.shadow is None:
         return _enter_step(state, plan, 0, now, "no shadow phase", {})
-    new = _moved(state, phase=Phase.SHADOWING, window_start=now, candidate_weight=0.0,
-                 shadow_percent=plan.shadow.percent, waiting_reported=False, reason="shadowing")
-    event = _event(new, "shadowing", now, f"shadowing {plan.shadow.percent:g}% of traffic to the candidate",
-                   percent=plan.shadow.percent)
+    new = _moved(
+        state,
+        phase=Phase.SHADOWING,
+        window_start=now,
+        candidate_weight=0.0,
+        shadow_percent=plan.shadow.percent,
+        waiting_reported=False,
+        reason="shadowing",
+    )
+    event = _event(
+        new,
+        "shadowing",
+        now,
+        f"shadowing {plan.shadow.percent:g}% of traffic to the candidate",
+        percent=plan.shadow.percent,
+    )
     return Decision(new, (event,), (_split(plan, 0.0, plan.shadow.percent),), new_window=True)
 
 
-def _finish(state: RolloutState, plan: RolloutPlan, now: float, phase: Phase, kind: str, why: str,
-            figures: dict[str, Any]) -> Decision:
+def _finish(
+    state: RolloutState, plan: RolloutPlan, now: float, phase: Phase, kind: str, why: str, figures: dict[str, Any]
+) -> Decision:
     promoted = phase is Phase.PROMOTED
-    new = _moved(state, phase=phase, candidate_weight=100.0 if promoted else 0.0, shadow_percent=0.0,
-                 paused_from=None, reason=why)
+    new = _moved(
+        state,
+        phase=phase,
+        candidate_weight=100.0 if promoted else 0.0,
+        shadow_percent=0.0,
+        paused_from=None,
+        reason=why,
+    )
     action = _promote(plan) if promoted else _restore(plan)
     return Decision(new, (_event(new, kind, now, why, **figures),), (action,))
 
 
 def _hold(state: RolloutState, plan: RolloutPlan, now: float, why: str, figures: dict[str, Any]) -> Decision:
     """Pause after a failure: traffic back to baseline, the rollout stays open for a human."""
-    new = _moved(state, phase=Phase.PAUSED, paused_from=state.phase, candidate_weight=0.0,
-                 shadow_percent=0.0, reason=why)
+    new = _moved(
+        state, phase=Phase.PAUSED, paused_from=state.phase, candidate_weight=0.0, shadow_percent=0.0, reason=why
+    )
     return Decision(new, (_event(new, "paused", now, why, **figures),), (_restore(plan),))
 
 
-def _on_failure(state: RolloutState, plan: RolloutPlan, now: float, failed: list[SloCheck],
-                figures: dict[str, Any]) -> Decision:
+def _on_failure(
+    state: RolloutState, plan: RolloutPlan, now: float, failed: list[SloCheck], figures: dict[str, Any]
+) -> Decision:
     where = "shadow phase" if state.phase is Phase.SHADOWING else f"step {state.step + 1}"
     why = f"{where} failed: " + "; ".join(check.describe() for check in failed)
     if plan.on_failure == "pause":
@@ -196,10 +239,14 @@ def _on_failure(state: RolloutState, plan: RolloutPlan, now: float, failed: list
     return _finish(state, plan, now, Phase.ROLLED_BACK, "rolled_back", why, figures)
 
 
-def _on_timeout(state: RolloutState, plan: RolloutPlan, now: float, lacking: tuple[str, ...],
-                figures: dict[str, Any]) -> Decision:
-    why = (f"too little traffic after {now - state.window_start:.1f}s (limit {plan.wait_limit_s:g}s): "
-           + ", ".join(lacking) + f"; on_insufficient={plan.on_insufficient}")
+def _on_timeout(
+    state: RolloutState, plan: RolloutPlan, now: float, lacking: tuple[str, ...], figures: dict[str, Any]
+) -> Decision:
+    why = (
+        f"too little traffic after {now - state.window_start:.1f}s (limit {plan.wait_limit_s:g}s): "
+        + ", ".join(lacking)
+        + f"; on_insufficient={plan.on_insufficient}"
+    )
     if plan.on_insufficient == "pause":
         return _hold(state, plan, now, why, figures)
     phase = Phase.ROLLED_BACK if plan.on_insufficient == "rollback" else Phase.ABORTED
@@ -226,8 +273,7 @@ def decide(state: RolloutState, plan: RolloutPlan, m: Measurements, now: float) 
         if state.waiting_reported:
             return Decision(state)
         new = _moved(state, waiting_reported=True)
-        return Decision(new, (_event(new, "waiting", now, "waiting for traffic: " + ", ".join(lacking),
-                                     **figures),))
+        return Decision(new, (_event(new, "waiting", now, "waiting for traffic: " + ", ".join(lacking), **figures),))
     checks = shadow_checks(plan, m) if shadowing else step_checks(plan, m, reference)
     figures.update(check_figures(checks))
     figures["baseline_p99_ref_ms"] = reference
@@ -240,8 +286,15 @@ def decide(state: RolloutState, plan: RolloutPlan, m: Measurements, now: float) 
         return _enter_step(state, plan, 0, now, f"shadow phase passed: {summary}", figures)
     if state.step + 1 < len(plan.steps):
         return _enter_step(state, plan, state.step + 1, now, f"step {state.step + 1} passed: {summary}", figures)
-    return _finish(state, plan, now, Phase.PROMOTED, "promoted",
-                   f"all {len(plan.steps)} steps passed, candidate promoted: {summary}", figures)
+    return _finish(
+        state,
+        plan,
+        now,
+        Phase.PROMOTED,
+        "promoted",
+        f"all {len(plan.steps)} steps passed, candidate promoted: {summary}",
+        figures,
+    )
 
 
 def _window_figures(m: Measurements) -> dict[str, Any]:
@@ -259,8 +312,9 @@ def _window_figures(m: Measurements) -> dict[str, Any]:
     }
 
 
-def command(state: RolloutState, plan: RolloutPlan, cmd: Command, now: float,
-            expect_version: int | None = None) -> Decision:
+def command(
+    state: RolloutState, plan: RolloutPlan, cmd: Command, now: float, expect_version: int | None = None
+) -> Decision:
     """Apply an admin command. Conflicting commands raise ConflictError and change nothing.
 
     Commands are applied one at a time to the latest state (the controller serializes them), so
@@ -283,22 +337,30 @@ def command(state: RolloutState, plan: RolloutPlan, cmd: Command, now: float,
         if state.phase is Phase.PAUSED:
             return Decision(state)
         new = _moved(state, phase=Phase.PAUSED, paused_from=state.phase, reason="paused by admin")
-        return Decision(new, (_event(new, "paused", now, "paused by admin; weights kept",
-                                     weight=state.candidate_weight),))
+        return Decision(
+            new, (_event(new, "paused", now, "paused by admin; weights kept", weight=state.candidate_weight),)
+        )
     if cmd is Command.RESUME:
         return _resume(state, plan, now)
     if cmd is Command.ABORT:
-        return _finish(state, plan, now, Phase.ABORTED, "aborted", "aborted by admin; baseline restored",
-                       {"weight_before": state.candidate_weight})
-    return _finish(state, plan, now, Phase.PROMOTED, "promoted", "promoted by admin",
-                   {"weight_before": state.candidate_weight})
+        return _finish(
+            state,
+            plan,
+            now,
+            Phase.ABORTED,
+            "aborted",
+            "aborted by admin; baseline restored",
+            {"weight_before": state.candidate_weight},
+        )
+    return _finish(
+        state, plan, now, Phase.PROMOTED, "promoted", "promoted by admin", {"weight_before": state.candidate_weight}
+    )
 
 
 def _resume(state: RolloutState, plan: RolloutPlan, now: float) -> Decision:
     if state.phase is not Phase.PAUSED or state.paused_from is None:
         raise ConflictError(
-            f"rollout on route {state.route!r} is {state.phase.value}, not paused; only a paused "
-            "rollout can be resumed"
+            f"rollout on route {state.route!r} is {state.phase.value}, not paused; only a paused rollout can be resumed"
         )
     back = replace(state, phase=state.paused_from, paused_from=None)
     if back.phase is Phase.PENDING:
@@ -318,21 +380,26 @@ def recover(state: RolloutState, plan: RolloutPlan, now: float) -> Decision:
     if state.phase is Phase.PAUSED:
         action = _split(plan, state.candidate_weight, state.shadow_percent)
         new = _moved(state)
-        return Decision(new, (_event(new, "recovered", now, "gateway restarted; rollout still paused"),),
-                        (action,))
+        return Decision(new, (_event(new, "recovered", now, "gateway restarted; rollout still paused"),), (action,))
     if state.phase is Phase.PENDING:
         return Decision(state)
     new = _moved(state, window_start=now, waiting_reported=False)
     action = _split(plan, state.candidate_weight, state.shadow_percent)
     where = "shadow phase" if state.phase is Phase.SHADOWING else f"step {state.step + 1}"
-    event = _event(new, "recovered", now, f"gateway restarted; resuming at {where} on a fresh window",
-                   weight=state.candidate_weight)
+    event = _event(
+        new,
+        "recovered",
+        now,
+        f"gateway restarted; resuming at {where} on a fresh window",
+        weight=state.candidate_weight,
+    )
     return Decision(new, (event,), (action,), new_window=True)
 
 
 def unreadable(route: str, now: float, detail: str) -> Decision:
     """The persisted state could not be read: fall back to the route's first variant at 100 %."""
-    state = RolloutState(route=route, phase=Phase.ROLLED_BACK, window_start=now,
-                         reason=f"state unreadable, restored baseline: {detail}")
+    state = RolloutState(
+        route=route, phase=Phase.ROLLED_BACK, window_start=now, reason=f"state unreadable, restored baseline: {detail}"
+    )
     event = _event(state, "state_unreadable", now, state.reason, detail=detail)
     return Decision(state, (event,), (RouteAction("restore", route, None, None),))

@@ -197,9 +197,7 @@ def parse_steps(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError as err:
-        raise InvalidInputError(
-            f"steps {text!r} must be comma-separated percentages, e.g. 5,25,50,100"
-        ) from err
+        raise InvalidInputError(f"steps {text!r} must be comma-separated percentages, e.g. 5,25,50,100") from err
 
 
 def parse_candidate(text: str) -> dict[str, str]:

@@ -19,8 +19,13 @@ TOTAL = 100.0
 
 
 def _variant_dict(candidate: CandidateSpec, weight: float) -> dict[str, Any]:
-    return {"name": candidate.name, "upstream": candidate.upstream, "model": candidate.model,
-            "version": candidate.version, "weight": weight}
+    return {
+        "name": candidate.name,
+        "upstream": candidate.upstream,
+        "model": candidate.model,
+        "version": candidate.version,
+        "weight": weight,
+    }
 
 
 def _find(variants: list[dict[str, Any]], name: str, route: str) -> dict[str, Any]:
@@ -33,8 +38,7 @@ def _find(variants: list[dict[str, Any]], name: str, route: str) -> dict[str, An
     )
 
 
-def desired_route(current: Mapping[str, Any], action: RouteAction,
-                  candidate: CandidateSpec | None) -> dict[str, Any]:
+def desired_route(current: Mapping[str, Any], action: RouteAction, candidate: CandidateSpec | None) -> dict[str, Any]:
     """The route after ``action``; ``candidate`` defines the candidate variant when it must be added."""
     variants = [dict(v) for v in current["variants"]]
     route: dict[str, Any] = {k: v for k, v in current.items() if k not in ("variants", "shadow")}
@@ -53,8 +57,9 @@ def desired_route(current: Mapping[str, Any], action: RouteAction,
         return route
     base = _find(variants, str(action.baseline), action.route)
     weight = float(action.candidate_weight)
-    route["variants"] = ([{**base, "weight": TOTAL - weight}, {**cand, "weight": weight}]
-                         + [{**v, "weight": 0.0} for v in others])
+    route["variants"] = [{**base, "weight": TOTAL - weight}, {**cand, "weight": weight}] + [
+        {**v, "weight": 0.0} for v in others
+    ]
     if action.shadow is not None:
         route["shadow"] = {"variant": action.shadow[0], "percent": float(action.shadow[1])}
     return route

@@ -38,11 +38,13 @@ def parse_routes_document(raw: bytes, source: str) -> tuple[int, dict[str, dict[
         data = json.loads(raw)
     except ValueError as err:
         raise InvalidInputError(f"shared routes {source} is not JSON: {err}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("routes"), dict) or not isinstance(
-        data.get("version"), int
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("routes"), dict)
+        or not isinstance(data.get("version"), int)
     ):
         raise InvalidInputError(
-            f"shared routes {source} must be {{\"version\": int, \"routes\": {{...}}}}; got keys "
+            f'shared routes {source} must be {{"version": int, "routes": {{...}}}}; got keys '
             f"{sorted(data) if isinstance(data, dict) else type(data).__name__}"
         )
     return data["version"], {str(k): dict(v) for k, v in data["routes"].items()}
@@ -160,6 +162,7 @@ class RouteFileWatcher:
 
 def table_applier(table: RouteTable) -> ApplyRoutes:
     """``apply`` for a gateway ``RouteTable``: the file's routes become the table's, in one change."""
+
     def apply(routes: dict[str, dict[str, Any]], version: int) -> None:
         gone = tuple(sorted(set(table.snapshot.routes) - set(routes)))
         table.apply(RouteChange(put=routes, remove=gone, reason=f"shared routes v{version}"), actor="route-file")

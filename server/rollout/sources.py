@@ -120,20 +120,26 @@ def range_of(window_s: float) -> str:
 
 def promql_requests(route: str, variants: tuple[str, ...], window_s: float) -> str:
     """Requests per variant and status code over the window, summed across gateway replicas."""
-    return (f"sum by (variant, code) (increase({REQUESTS}{{route={_label(route)},"
-            f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))")
+    return (
+        f"sum by (variant, code) (increase({REQUESTS}{{route={_label(route)},"
+        f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))"
+    )
 
 
 def promql_p99(route: str, variants: tuple[str, ...], window_s: float) -> str:
     """p99 (seconds) per variant from the merged histograms of every replica."""
-    return (f"histogram_quantile(0.99, sum by (variant, le) (rate({LATENCY_BUCKETS}{{route={_label(route)},"
-            f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}])))")
+    return (
+        f"histogram_quantile(0.99, sum by (variant, le) (rate({LATENCY_BUCKETS}{{route={_label(route)},"
+        f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}])))"
+    )
 
 
 def promql_shadow(route: str, variants: tuple[str, ...], window_s: float) -> str:
     """Shadow comparisons by result (agree, disagree, error) against either variant."""
-    return (f"sum by (result) (increase({SHADOW}{{route={_label(route)},"
-            f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))")
+    return (
+        f"sum by (result) (increase({SHADOW}{{route={_label(route)},"
+        f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))"
+    )
 
 
 def parse_vector(payload: Mapping[str, Any]) -> list[tuple[dict[str, str], float | None]]:
@@ -153,10 +159,13 @@ def parse_vector(payload: Mapping[str, Any]) -> list[tuple[dict[str, str], float
     return rows
 
 
-def measurements_from(requests: list[tuple[dict[str, str], float | None]],
-                      p99: list[tuple[dict[str, str], float | None]],
-                      shadow: list[tuple[dict[str, str], float | None]],
-                      baseline: str, candidate: str) -> Measurements:
+def measurements_from(
+    requests: list[tuple[dict[str, str], float | None]],
+    p99: list[tuple[dict[str, str], float | None]],
+    shadow: list[tuple[dict[str, str], float | None]],
+    baseline: str,
+    candidate: str,
+) -> Measurements:
     """Assemble Measurements from the three query results (counts rounded to whole requests)."""
     counts: dict[str, list[float]] = {baseline: [0.0, 0.0], candidate: [0.0, 0.0]}
     for labels, value in requests:
@@ -196,7 +205,8 @@ class PrometheusSource:
             parse_vector(self.query(promql_requests(route, variants, window_s))),
             parse_vector(self.query(promql_p99(route, variants, window_s))),
             parse_vector(self.query(promql_shadow(route, variants, window_s))),
-            baseline, candidate,
+            baseline,
+            candidate,
         )
 
     def query(self, promql: str) -> dict[str, Any]:

@@ -43,18 +43,32 @@ class StandaloneController:
         self.stop()
 
 
-def start_controller(routes_file: Path, prometheus_url: str, state_dir: Path, *, admin_host: str = "127.0.0.1",
-                     admin_port: int = 8081, token: str | None = None, tick_s: float = 1.0) -> StandaloneController:
+def start_controller(
+    routes_file: Path,
+    prometheus_url: str,
+    state_dir: Path,
+    *,
+    admin_host: str = "127.0.0.1",
+    admin_port: int = 8081,
+    token: str | None = None,
+    tick_s: float = 1.0,
+) -> StandaloneController:
     """A controller over Prometheus + the shared routes file, with its own /rollouts admin API."""
-    controller = RolloutController(SharedRouteFile(routes_file), PrometheusSource(prometheus_url),
-                                   RolloutStore(state_dir), tick_s=tick_s)
+    controller = RolloutController(
+        SharedRouteFile(routes_file), PrometheusSource(prometheus_url), RolloutStore(state_dir), tick_s=tick_s
+    )
     controller.recover_all()
     app = AdminApp(token)
     register_endpoints(app, controller)
     server = AdminServer(app, admin_host, admin_port)
     controller.start_background()
-    logger.info("rollout controller: routes %s, metrics %s, admin on %s:%d", routes_file, prometheus_url,
-                admin_host, server.port)
+    logger.info(
+        "rollout controller: routes %s, metrics %s, admin on %s:%d",
+        routes_file,
+        prometheus_url,
+        admin_host,
+        server.port,
+    )
     return StandaloneController(controller, f"http://{admin_host}:{server.port}", (controller.stop, server.stop))
 
 

@@ -63,8 +63,9 @@ def parse_record(data: Any) -> StoredRollout:
     state = RolloutState.from_dict(data["state"])
     plan = plan_from_mapping(data["plan"], "in the state file") if data.get("plan") is not None else None
     events = tuple(dict(e) for e in data.get("events", []))
-    return StoredRollout(state=state, plan=plan, events=events, previous=data.get("previous"),
-                         retire=data.get("retire"))
+    return StoredRollout(
+        state=state, plan=plan, events=events, previous=data.get("previous"), retire=data.get("retire")
+    )
 
 
 class RolloutStore:

@@ -47,8 +47,9 @@ class RolloutRun:
         return str(self.final.get("phase"))
 
 
-def _sample(gateway: GatewayHandle, plan: RolloutPlan, status: dict[str, Any], t_s: float,
-            window_s: float) -> RolloutSample:
+def _sample(
+    gateway: GatewayHandle, plan: RolloutPlan, status: dict[str, Any], t_s: float, window_s: float
+) -> RolloutSample:
     p99: dict[str, float | None] = {}
     requests: dict[str, int] = {}
     for name in (plan.baseline, plan.candidate.name):
@@ -58,8 +59,15 @@ def _sample(gateway: GatewayHandle, plan: RolloutPlan, status: dict[str, Any], t
     return RolloutSample(round(t_s, 3), status["phase"], dict(status["weights"]), p99, requests)
 
 
-def run_rollout(gateway: GatewayHandle, plan: RolloutPlan, *, timeout_s: float = 120.0, sample_s: float = 0.25,
-                window_s: float = 1.0, on_sample: Callable[[RolloutSample], None] | None = None) -> RolloutRun:
+def run_rollout(
+    gateway: GatewayHandle,
+    plan: RolloutPlan,
+    *,
+    timeout_s: float = 120.0,
+    sample_s: float = 0.25,
+    window_s: float = 1.0,
+    on_sample: Callable[[RolloutSample], None] | None = None,
+) -> RolloutRun:
     """Run ``plan`` to a terminal state (load is the caller's); aborts it if ``timeout_s`` passes."""
     controller = controller_for(gateway)
     began = time.perf_counter_ns()
@@ -101,8 +109,12 @@ def plot_rollouts(runs: Sequence[RolloutRun], path: Path) -> Path:
         top, bottom = axes[0][col], axes[1][col]
         for name in (run.plan.baseline, run.plan.candidate.name):
             top.step(times, [s.weights.get(name, 0.0) for s in run.series], where="post", label=name)
-            bottom.plot(times, [s.p99_ms.get(name) if s.p99_ms.get(name) is not None else float("nan")
-                                for s in run.series], marker=".", label=name)
+            bottom.plot(
+                times,
+                [s.p99_ms.get(name) if s.p99_ms.get(name) is not None else float("nan") for s in run.series],
+                marker=".",
+                label=name,
+            )
         for event in run.events:
             if event["kind"] in ("step", "promoted", "rolled_back", "aborted", "paused"):
                 t = _event_time(run, event)

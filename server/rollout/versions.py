@@ -39,15 +39,17 @@ def upstreams_for(route: Mapping[str, Any], candidate: CandidateSpec) -> list[st
     return names
 
 
-def routes_pointing_at(routes: Mapping[str, Mapping[str, Any]], upstreams: Iterable[str], model: str,
-                       version: str) -> list[str]:
+def routes_pointing_at(
+    routes: Mapping[str, Mapping[str, Any]], upstreams: Iterable[str], model: str, version: str
+) -> list[str]:
     """``route/variant`` of every variant (any weight) naming ``model`` ``version`` on one of ``upstreams``."""
     wanted = set(upstreams)
     return [
         f"{public}/{variant.get('name')}"
         for public, route in sorted(routes.items())
         for variant in route.get("variants", [])
-        if variant.get("model") == model and str(variant.get("version") or "") == version
+        if variant.get("model") == model
+        and str(variant.get("version") or "") == version
         and variant.get("upstream") in wanted
     ]
 
@@ -60,8 +62,11 @@ def _client(upstream: Upstream) -> Any:
         return tc.InferenceServerClient(upstream.address)
     args = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else None
     return tc.InferenceServerClient(
-        upstream.address, ssl=True, root_certificates=str(tls.ca) if tls.ca else None,
-        private_key=str(tls.key) if tls.key else None, certificate_chain=str(tls.cert) if tls.cert else None,
+        upstream.address,
+        ssl=True,
+        root_certificates=str(tls.ca) if tls.ca else None,
+        private_key=str(tls.key) if tls.key else None,
+        certificate_chain=str(tls.cert) if tls.cert else None,
         channel_args=args,
     )
 
@@ -79,8 +84,13 @@ def _status(err: Exception) -> str:
 class GrpcVersionControl:
     """Version loading and retiring on the upstreams a gateway knows (name -> address, TLS)."""
 
-    def __init__(self, upstreams: Callable[[], Mapping[str, Upstream]], *, timeout_s: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        upstreams: Callable[[], Mapping[str, Upstream]],
+        *,
+        timeout_s: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._upstreams = upstreams
         self._rpc_timeout_s = timeout_s
         self._sleep = sleep
@@ -109,8 +119,10 @@ class GrpcVersionControl:
                 text = _message(err)
                 if not any(word in text for word in _REFUSED):
                     cls = NotFoundError if "NOT_FOUND" in _status(err) else UnavailableError
-                    raise cls(f"{where} could not load {model} version {version}: {text}; publish that version "
-                              "into its repository (or fix it) and start the rollout again") from err
+                    raise cls(
+                        f"{where} could not load {model} version {version}: {text}; publish that version "
+                        "into its repository (or fix it) and start the rollout again"
+                    ) from err
                 refused = f"; it refuses to load models through the repository API ({text})"
             deadline = start + int(timeout_s * 1e9)
             while time.perf_counter_ns() < deadline:

@@ -177,8 +177,9 @@ def test_bench_reports_gateway_variants(server: ServerHandle) -> None:
 
 def test_open_loop_beyond_capacity_is_capped_and_counted(server: ServerHandle) -> None:
     # 10 ms per request on one instance: 2,000/s offered is far past capacity; at most 4 in flight
-    config = BenchConfig(url=server.url, model="pair", rates=(2000.0,), requests=200, duration_s=None,
-                         warmup_s=0, max_in_flight=4)
+    config = BenchConfig(
+        url=server.url, model="pair", rates=(2000.0,), requests=200, duration_s=None, warmup_s=0, max_in_flight=4
+    )
     point = run_bench(config).first
     assert point.errors.get("CLIENT_BACKLOG", 0) > 100
     assert point.ok + point.errors["CLIENT_BACKLOG"] == 200

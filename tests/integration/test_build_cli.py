@@ -29,8 +29,25 @@ def test_build_fp32_and_fp16_match_source(tmp_path: Path, example_model: Path, e
     repo = tmp_path / "repo"
     assert main(["build", str(example_model), "--name", "digits", "--precision", "fp32", "--repo", str(repo)]) == 0
     assert "published digits-fp32-ort version 1" in capsys.readouterr().out
-    assert main(["build", str(example_model), "--name", "digits", "--precision", "fp16", "--repo", str(repo),
-                 "--max-batch", "8", "--instances", "2"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(example_model),
+                "--name",
+                "digits",
+                "--precision",
+                "fp16",
+                "--repo",
+                str(repo),
+                "--max-batch",
+                "8",
+                "--instances",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "FP16 on a CPU target is for size, not speed" in out
     ref, got32 = _run(example_data, repo / "digits-fp32-ort/1/model.onnx", example_model)

@@ -30,16 +30,33 @@ from server.gateway.app import start_gateway
 
 pytestmark = pytest.mark.integration
 DELAY_S = 0.01
-FAST = ["--level-seconds", "0.6,0.6", "--min-samples", "50", "--warmup", "0.1", "--precision", "0.15",
-        "--repeats", "1", "--probe-concurrency", "8"]
+FAST = [
+    "--level-seconds",
+    "0.6,0.6",
+    "--min-samples",
+    "50",
+    "--warmup",
+    "0.1",
+    "--precision",
+    "0.15",
+    "--repeats",
+    "1",
+    "--probe-concurrency",
+    "8",
+]
 
 
 def publish_like_kiln(model_dir: Path, version: int) -> None:
     """A kiln.json for a plain test model, as publish writes it (checksums of the version's files)."""
     version_dir = model_dir / str(version)
     manifest = build_manifest(
-        model_name=model_dir.name, source_path=version_dir / "model.onnx", source_sha256="0" * 64,
-        precision="fp32", target="ort", artifact="model.onnx", files=file_checksums(version_dir),
+        model_name=model_dir.name,
+        source_path=version_dir / "model.onnx",
+        source_sha256="0" * 64,
+        precision="fp32",
+        target="ort",
+        artifact="model.onnx",
+        files=file_checksums(version_dir),
     )
     manifest["version"] = version
     (version_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -70,10 +87,30 @@ def test_capacity_is_found_recorded_shown_and_turned_into_an_hpa(
     server: ServerHandle, repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    args = ["bench", "--url", server.url, "--model", "pair", "--find-capacity", "--slo-p99-ms", "500", *FAST,
-            "--level-seconds", "1.5,1.5", "--start", "5",
-            "--json", str(out / "c.json"), "--plot", str(out / "c.png"), "--record", "--repo", str(repo),
-            "--hardware", "test-box"]
+    args = [
+        "bench",
+        "--url",
+        server.url,
+        "--model",
+        "pair",
+        "--find-capacity",
+        "--slo-p99-ms",
+        "500",
+        *FAST,
+        "--level-seconds",
+        "1.5,1.5",
+        "--start",
+        "5",
+        "--json",
+        str(out / "c.json"),
+        "--plot",
+        str(out / "c.png"),
+        "--record",
+        "--repo",
+        str(repo),
+        "--hardware",
+        "test-box",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "c.json").read_text())
@@ -115,8 +152,23 @@ def test_capacity_is_found_recorded_shown_and_turned_into_an_hpa(
 def test_an_slo_no_level_meets_exits_non_zero_with_the_lowest_level(
     server: ServerHandle, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["bench", "--url", server.url, "--model", "pair", "--find-capacity", "--slo-p99-ms", "2",
-                 "--start", "5", *FAST, "--probe-concurrency", "0"])
+    code = main(
+        [
+            "bench",
+            "--url",
+            server.url,
+            "--model",
+            "pair",
+            "--find-capacity",
+            "--slo-p99-ms",
+            "2",
+            "--start",
+            "5",
+            *FAST,
+            "--probe-concurrency",
+            "0",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 1
     assert "no load level met the SLO (p99 <= 2 ms" in printed and "the lowest level, 5 requests/s" in printed
@@ -124,8 +176,21 @@ def test_an_slo_no_level_meets_exits_non_zero_with_the_lowest_level(
 
 def test_an_endpoint_failing_every_request(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with start_server(repo, models=["broken"], runner_factory=DelayFactory(0.0, fail_every=1)) as handle:
-        code = main(["bench", "--url", handle.url, "--model", "broken", "--find-capacity", "--slo-p99-ms", "50",
-                     "--start", "20", *FAST])
+        code = main(
+            [
+                "bench",
+                "--url",
+                handle.url,
+                "--model",
+                "broken",
+                "--find-capacity",
+                "--slo-p99-ms",
+                "50",
+                "--start",
+                "20",
+                *FAST,
+            ]
+        )
     printed = capsys.readouterr().out
     assert code == 1
     assert "every request failed (INVALID_ARGUMENT: injected failure" in printed and "check the URL" in printed
@@ -135,9 +200,29 @@ def test_a_rate_beyond_the_load_generator_is_called_the_clients_limit(
     repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with start_server(repo, models=["ident"]) as handle:
-        code = main(["bench", "--url", handle.url, "--model", "ident", "--find-capacity", "--slo-p99-ms", "1000",
-                     "--start", "1000000", "--max-load", "1000000", *FAST, "--probe-concurrency", "0",
-                     "--level-seconds", "0.3,0.3", "--warmup", "0"])
+        code = main(
+            [
+                "bench",
+                "--url",
+                handle.url,
+                "--model",
+                "ident",
+                "--find-capacity",
+                "--slo-p99-ms",
+                "1000",
+                "--start",
+                "1000000",
+                "--max-load",
+                "1000000",
+                *FAST,
+                "--probe-concurrency",
+                "0",
+                "--level-seconds",
+                "0.3,0.3",
+                "--warmup",
+                "0",
+            ]
+        )
     printed = capsys.readouterr().out.replace("\n", " ")
     assert code == 1
     assert "the load generator sent only" in printed and "1e+06/s offered" in printed
@@ -158,8 +243,23 @@ def test_bad_capacity_flags_are_refused(server: ServerHandle) -> None:
 def test_closed_loop_concurrency_capacity(server: ServerHandle, tmp_path: Path) -> None:
     """At 10 ms per request, c requests in flight wait about c x 10 ms: p99 <= 1 s holds to ~100."""
     out = tmp_path / "c.json"
-    code = main(["bench", "--url", server.url, "--model", "pair", "--find-capacity", "--slo-p99-ms", "1000",
-                 "--capacity-mode", "concurrency", *FAST, "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--url",
+            server.url,
+            "--model",
+            "pair",
+            "--find-capacity",
+            "--slo-p99-ms",
+            "1000",
+            "--capacity-mode",
+            "concurrency",
+            *FAST,
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert code == 0 and report["mode"] == "concurrency", report["message"]
     assert report["capacity"] == int(report["capacity"]) and 1 <= report["capacity"] <= 105
@@ -173,8 +273,24 @@ def test_capacity_of_one_variant_through_the_gateway(server: ServerHandle, tmp_p
     config = gateway_config({"up": server.url}, routes)
     out = tmp_path / "g.json"
     with start_gateway(config, port=0, admin_port=0, admin_token_value=TOKEN, plugins=()) as gateway:
-        code = main(["bench", "--url", gateway.address, "--model", "pub", "--find-capacity", "--slo-p99-ms", "500",
-                     *FAST, "--variant", "b", "--by-variant", "--json", str(out)])
+        code = main(
+            [
+                "bench",
+                "--url",
+                gateway.address,
+                "--model",
+                "pub",
+                "--find-capacity",
+                "--slo-p99-ms",
+                "500",
+                *FAST,
+                "--variant",
+                "b",
+                "--by-variant",
+                "--json",
+                str(out),
+            ]
+        )
     report = json.loads(out.read_text())
     assert code == 0 and report["variant"] == "b" and report["capacity"] > 0, report["message"]
     served = {name for r in report["runs"] for name in r["point"]["variants"]}
@@ -184,14 +300,32 @@ def test_capacity_of_one_variant_through_the_gateway(server: ServerHandle, tmp_p
 def found(capacity: float = 50.0, p99_ms: float = 100.0) -> CapacityResult:
     point = make_point("rate", capacity, [10_000_000] * 100, {}, 10**9)
     run = Run(capacity, "confirm", point, judge(point, Slo(p99_ms), SearchSettings()))
-    return CapacityResult(mode="rate", slo=Slo(p99_ms), outcome="found", capacity=capacity, limited_by="server",
-                          message="", runs=(run,), knee_runs=1, knee_passes=1, knee_p99_ms=(10.0,))
+    return CapacityResult(
+        mode="rate",
+        slo=Slo(p99_ms),
+        outcome="found",
+        capacity=capacity,
+        limited_by="server",
+        message="",
+        runs=(run,),
+        knee_runs=1,
+        knee_passes=1,
+        knee_p99_ms=(10.0,),
+    )
 
 
 def entry_for(result: CapacityResult, label: str = "box") -> Callable[[str | None, dict[str, Any]], dict[str, Any]]:
     def build(precision: str | None, serving: dict[str, Any]) -> dict[str, Any]:
-        return capacity_entry(result, url="u", served_model="pair", variant="", request_batch=1,
-                              precision=precision, serving=serving, hardware={"label": label})
+        return capacity_entry(
+            result,
+            url="u",
+            served_model="pair",
+            variant="",
+            request_batch=1,
+            precision=precision,
+            serving=serving,
+            hardware={"label": label},
+        )
 
     return build
 
@@ -213,11 +347,19 @@ def test_record_refuses_what_it_cannot_place(repo: Path) -> None:
         record_capacity(repo, "pair", ("1",), "7", entry_for(found()))
     with pytest.raises(RepositoryError, match="kiln.json is missing"):
         record_capacity(repo, "broken", ("1",), "", entry_for(found()))  # a plain Triton model: no manifest
-    nothing = CapacityResult(mode="rate", slo=Slo(50.0), outcome="none", capacity=None, limited_by="server",
-                             message="no load level met the SLO", runs=())
+    nothing = CapacityResult(
+        mode="rate",
+        slo=Slo(50.0),
+        outcome="none",
+        capacity=None,
+        limited_by="server",
+        message="no load level met the SLO",
+        runs=(),
+    )
     with pytest.raises(InvalidInputError, match="nothing to record: no load level met the SLO"):
-        capacity_entry(nothing, url="u", served_model="m", variant="", request_batch=1, precision=None,
-                       serving={}, hardware={})
+        capacity_entry(
+            nothing, url="u", served_model="m", variant="", request_batch=1, precision=None, serving={}, hardware={}
+        )
 
 
 def test_deploy_autoscale_without_a_recorded_capacity_says_how_to_get_one(

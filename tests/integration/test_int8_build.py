@@ -120,8 +120,17 @@ def test_fixed_batch_model_without_labels_is_gated_on_top1(tmp_path: Path) -> No
     )  # fmt: skip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).standard_normal((41, 16)).astype(np.float32))
-    argv = ["build", str(tmp_path / "m.onnx"), "--name", "fixed", "--precision", "int8", "--repo", str(tmp_path / "r"),
-            "--allow-slower"]  # a one-MatMul model: Q/DQ overhead makes INT8 slower, which is not this test's point
+    argv = [
+        "build",
+        str(tmp_path / "m.onnx"),
+        "--name",
+        "fixed",
+        "--precision",
+        "int8",
+        "--repo",
+        str(tmp_path / "r"),
+        "--allow-slower",
+    ]  # a one-MatMul model: Q/DQ overhead makes INT8 slower, which is not this test's point
     assert main([*argv, "--calib", str(tmp_path / "d.npz")]) == 0
     validation = _manifest(tmp_path / "r", "fixed-int8-ort", 1)["validation"]
     assert validation["metric"] == "top1" and set(validation["latency_ms"]) == {"1"}

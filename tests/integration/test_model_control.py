@@ -36,8 +36,15 @@ def publish_pair(repo: Path, tmp: Path, offset: float, policy: str = "latest:2")
     """Publish the pair model (z = x + offset) as the next Kiln version of ``pair``; returns it."""
     artifact = make_pair_model(tmp / f"pair-{offset}.onnx", offset=offset)
     config = render_config(NAME, "ort", *PAIR_SPECS, ServingOptions(max_batch_size=8, version_policy=policy))
-    manifest = build_manifest(model_name=NAME, source_path=artifact, source_sha256="0" * 64, precision="fp32",
-                              target="ort", artifact="model.onnx", files={})
+    manifest = build_manifest(
+        model_name=NAME,
+        source_path=artifact,
+        source_sha256="0" * 64,
+        precision="fp32",
+        target="ort",
+        artifact="model.onnx",
+        files={},
+    )
     return publish_version(repo, NAME, {"model.onnx": artifact}, config, manifest).version
 
 
@@ -116,8 +123,10 @@ def test_poll_picks_up_new_and_removed_versions_without_failing_requests(repo: P
 def test_poll_applies_a_policy_change_and_keeps_the_versions_it_still_serves(repo: Path, tmp_path: Path) -> None:
     from builders.version_policy import change_policy
 
-    with start_server(repo, port=0, model_control_mode="poll", poll_s=0.1) as server, \
-            tc.InferenceServerClient(server.url) as client:
+    with (
+        start_server(repo, port=0, model_control_mode="poll", poll_s=0.1) as server,
+        tc.InferenceServerClient(server.url) as client,
+    ):
         publish_pair(repo, tmp_path, offset=2.0)
         wait_until(lambda: client.is_model_ready(NAME, "2"))
         kept = server.store.get(NAME, "2")
@@ -128,8 +137,10 @@ def test_poll_applies_a_policy_change_and_keeps_the_versions_it_still_serves(rep
 
 def test_poll_never_loads_a_version_that_fails_verification(repo: Path, tmp_path: Path) -> None:
     """A hand-copied version: kiln.json arrived, the artifact is half there."""
-    with start_server(repo, port=0, model_control_mode="poll", poll_s=0.1) as server, \
-            tc.InferenceServerClient(server.url) as client:
+    with (
+        start_server(repo, port=0, model_control_mode="poll", poll_s=0.1) as server,
+        tc.InferenceServerClient(server.url) as client,
+    ):
         publish_pair(repo, tmp_path, offset=2.0)
         wait_until(lambda: client.is_model_ready(NAME, "2"))
         copy = repo / NAME / "3"
@@ -170,8 +181,10 @@ def test_poll_waits_for_a_version_without_manifest_to_settle(repo: Path, tmp_pat
 
 
 def test_explicit_load_with_config_override_and_a_failing_version(repo: Path, tmp_path: Path) -> None:
-    with start_server(repo, port=0, model_control_mode="explicit") as server, \
-            tc.InferenceServerClient(server.url) as client:
+    with (
+        start_server(repo, port=0, model_control_mode="explicit") as server,
+        tc.InferenceServerClient(server.url) as client,
+    ):
         publish_pair(repo, tmp_path, offset=2.0)
         assert not client.is_model_ready(NAME, "2")  # explicit: nothing happens until asked
         client.load_model(NAME)

@@ -25,8 +25,14 @@ pytestmark = pytest.mark.integration
 def _external_copy(example_model: Path, folder: Path) -> Path:
     folder.mkdir()
     path = folder / "ext.onnx"
-    onnx.save_model(onnx.load(str(example_model)), str(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    onnx.save_model(
+        onnx.load(str(example_model)),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.data",
+        size_threshold=0,
+    )
     return path
 
 
@@ -49,8 +55,9 @@ def test_build_with_different_io_under_same_name_is_refused(tmp_path: Path, exam
     assert main(["repo", "verify", "--repo", str(repo)]) == 0
 
 
-def test_external_data_model_is_published_with_its_weights(tmp_path: Path, example_model: Path,
-                                                            example_data: Path) -> None:
+def test_external_data_model_is_published_with_its_weights(
+    tmp_path: Path, example_model: Path, example_data: Path
+) -> None:
     source = _external_copy(example_model, tmp_path / "src")
     repo = tmp_path / "repo"
     for precision in ("fp32", "fp16"):
@@ -67,8 +74,14 @@ def test_verify_reports_missing_external_data(tmp_path: Path, example_model: Pat
     assert _build(example_model, repo) == 0
     version_dir = repo / "digits-fp32-ort" / "1"
     artifact = version_dir / "model.onnx"
-    onnx.save_model(onnx.load(str(artifact)), str(artifact), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        onnx.load(str(artifact)),
+        str(artifact),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     (version_dir / "weights.bin").unlink()
     manifest = json.loads((version_dir / "kiln.json").read_text())
     data = artifact.read_bytes()
@@ -88,8 +101,9 @@ def digits_x(example_data: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["npy", "truncated", "empty"])
-def test_unreadable_calibration_file_is_one_message(tmp_path: Path, example_model: Path, digits_x: np.ndarray,
-                                                    kind: str, capsys) -> None:
+def test_unreadable_calibration_file_is_one_message(
+    tmp_path: Path, example_model: Path, digits_x: np.ndarray, kind: str, capsys
+) -> None:
     if kind == "npy":
         data = tmp_path / "x.npy"
         np.save(data, digits_x)
@@ -105,16 +119,18 @@ def test_unreadable_calibration_file_is_one_message(tmp_path: Path, example_mode
     assert not repo.exists()
 
 
-def test_calibration_shape_error_shows_the_shape_given(tmp_path: Path, example_model: Path,
-                                                       digits_x: np.ndarray, capsys) -> None:
+def test_calibration_shape_error_shows_the_shape_given(
+    tmp_path: Path, example_model: Path, digits_x: np.ndarray, capsys
+) -> None:
     data = tmp_path / "flat.npz"
     np.savez(data, input=digits_x.reshape(-1, 1, 64))
     assert _build(example_model, tmp_path / "repo", "q", "--precision", "int8", "--calib", str(data)) == 2
     assert "[540,1,64]" in capsys.readouterr().err
 
 
-def test_non_finite_calibration_data_is_refused(tmp_path: Path, example_model: Path, digits_x: np.ndarray,
-                                                capsys) -> None:
+def test_non_finite_calibration_data_is_refused(
+    tmp_path: Path, example_model: Path, digits_x: np.ndarray, capsys
+) -> None:
     data = tmp_path / "nan.npz"
     bad = digits_x.copy()
     bad[3, 0, 2, 2] = np.nan
@@ -126,12 +142,20 @@ def test_non_finite_calibration_data_is_refused(tmp_path: Path, example_model: P
     assert not (repo / "q-int8-ort").exists()
 
 
-def test_calibration_cache_path_that_is_a_file(tmp_path: Path, example_model: Path, example_data: Path,
-                                               capsys) -> None:
+def test_calibration_cache_path_that_is_a_file(tmp_path: Path, example_model: Path, example_data: Path, capsys) -> None:
     cache = tmp_path / "cache"
     cache.write_text("not a directory")
-    code = _build(example_model, tmp_path / "repo", "q", "--precision", "int8", "--calib", str(example_data),
-                  "--calib-cache", str(cache))
+    code = _build(
+        example_model,
+        tmp_path / "repo",
+        "q",
+        "--precision",
+        "int8",
+        "--calib",
+        str(example_data),
+        "--calib-cache",
+        str(cache),
+    )
     assert code == 4
     err = capsys.readouterr().err
     assert "--calib-cache" in err and "Traceback" not in err
@@ -142,8 +166,12 @@ def test_calibration_cache_path_that_is_a_file(tmp_path: Path, example_model: Pa
 
 def test_inspect_shows_names_with_brackets_verbatim(tmp_path: Path, capsys) -> None:
     node = helper.make_node("Relu", ["x[0]"], ["[bold]y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x[0]", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("[bold]y", TensorProto.FLOAT, ["N", 4])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x[0]", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("[bold]y", TensorProto.FLOAT, ["N", 4])],
+    )
     path = tmp_path / "brackets.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     assert main(["inspect", str(path)]) == 0
@@ -153,8 +181,12 @@ def test_inspect_shows_names_with_brackets_verbatim(tmp_path: Path, capsys) -> N
 
 def test_checker_error_names_the_node(tmp_path: Path, capsys) -> None:
     node = helper.make_node("Relu", ["nope"], ["y"], name="relu_1")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
     path = tmp_path / "bad.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     assert main(["inspect", str(path)]) == 2
@@ -163,8 +195,7 @@ def test_checker_error_names_the_node(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("name", ["..", "."])
-def test_repo_show_refuses_names_that_are_not_models(tmp_path: Path, example_model: Path, name: str,
-                                                     capsys) -> None:
+def test_repo_show_refuses_names_that_are_not_models(tmp_path: Path, example_model: Path, name: str, capsys) -> None:
     repo = tmp_path / "repo"
     assert _build(example_model, repo) == 0
     capsys.readouterr()
@@ -179,8 +210,7 @@ def test_shapes_flag_with_ort_target_is_refused(tmp_path: Path, example_model: P
     assert not repo.exists()
 
 
-def test_bad_shapes_syntax_is_reported_before_missing_tensorrt(tmp_path: Path, example_model: Path,
-                                                              capsys) -> None:
+def test_bad_shapes_syntax_is_reported_before_missing_tensorrt(tmp_path: Path, example_model: Path, capsys) -> None:
     code = _build(example_model, tmp_path / "repo", "d", "--target", "tensorrt", "--shapes", "input:a,b,c")
     assert code == 2
     assert "input:a,b,c" in capsys.readouterr().err
@@ -201,8 +231,9 @@ def digits_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHa
 
 
 def _bench(server: ServerHandle, *extra: str) -> int:
-    return main(["bench", "--url", server.url, "--model", "digits-fp32-ort", "--requests", "4",
-                 "--warmup", "0", *extra])
+    return main(
+        ["bench", "--url", server.url, "--model", "digits-fp32-ort", "--requests", "4", "--warmup", "0", *extra]
+    )
 
 
 def test_bench_open_loop_needs_room_for_one_request(digits_server: ServerHandle, capsys) -> None:
@@ -212,8 +243,9 @@ def test_bench_open_loop_needs_room_for_one_request(digits_server: ServerHandle,
 
 
 @pytest.mark.parametrize("kind", ["npy", "truncated", "zero_rows", "scalar"])
-def test_bench_unusable_data_is_one_message(tmp_path: Path, digits_server: ServerHandle, digits_x: np.ndarray,
-                                            kind: str, capsys) -> None:
+def test_bench_unusable_data_is_one_message(
+    tmp_path: Path, digits_server: ServerHandle, digits_x: np.ndarray, kind: str, capsys
+) -> None:
     data = tmp_path / ("x.npy" if kind == "npy" else "x.npz")
     if kind == "npy":
         np.save(data, digits_x)
@@ -230,8 +262,9 @@ def test_bench_unusable_data_is_one_message(tmp_path: Path, digits_server: Serve
 
 
 @pytest.mark.parametrize("kind", ["dtype", "shape"])
-def test_bench_data_not_matching_the_model_is_refused_up_front(tmp_path: Path, digits_server: ServerHandle,
-                                                               digits_x: np.ndarray, kind: str, capsys) -> None:
+def test_bench_data_not_matching_the_model_is_refused_up_front(
+    tmp_path: Path, digits_server: ServerHandle, digits_x: np.ndarray, kind: str, capsys
+) -> None:
     data = tmp_path / "x.npz"
     np.savez(data, input=digits_x.astype(np.float64) if kind == "dtype" else np.zeros((4, 3, 8, 8), np.float32))
     assert _bench(digits_server, "--data", str(data)) == 2
@@ -244,8 +277,7 @@ def test_bench_missing_data_file_is_not_found(tmp_path: Path, digits_server: Ser
     assert "missing.npz" in capsys.readouterr().err
 
 
-def test_bench_unwritable_outputs_fail_before_the_run(tmp_path: Path, digits_server: ServerHandle,
-                                                      capsys) -> None:
+def test_bench_unwritable_outputs_fail_before_the_run(tmp_path: Path, digits_server: ServerHandle, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert _bench(digits_server, "--json", str(blocker / "out.json")) == 2
@@ -346,10 +378,18 @@ def test_piping_into_head_is_quiet(tmp_path: Path, example_model: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from server.cli import entry; "
-            f"sys.argv = ['kiln', 'inspect', '--json', {str(example_model)!r}]; entry()")
-    proc = subprocess.run(f"{sys.executable} -c {code!r} | head -c 10", shell=True, capture_output=True,
-                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys; from server.cli import entry; "
+        f"sys.argv = ['kiln', 'inspect', '--json', {str(example_model)!r}]; entry()"
+    )
+    proc = subprocess.run(
+        f"{sys.executable} -c {code!r} | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.stdout == '{\n  "path"'
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
 
@@ -381,8 +421,7 @@ def test_gateway_extra_field_is_one_message(tmp_path: Path, capsys) -> None:
 
 
 def test_gateway_binary_config(binary_file: Path, capsys) -> None:
-    assert main(["gateway", "--config", str(binary_file), "--port", "0", "--admin-port", "0",
-                 "--insecure-admin"]) == 2
+    assert main(["gateway", "--config", str(binary_file), "--port", "0", "--admin-port", "0", "--insecure-admin"]) == 2
     assert "bin.yaml" in capsys.readouterr().err
 
 
@@ -413,11 +452,14 @@ def test_quickstart_never_deletes_a_repository_it_did_not_make(tmp_path: Path, c
 # ---- kiln serve flags (checked before any model loads) ----------------------------------------
 
 
-@pytest.mark.parametrize(("flags", "shown"), [
-    (["--threads", "100000"], "100000"),  # was accepted: 20 GB of ORT thread pools, SIGTERM ignored
-    (["--models", ","], "--models"),  # was read as "every model"
-    (["--grace", "-1"], "-1"),
-])
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [
+        (["--threads", "100000"], "100000"),  # was accepted: 20 GB of ORT thread pools, SIGTERM ignored
+        (["--models", ","], "--models"),  # was read as "every model"
+        (["--grace", "-1"], "-1"),
+    ],
+)
 def test_serve_flags_are_bounded(tmp_path: Path, flags: list[str], shown: str, capsys) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -455,23 +497,45 @@ def test_absurd_instance_count_is_refused(tmp_path: Path, example_model: Path, c
 # ---- kiln rollout controller / sync-routes (multi-replica) ------------------------------------
 
 
-@pytest.mark.parametrize(("flags", "code", "shown"), [
-    ([], 10, "--insecure-admin"),  # was: an unauthenticated control plane, unlike `kiln gateway`
-    (["--insecure-admin", "--tick", "0"], 2, "--tick"),  # was: a busy loop
-    (["--insecure-admin", "--prometheus", "notaurl"], 2, "notaurl"),  # was: accepted, failed on every tick
-])
-def test_controller_flags_are_checked_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       flags: list[str], code: int, shown: str, capsys) -> None:
+@pytest.mark.parametrize(
+    ("flags", "code", "shown"),
+    [
+        ([], 10, "--insecure-admin"),  # was: an unauthenticated control plane, unlike `kiln gateway`
+        (["--insecure-admin", "--tick", "0"], 2, "--tick"),  # was: a busy loop
+        (["--insecure-admin", "--prometheus", "notaurl"], 2, "notaurl"),  # was: accepted, failed on every tick
+    ],
+)
+def test_controller_flags_are_checked_before_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], code: int, shown: str, capsys
+) -> None:
     monkeypatch.delenv("KILN_ADMIN_TOKEN", raising=False)
-    argv = ["rollout", "controller", "--routes-file", str(tmp_path / "routes.json"), "--state-dir",
-            str(tmp_path / "state"), "--admin-port", "0", "--prometheus", "http://127.0.0.1:1"]
+    argv = [
+        "rollout",
+        "controller",
+        "--routes-file",
+        str(tmp_path / "routes.json"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--admin-port",
+        "0",
+        "--prometheus",
+        "http://127.0.0.1:1",
+    ]
     assert main(argv + flags) == code
     assert shown in capsys.readouterr().err
 
 
 def test_sync_routes_interval_must_be_positive(tmp_path: Path, capsys) -> None:
-    argv = ["rollout", "sync-routes", "--admin", "http://127.0.0.1:1", "--routes-file", str(tmp_path / "r.json"),
-            "--interval", "0"]
+    argv = [
+        "rollout",
+        "sync-routes",
+        "--admin",
+        "http://127.0.0.1:1",
+        "--routes-file",
+        str(tmp_path / "r.json"),
+        "--interval",
+        "0",
+    ]
     assert main(argv) == 2
     assert "--interval" in capsys.readouterr().err
 

@@ -29,5 +29,8 @@ def test_quickstart_promotes_int8_and_rolls_back_the_broken_build(tmp_path: Path
     assert broken["validation"]["gate"]["overridden"] is True
     assert (repo / "digits-int8-ort/1/report.md").exists()
     second = json.loads((repo / "digits-int8-ort/2/kiln.json").read_text())
-    assert second["replaces"] == 1 and second["calibration"]["data_sha256"] != json.loads(
-        (repo / "digits-int8-ort/1/kiln.json").read_text())["calibration"]["data_sha256"]
+    assert (
+        second["replaces"] == 1
+        and second["calibration"]["data_sha256"]
+        != json.loads((repo / "digits-int8-ort/1/kiln.json").read_text())["calibration"]["data_sha256"]
+    )

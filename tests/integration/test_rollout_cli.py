@@ -24,8 +24,14 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]
 
 @pytest.fixture(params=PLANES)
 def gateway(upstream: ServerHandle, request: pytest.FixtureRequest) -> Iterator[GatewayHandle]:
-    with start_gateway(gateway_config(upstream), port=0, admin_port=0, admin_token_value="t0ken",
-                       plugins=("server.rollout.plugin",), **plane_options(request.param)) as gw:
+    with start_gateway(
+        gateway_config(upstream),
+        port=0,
+        admin_port=0,
+        admin_token_value="t0ken",
+        plugins=("server.rollout.plugin",),
+        **plane_options(request.param),
+    ) as gw:
         yield gw
 
 
@@ -35,18 +41,45 @@ def connection(gw: GatewayHandle, tmp_path: Path) -> list[str]:
     return ["--admin", gw.admin_url, "--token-file", str(token)]
 
 
-FLAGS = ["--route", "digits", "--baseline", "fp32", "--candidate", "cand=local/next-fp32-ort",
-         "--steps", "25,50", "--min-requests", "10", "--no-shadow", "--sample-percent", "0"]
+FLAGS = [
+    "--route",
+    "digits",
+    "--baseline",
+    "fp32",
+    "--candidate",
+    "cand=local/next-fp32-ort",
+    "--steps",
+    "25,50",
+    "--min-requests",
+    "10",
+    "--no-shadow",
+    "--sample-percent",
+    "0",
+]
 
 
-def test_start_watch_until_promoted(gateway: GatewayHandle, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_start_watch_until_promoted(gateway: GatewayHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     admin = connection(gateway, tmp_path)
     with Load(gateway.address, "digits"):
         # the CLI flow is under test, not latency: a candidate's first 0.3 s window holds a few dozen
         # requests, whose p99 on a shared 2-core box swings by 5x on either data plane
-        code = main(["rollout", "start", *admin, *FLAGS, "--interval", "0.3", "--max-p99-ratio", "10",
-                     "--watch", "--every", "0.2", "--refreshes", "150"])
+        code = main(
+            [
+                "rollout",
+                "start",
+                *admin,
+                *FLAGS,
+                "--interval",
+                "0.3",
+                "--max-p99-ratio",
+                "10",
+                "--watch",
+                "--every",
+                "0.2",
+                "--refreshes",
+                "150",
+            ]
+        )
     out = capsys.readouterr().out
     assert code == 0 and "promoted" in out
     assert main(["rollout", "events", *admin, "digits", "--json"]) == 0
@@ -55,12 +88,15 @@ def test_start_watch_until_promoted(gateway: GatewayHandle, tmp_path: Path,
     assert kinds[0] == "started" and kinds.count("step") == 2 and kinds[-1] == "promoted", kinds
 
 
-def test_status_commands_and_error_exit_codes(gateway: GatewayHandle, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_commands_and_error_exit_codes(
+    gateway: GatewayHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     admin = connection(gateway, tmp_path)
     assert main(["rollout", "status", *admin]) == 0 and "no rollouts" in capsys.readouterr().out
-    assert main(["rollout", "start", *admin, *FLAGS, "--interval", "60", "--max-wait", "120",
-                 "--max-error-rate", "0.05"]) == 0
+    assert (
+        main(["rollout", "start", *admin, *FLAGS, "--interval", "60", "--max-wait", "120", "--max-error-rate", "0.05"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "stepping" in out and "cand 25%" in out and "error_rate" in out and "<= 0.05" in out
     assert main(["rollout", "start", *admin, *FLAGS]) == 11  # ConflictError: already running
@@ -78,11 +114,14 @@ def test_status_commands_and_error_exit_codes(gateway: GatewayHandle, tmp_path: 
     assert main(["rollout", "status", "--admin", gateway.admin_url, "--token-file", str(bad_token)]) == 10
 
 
-def test_plan_file_with_flag_override(gateway: GatewayHandle, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_file_with_flag_override(
+    gateway: GatewayHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     plan = tmp_path / "plan.yaml"
-    plan.write_text("route: digits\nbaseline: fp32\ncandidate: {name: c2, upstream: local, model: next-fp32-ort}\n"
-                    "steps: [5, 100]\ninterval_s: 60\nshadow: null\n")
+    plan.write_text(
+        "route: digits\nbaseline: fp32\ncandidate: {name: c2, upstream: local, model: next-fp32-ort}\n"
+        "steps: [5, 100]\ninterval_s: 60\nshadow: null\n"
+    )
     assert main(["rollout", "start", *connection(gateway, tmp_path), "--plan", str(plan), "--steps", "40,100"]) == 0
     assert gateway.routes.route("digits").variant("c2").weight == 40.0
     assert main(["rollout", "status", *connection(gateway, tmp_path), "digits", "--json"]) == 0

@@ -34,17 +34,29 @@ def plane(request: pytest.FixtureRequest) -> str:
 
 
 def start(server: ServerHandle, state_path: Path | None = None, plane: str = "python") -> GatewayHandle:
-    return start_gateway(gateway_config(server), port=0, admin_port=0, insecure_admin=True,
-                         state_path=state_path, plugins=PLUGINS, **plane_options(plane))
+    return start_gateway(
+        gateway_config(server),
+        port=0,
+        admin_port=0,
+        insecure_admin=True,
+        state_path=state_path,
+        plugins=PLUGINS,
+        **plane_options(plane),
+    )
 
 
 def plan(model: str, version: str = "", **changes: Any) -> RolloutPlan:
     data: dict[str, Any] = {
-        "route": "digits", "baseline": "fp32",
+        "route": "digits",
+        "baseline": "fp32",
         "candidate": {"name": "cand", "upstream": "local", "model": model, "version": version},
-        "steps": [25, 50], "interval_s": 0.4, "min_requests": 15, "max_wait_s": 15,
+        "steps": [25, 50],
+        "interval_s": 0.4,
+        "min_requests": 15,
+        "max_wait_s": 15,
         "shadow": {"duration_s": 0.4, "percent": 100, "min_comparisons": 15},
-        "sample_percent": 50, "min_comparisons": 8,
+        "sample_percent": 50,
+        "min_comparisons": 8,
         "slos": {"max_error_rate": 0.02, "max_p99_ratio": 3.0, "min_agreement": 0.95},
     }
     data.update(changes)
@@ -97,8 +109,11 @@ def test_erroring_candidate_rollback_bounds_client_errors(plane: str, upstream: 
     bad = plan("narrow-fp32-ort", shadow=None, sample_percent=0, steps=[10, 50, 100])
     swaps: list[tuple[float, dict[str, float]]] = []
     with start(upstream, plane=plane) as gw, Load(gw.address, "digits", threads=2) as load:
-        gw.routes.add_listener(lambda snap, change: swaps.append(
-            (time.perf_counter_ns() / 1e9, {v.name: v.weight for v in snap.routes["digits"].route.variants})))
+        gw.routes.add_listener(
+            lambda snap, change: swaps.append(
+                (time.perf_counter_ns() / 1e9, {v.name: v.weight for v in snap.routes["digits"].route.variants})
+            )
+        )
         run = run_rollout(gw, bad, timeout_s=30)
         time.sleep(0.3)  # traffic after the rollback, too
         load.stop()
@@ -123,8 +138,9 @@ def test_erroring_candidate_rollback_bounds_client_errors(plane: str, upstream: 
 
 def test_restart_resumes_the_rollout_at_its_step(plane: str, upstream: ServerHandle, tmp_path: Path) -> None:
     state = tmp_path / "gateway-state.json"
-    slow_steps = plan("next-fp32-ort", shadow=None, steps=[20, 40, 60], interval_s=1.5, min_requests=5,
-                      sample_percent=0)
+    slow_steps = plan(
+        "next-fp32-ort", shadow=None, steps=[20, 40, 60], interval_s=1.5, min_requests=5, sample_percent=0
+    )
     gw = start(upstream, state, plane=plane)
     try:
         with Load(gw.address, "digits"):
@@ -144,12 +160,15 @@ def test_restart_resumes_the_rollout_at_its_step(plane: str, upstream: ServerHan
 
 def test_admin_api_and_token(plane: str, upstream: ServerHandle, tmp_path: Path) -> None:
     config = gateway_config(upstream)
-    with start_gateway(config, port=0, admin_port=0, admin_token_value="s3cret", plugins=PLUGINS,
-                       **plane_options(plane)) as gw:
+    with start_gateway(
+        config, port=0, admin_port=0, admin_token_value="s3cret", plugins=PLUGINS, **plane_options(plane)
+    ) as gw:
+
         def call(method: str, path: str, body: Any = None, token: str = "s3cret") -> tuple[int, Any]:
             data = json.dumps(body).encode() if body is not None else None
-            req = urllib.request.Request(gw.admin_url + path, data=data, method=method,
-                                         headers={"Authorization": f"Bearer {token}"})
+            req = urllib.request.Request(
+                gw.admin_url + path, data=data, method=method, headers={"Authorization": f"Bearer {token}"}
+            )
             try:
                 with urllib.request.urlopen(req, timeout=10) as resp:
                     return resp.status, json.loads(resp.read())

@@ -31,8 +31,13 @@ pytestmark = pytest.mark.integration
 
 
 def vector(rows: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
-    return {"status": "success", "data": {"resultType": "vector", "result": [
-        {"metric": labels, "value": [1.0, str(value)]} for labels, value in rows]}}
+    return {
+        "status": "success",
+        "data": {
+            "resultType": "vector",
+            "result": [{"metric": labels, "value": [1.0, str(value)]} for labels, value in rows],
+        },
+    }
 
 
 class FakePrometheus:
@@ -83,9 +88,13 @@ def prometheus() -> Iterator[FakePrometheus]:
 
 def healthy(fake: FakePrometheus, candidate_errors: float = 0.0) -> None:
     fake.answers = {
-        "kiln_gateway_requests_total": vector([
-            ({"variant": "fp32", "code": "OK"}, 400.0), ({"variant": "int8", "code": "OK"}, 120.0),
-            ({"variant": "int8", "code": "INTERNAL"}, candidate_errors)]),
+        "kiln_gateway_requests_total": vector(
+            [
+                ({"variant": "fp32", "code": "OK"}, 400.0),
+                ({"variant": "int8", "code": "OK"}, 120.0),
+                ({"variant": "int8", "code": "INTERNAL"}, candidate_errors),
+            ]
+        ),
         "histogram_quantile": vector([({"variant": "fp32"}, 0.004), ({"variant": "int8"}, 0.005)]),
         "kiln_gateway_shadow_comparisons_total": vector([({"result": "agree"}, 60.0)]),
     }
@@ -122,14 +131,23 @@ def test_controller_drives_replicas_through_the_shared_file(prometheus: FakeProm
     replicas = [replica_table() for _ in range(2)]
     watchers = [RouteFileWatcher(shared.path, table_applier(t), interval_s=0.05) for t in replicas]
     clock = [0.0]
-    controller = RolloutController(shared, PrometheusSource(prometheus.url, clock=lambda: clock[0]),
-                                   RolloutStore(tmp_path / "rollouts"), clock=lambda: clock[0])
-    plan = plan_from_mapping({
-        "route": "digits", "baseline": "fp32",
-        "candidate": {"name": "int8", "upstream": "local", "model": "digits-int8-ort"},
-        "steps": [10, 100], "interval_s": 30, "min_requests": 100,
-        "shadow": {"duration_s": 30, "min_comparisons": 50},
-    })
+    controller = RolloutController(
+        shared,
+        PrometheusSource(prometheus.url, clock=lambda: clock[0]),
+        RolloutStore(tmp_path / "rollouts"),
+        clock=lambda: clock[0],
+    )
+    plan = plan_from_mapping(
+        {
+            "route": "digits",
+            "baseline": "fp32",
+            "candidate": {"name": "int8", "upstream": "local", "model": "digits-int8-ort"},
+            "steps": [10, 100],
+            "interval_s": 30,
+            "min_requests": 100,
+            "shadow": {"duration_s": 30, "min_comparisons": 50},
+        }
+    )
     controller.start(plan)
     seen = []
     for _ in range(10):  # bounded: shadow, step 1, step 2, promote
@@ -172,22 +190,44 @@ def test_watcher_ignores_a_bad_file_and_keeps_routes(tmp_path: Path) -> None:
         watcher.stop()
 
 
-def test_standalone_controller_and_route_sync_drive_a_real_gateway(prometheus: FakePrometheus,
-                                                                   tmp_path: Path) -> None:
+def test_standalone_controller_and_route_sync_drive_a_real_gateway(prometheus: FakePrometheus, tmp_path: Path) -> None:
     healthy(prometheus)
     routes_file = tmp_path / "routes.json"
     SharedRouteFile(routes_file).write(ROUTES)
     config = {"upstreams": UPSTREAMS, "routes": ROUTES}
-    with start_gateway(config, port=0, admin_port=0, admin_token_value="gw") as gw, \
-            start_controller(routes_file, prometheus.url, tmp_path / "state", admin_port=0, token="ctl",
-                             tick_s=0.05) as ctl:
+    with (
+        start_gateway(config, port=0, admin_port=0, admin_token_value="gw") as gw,
+        start_controller(
+            routes_file, prometheus.url, tmp_path / "state", admin_port=0, token="ctl", tick_s=0.05
+        ) as ctl,
+    ):
         sync = start_route_sync(routes_file, AdminClient(gw.admin_url, "gw"), interval_s=0.05)
         try:
             token = tmp_path / "token"
             token.write_text("ctl")
-            code = main(["rollout", "start", "--admin", ctl.admin_url, "--token-file", str(token),
-                         "--route", "digits", "--baseline", "fp32", "--candidate", "int8=local/digits-int8-ort",
-                         "--steps", "50,100", "--interval", "0.2", "--no-shadow", "--min-requests", "100"])
+            code = main(
+                [
+                    "rollout",
+                    "start",
+                    "--admin",
+                    ctl.admin_url,
+                    "--token-file",
+                    str(token),
+                    "--route",
+                    "digits",
+                    "--baseline",
+                    "fp32",
+                    "--candidate",
+                    "int8=local/digits-int8-ort",
+                    "--steps",
+                    "50,100",
+                    "--interval",
+                    "0.2",
+                    "--no-shadow",
+                    "--min-requests",
+                    "100",
+                ]
+            )
             assert code == 0
             deadline = time.perf_counter() + 10
             while [v.name for v in gw.routes.route("digits").variants] != ["int8"]:

@@ -99,9 +99,7 @@ def run_build(req: BuildRequest, fake: FakeGpu, where: MachineInfo) -> Any:
     model = load_model(req.model)
     info = describe_model(model, req.model)
     batch = max_batch_size(info, req.max_batch)
-    return build_tensorrt(
-        req, model, info, batch, where, runner_factory=fake.runner, engine_builder=fake.build_engine
-    )
+    return build_tensorrt(req, model, info, batch, where, runner_factory=fake.runner, engine_builder=fake.build_engine)
 
 
 def test_fp16_for_two_gpu_kinds_publishes_plans_config_and_manifest(tmp_path: Path, example_model: Path) -> None:

@@ -34,12 +34,20 @@ def test_second_build_keeps_the_first_servable_and_a_route_reaches_both(
     assert "kiln repo policy digits-fp32-ort --keep-versions 3" in capsys.readouterr().err
     assert sorted(p.name for p in (repo / MODEL).iterdir() if p.name.isdigit()) == ["1", "2"]
     with start_server(repo, port=0) as server:
-        routes = {"digits": {"variants": [
-            {"name": "v1", "upstream": "up", "model": MODEL, "version": "1", "weight": 50},
-            {"name": "v2", "upstream": "up", "model": MODEL, "version": "2", "weight": 50},
-        ]}}
-        with start_gateway(gateway_config({"up": server.url}, routes), port=0, admin_port=0,
-                           insecure_admin=True) as gateway, grpc.insecure_channel(gateway.address) as channel:
+        routes = {
+            "digits": {
+                "variants": [
+                    {"name": "v1", "upstream": "up", "model": MODEL, "version": "1", "weight": 50},
+                    {"name": "v2", "upstream": "up", "model": MODEL, "version": "2", "weight": 50},
+                ]
+            }
+        }
+        with (
+            start_gateway(
+                gateway_config({"up": server.url}, routes), port=0, admin_port=0, insecure_admin=True
+            ) as gateway,
+            grpc.insecure_channel(gateway.address) as channel,
+        ):
             for pin in ("v1", "v2"):  # version 1 answered NOT_FOUND under Triton's default policy (latest:1)
                 assert served_variant(channel, "digits", [("kiln-variant", pin)]) == (pin, "digits")
 

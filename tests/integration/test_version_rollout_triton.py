@@ -39,8 +39,9 @@ def install() -> TritonInstall:
 @pytest.fixture
 def triton(install: TritonInstall, tmp_path: Path) -> Iterator[TritonProcess]:
     repo = tmp_path / "repo"
-    model_dir = write_python_backend_model(repo, MODEL, example_model_path(), max_batch_size=8,
-                                           dynamic_batching=False)  # version 1; policy: Triton's latest 1
+    model_dir = write_python_backend_model(
+        repo, MODEL, example_model_path(), max_batch_size=8, dynamic_batching=False
+    )  # version 1; policy: Triton's latest 1
     with start_triton(install, repo, models=[MODEL]) as server:
         add_python_backend_version(model_dir, 2, example_model_path())  # published while serving
         yield server
@@ -49,20 +50,35 @@ def triton(install: TritonInstall, tmp_path: Path) -> Iterator[TritonProcess]:
 def test_version_rollout_on_real_triton(triton: TritonProcess) -> None:
     client = tc.InferenceServerClient(triton.grpc_url)
     assert client.is_model_ready(MODEL, "1") and not client.is_model_ready(MODEL, "2")
-    config = {"upstreams": {"triton": {"address": triton.grpc_url}},
-              "routes": {"digits": {"variants": [
-                  {"name": "v1", "upstream": "triton", "model": MODEL, "version": "1", "weight": 100}]}}}
-    plan = plan_from_mapping({
-        "route": "digits", "baseline": "v1",
-        "candidate": {"name": "v2", "upstream": "triton", "model": MODEL, "version": "2"},
-        "steps": [50, 100], "interval_s": 0.5, "min_requests": 5, "max_wait_s": 20,
-        "shadow": {"duration_s": 0.5, "percent": 100, "min_comparisons": 5},
-        "sample_percent": 50, "min_comparisons": 3, "ready_timeout_s": 60,
-        "slos": {"max_error_rate": 0.0, "max_p99_ratio": 20.0, "min_agreement": 0.95},
-        "retire_previous": True,
-    })
-    with start_gateway(config, port=0, admin_port=0, insecure_admin=True,
-                       plugins=("server.rollout.plugin",)) as gw, Load(gw.address, "digits", threads=2) as load:
+    config = {
+        "upstreams": {"triton": {"address": triton.grpc_url}},
+        "routes": {
+            "digits": {
+                "variants": [{"name": "v1", "upstream": "triton", "model": MODEL, "version": "1", "weight": 100}]
+            }
+        },
+    }
+    plan = plan_from_mapping(
+        {
+            "route": "digits",
+            "baseline": "v1",
+            "candidate": {"name": "v2", "upstream": "triton", "model": MODEL, "version": "2"},
+            "steps": [50, 100],
+            "interval_s": 0.5,
+            "min_requests": 5,
+            "max_wait_s": 20,
+            "shadow": {"duration_s": 0.5, "percent": 100, "min_comparisons": 5},
+            "sample_percent": 50,
+            "min_comparisons": 3,
+            "ready_timeout_s": 60,
+            "slos": {"max_error_rate": 0.0, "max_p99_ratio": 20.0, "min_agreement": 0.95},
+            "retire_previous": True,
+        }
+    )
+    with (
+        start_gateway(config, port=0, admin_port=0, insecure_admin=True, plugins=("server.rollout.plugin",)) as gw,
+        Load(gw.address, "digits", threads=2) as load,
+    ):
         run = run_rollout(gw, plan, timeout_s=90)
         controller = controller_for(gw)
         for _ in range(600):  # retirement reloads the model in Triton (bounded: 30 s)

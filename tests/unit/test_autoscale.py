@@ -70,11 +70,16 @@ def test_checked_in_autoscaling_yaml_is_what_the_renderer_prints() -> None:
     capacity = float(triton["metadata"]["annotations"]["kiln.dev/capacity"].split()[0])
     headroom = float(triton["metadata"]["annotations"]["kiln.dev/headroom"])
     model = triton["spec"]["metrics"][0]["pods"]["metric"]["selector"]["matchLabels"]["model"]
-    spec = AutoscaleSpec(model=model, mode="rate", capacity=capacity, headroom=headroom,
-                         max_replicas=triton["spec"]["maxReplicas"])
+    spec = AutoscaleSpec(
+        model=model, mode="rate", capacity=capacity, headroom=headroom, max_replicas=triton["spec"]["maxReplicas"]
+    )
     assert triton == triton_hpa(spec) and gateway == gateway_hpa(spec)
-    deployments = {d["metadata"]["name"] for name in ("triton.yaml", "gateway.yaml") for d in documents(name)
-                   if d["kind"] == "Deployment"}
+    deployments = {
+        d["metadata"]["name"]
+        for name in ("triton.yaml", "gateway.yaml")
+        for d in documents(name)
+        if d["kind"] == "Deployment"
+    }
     assert {triton["spec"]["scaleTargetRef"]["name"], gateway["spec"]["scaleTargetRef"]["name"]} <= deployments
 
 

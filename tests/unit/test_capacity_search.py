@@ -36,8 +36,15 @@ def mm1_point(load: float, duration_s: float, mu: float = 1000.0, *, mode: str =
     else:
         p99_us, p50_us, ok_rps = math.log(100) / (mu - rate) * 1e6, math.log(2) / (mu - rate) * 1e6, rate
     ok = max(1, int(ok_rps * duration_s))
-    latency = {"p50": p50_us, "p90": p99_us * 0.5, "p95": p99_us * 0.65, "p99": p99_us, "p99.9": p99_us * 1.5,
-               "max": p99_us * 2, "mean": p50_us}
+    latency = {
+        "p50": p50_us,
+        "p90": p99_us * 0.5,
+        "p95": p99_us * 0.65,
+        "p99": p99_us,
+        "p99.9": p99_us * 1.5,
+        "max": p99_us * 2,
+        "mean": p50_us,
+    }
     return LoadPoint(mode, load, ok, {}, duration_s, ok / duration_s, latency, sent_rps=load if mode == "rate" else 0)
 
 
@@ -56,7 +63,7 @@ def test_rate_search_brackets_the_true_knee_within_precision(mu: float) -> None:
     assert result.capacity <= knee < result.failed_above  # the knee lies inside the final bracket
     assert knee * 0.9 <= result.capacity  # within 10 % of it
     assert (result.knee_runs, result.knee_passes) == (1 + settings.repeats, 1 + settings.repeats)
-    assert [r.phase for r in seen][-settings.repeats:] == ["confirm"] * settings.repeats
+    assert [r.phase for r in seen][-settings.repeats :] == ["confirm"] * settings.repeats
     assert len(seen) <= 16  # explore + bisect + confirm, far fewer than a fine sweep
     assert "capacity" in result.message and f"{result.capacity:g}" in result.message
 
@@ -129,8 +136,9 @@ def test_a_rate_the_client_cannot_send_is_the_clients_limit() -> None:
         if step.mode == "concurrency":
             return point
         load = point.load
-        return LoadPoint(**{**point.__dict__, "sent_rps": min(load, 3000.0),
-                            "send_lag_us_p50": 0 if load <= 3000 else 40000.0})
+        return LoadPoint(
+            **{**point.__dict__, "sent_rps": min(load, 3000.0), "send_lag_us_p50": 0 if load <= 3000 else 40000.0}
+        )
 
     result = find_capacity(measure, SLO, SearchSettings(start=100, max_load=50000, probe_concurrency=0))
     assert result.outcome == "found" and result.limited_by == "client"

@@ -29,15 +29,11 @@ def heldout() -> dict[str, np.ndarray]:
 def session() -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(
-        str(examples.example_model_path()), options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(str(examples.example_model_path()), options, providers=["CPUExecutionProvider"])
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
-    return [
-        d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim
-    ]
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
 def test_model_passes_checker_with_inline_weights(model: onnx.ModelProto) -> None:

@@ -16,19 +16,23 @@ from server.rollout.sources import (
 
 
 def vector(*rows: tuple[dict[str, str], str]) -> dict:
-    return {"status": "success", "data": {"resultType": "vector",
-                                          "result": [{"metric": m, "value": [1700000000.0, v]} for m, v in rows]}}
+    return {
+        "status": "success",
+        "data": {"resultType": "vector", "result": [{"metric": m, "value": [1700000000.0, v]} for m, v in rows]},
+    }
 
 
 def test_query_strings() -> None:
     assert promql_requests("digits", ("fp32", "int8"), 29.2) == (
-        'sum by (variant, code) (increase(kiln_gateway_requests_total{route="digits",'
-        'variant=~"fp32|int8"}[30s]))')
+        'sum by (variant, code) (increase(kiln_gateway_requests_total{route="digits",variant=~"fp32|int8"}[30s]))'
+    )
     assert promql_p99("digits", ("fp32", "int8"), 10) == (
-        'histogram_quantile(0.99, sum by (variant, le) (rate(kiln_gateway_request_seconds_bucket'
-        '{route="digits",variant=~"fp32|int8"}[10s])))')
+        "histogram_quantile(0.99, sum by (variant, le) (rate(kiln_gateway_request_seconds_bucket"
+        '{route="digits",variant=~"fp32|int8"}[10s])))'
+    )
     assert promql_shadow("digits", ("a", "b"), 0.2) == (
-        'sum by (result) (increase(kiln_gateway_shadow_comparisons_total{route="digits",variant=~"a|b"}[1s]))')
+        'sum by (result) (increase(kiln_gateway_shadow_comparisons_total{route="digits",variant=~"a|b"}[1s]))'
+    )
 
 
 def test_label_values_are_escaped() -> None:
@@ -51,16 +55,19 @@ def test_parse_errors_say_what_failed() -> None:
 
 
 def test_measurements_from_three_answers() -> None:
-    requests = parse_vector(vector(
-        ({"variant": "fp32", "code": "OK"}, "950.2"),
-        ({"variant": "fp32", "code": "UNAVAILABLE"}, "2"),
-        ({"variant": "int8", "code": "OK"}, "97.9"),
-        ({"variant": "int8", "code": "INVALID_ARGUMENT"}, "3"),
-        ({"variant": "other", "code": "OK"}, "5"),
-    ))
+    requests = parse_vector(
+        vector(
+            ({"variant": "fp32", "code": "OK"}, "950.2"),
+            ({"variant": "fp32", "code": "UNAVAILABLE"}, "2"),
+            ({"variant": "int8", "code": "OK"}, "97.9"),
+            ({"variant": "int8", "code": "INVALID_ARGUMENT"}, "3"),
+            ({"variant": "other", "code": "OK"}, "5"),
+        )
+    )
     p99 = parse_vector(vector(({"variant": "fp32"}, "0.004"), ({"variant": "int8"}, "0.0055")))
-    shadow = parse_vector(vector(({"result": "agree"}, "48"), ({"result": "disagree"}, "2"),
-                                 ({"result": "error"}, "1")))
+    shadow = parse_vector(
+        vector(({"result": "agree"}, "48"), ({"result": "disagree"}, "2"), ({"result": "error"}, "1"))
+    )
     m = measurements_from(requests, p99, shadow, "fp32", "int8")
     assert (m.baseline.requests, m.baseline.errors) == (952, 2)
     assert (m.candidate.requests, m.candidate.errors) == (101, 3)

@@ -21,8 +21,13 @@ OUT = (TensorSpec("probs", "float32", ("batch", 3)),)
 def _publish(repo: Path, artifact: Path, name: str = "lin-fp32-ort", hook=None):
     config = render_config(name, "ort", SPECS, OUT, ServingOptions(max_batch_size=8))
     manifest = build_manifest(
-        model_name=name, source_path=artifact, source_sha256="abc", precision="fp32",
-        target="ort", artifact="model.onnx", files={},
+        model_name=name,
+        source_path=artifact,
+        source_sha256="abc",
+        precision="fp32",
+        target="ort",
+        artifact="model.onnx",
+        files={},
     )
     return publish_version(repo, name, {"model.onnx": artifact}, config, manifest, hook=hook)
 

@@ -29,18 +29,26 @@ def _variant(name: str, model: str, weight: float) -> dict[str, object]:
 
 
 def _plan(candidate_model: str) -> RolloutPlan:
-    return plan_from_mapping({
-        "route": "digits", "baseline": "fp32",
-        "candidate": {"name": "int8", "upstream": "local", "model": candidate_model},
-        "steps": [20, 100], "interval_s": 1, "min_requests": 10, "shadow": None, "sample_percent": 0,
-    })
+    return plan_from_mapping(
+        {
+            "route": "digits",
+            "baseline": "fp32",
+            "candidate": {"name": "int8", "upstream": "local", "model": candidate_model},
+            "steps": [20, 100],
+            "interval_s": 1,
+            "min_requests": 10,
+            "shadow": None,
+            "sample_percent": 0,
+        }
+    )
 
 
 @pytest.fixture
 def routes(tmp_path: Path) -> SharedRouteFile:
     table = SharedRouteFile(tmp_path / "routes.json")
-    table.write({"digits": {"variants": [_variant("fp32", "digits-fp32-ort", 100.0),
-                                         _variant("int8", "digits-int8-old", 0.0)]}})
+    table.write(
+        {"digits": {"variants": [_variant("fp32", "digits-fp32-ort", 100.0), _variant("int8", "digits-int8-old", 0.0)]}}
+    )
     return table
 
 

@@ -12,23 +12,36 @@ from server.rollout.plan import RolloutPlan, plan_from_mapping
 
 def make_plan(**changes: object) -> RolloutPlan:
     data: dict[str, object] = {
-        "route": "digits", "baseline": "fp32",
+        "route": "digits",
+        "baseline": "fp32",
         "candidate": {"name": "int8", "upstream": "local", "model": "digits-int8-ort"},
-        "steps": [10, 50, 100], "interval_s": 10, "min_requests": 100, "max_wait_s": 30,
+        "steps": [10, 50, 100],
+        "interval_s": 10,
+        "min_requests": 100,
+        "max_wait_s": 30,
         "shadow": {"duration_s": 5, "percent": 100, "min_comparisons": 50},
-        "sample_percent": 10, "min_comparisons": 20,
+        "sample_percent": 10,
+        "min_comparisons": 20,
         "slos": {"max_error_rate": 0.01, "max_p99_ratio": 1.5, "min_agreement": 0.98},
     }
     data.update(changes)
     return plan_from_mapping(data)
 
 
-def healthy(cand_requests: int = 200, base_requests: int = 1000, cand_p99: float = 10.0,
-            errors: int = 0, compared: int = 100, agreed: int = 100) -> Measurements:
+def healthy(
+    cand_requests: int = 200,
+    base_requests: int = 1000,
+    cand_p99: float = 10.0,
+    errors: int = 0,
+    compared: int = 100,
+    agreed: int = 100,
+) -> Measurements:
     return Measurements(
         baseline=VariantWindow(base_requests, 0, 10.0),
         candidate=VariantWindow(cand_requests, errors, cand_p99),
-        compared=compared, agreed=agreed)
+        compared=compared,
+        agreed=agreed,
+    )
 
 
 def run_to_step(plan: RolloutPlan, step: int) -> Decision:

@@ -76,7 +76,11 @@ def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
 def test_cli_helpers() -> None:
     assert parse_steps("5, 25,100") == (5.0, 25.0, 100.0)
     assert parse_candidate("int8=local/digits-int8-ort:2") == {
-        "name": "int8", "upstream": "local", "model": "digits-int8-ort", "version": "2"}
+        "name": "int8",
+        "upstream": "local",
+        "model": "digits-int8-ort",
+        "version": "2",
+    }
     assert parse_candidate("c=u/m")["version"] == ""
     with pytest.raises(InvalidInputError, match="NAME=UPSTREAM/MODEL"):
         parse_candidate("int8")
@@ -90,15 +94,29 @@ def test_cli_flags_build_and_override_a_plan(tmp_path: Path) -> None:
 
     path = tmp_path / "plan.yaml"
     path.write_text("route: digits\nbaseline: fp32\ncandidate: {name: int8, upstream: local, model: m}\nshadow: null\n")
-    args = build_parser().parse_args([
-        "rollout", "start", "--plan", str(path), "--steps", "10,100", "--max-p99-ms", "25",
-        "--shadow-duration", "3", "--on-failure", "pause"])
+    args = build_parser().parse_args(
+        [
+            "rollout",
+            "start",
+            "--plan",
+            str(path),
+            "--steps",
+            "10,100",
+            "--max-p99-ms",
+            "25",
+            "--shadow-duration",
+            "3",
+            "--on-failure",
+            "pause",
+        ]
+    )
     data = plan_from_args(args)
     assert data["steps"] == [10.0, 100.0] and data["slos"]["max_p99_ms"] == 25.0
     assert data["shadow"]["duration_s"] == 3.0 and data["on_failure"] == "pause"
     assert data["slos"]["max_error_rate"] == 0.01  # the plan's default stays
-    flags = build_parser().parse_args([
-        "rollout", "start", "--route", "r", "--baseline", "a", "--candidate", "b=u/m:3", "--no-shadow"])
+    flags = build_parser().parse_args(
+        ["rollout", "start", "--route", "r", "--baseline", "a", "--candidate", "b=u/m:3", "--no-shadow"]
+    )
     built = plan_from_args(flags)
     assert built["candidate"]["version"] == "3" and built["shadow"] is None
     with pytest.raises(InvalidInputError, match="needs --plan FILE or --route"):

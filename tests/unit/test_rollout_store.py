@@ -17,11 +17,18 @@ from server.rollout.machine import Command
 from server.rollout.plan import plan_from_mapping
 from server.rollout.store import RolloutStore, StoredRollout, write_atomic
 
-PLAN = plan_from_mapping({
-    "route": "digits", "baseline": "fp32",
-    "candidate": {"name": "int8", "upstream": "local", "model": "digits-int8-ort"},
-    "steps": [20, 100], "interval_s": 1, "min_requests": 10, "shadow": None, "sample_percent": 0,
-})
+PLAN = plan_from_mapping(
+    {
+        "route": "digits",
+        "baseline": "fp32",
+        "candidate": {"name": "int8", "upstream": "local", "model": "digits-int8-ort"},
+        "steps": [20, 100],
+        "interval_s": 1,
+        "min_requests": 10,
+        "shadow": None,
+        "sample_percent": 0,
+    }
+)
 GOOD = Measurements(VariantWindow(100, 0, 5.0), VariantWindow(50, 0, 5.5))
 
 
@@ -29,8 +36,13 @@ class FakeRoutes:
     """RouteControl over a dict; validates weights like the gateway does."""
 
     def __init__(self) -> None:
-        self.routes: dict[str, dict[str, Any]] = {"digits": {"variants": [
-            {"name": "fp32", "upstream": "local", "model": "digits-fp32-ort", "version": "", "weight": 100.0}]}}
+        self.routes: dict[str, dict[str, Any]] = {
+            "digits": {
+                "variants": [
+                    {"name": "fp32", "upstream": "local", "model": "digits-fp32-ort", "version": "", "weight": 100.0}
+                ]
+            }
+        }
         self.history: list[dict[str, float]] = []
 
     def get_route(self, public: str) -> dict[str, Any]:

@@ -25,19 +25,27 @@ MODEL = "digits-int8-ort"
 def version_routes(second_replica: bool = True) -> FakeRoutes:
     """Route ``digits``: v1 on upstream a, (v1b on upstream b, weight 0,) and another model on c."""
     routes = FakeRoutes()
-    variants = [{"name": "v1", "upstream": "a", "model": MODEL, "version": "1", "weight": 100.0},
-                {"name": "v1b", "upstream": "b", "model": MODEL, "version": "1", "weight": 0.0},
-                {"name": "other", "upstream": "c", "model": "digits-fp32-ort", "version": "", "weight": 0.0}]
+    variants = [
+        {"name": "v1", "upstream": "a", "model": MODEL, "version": "1", "weight": 100.0},
+        {"name": "v1b", "upstream": "b", "model": MODEL, "version": "1", "weight": 0.0},
+        {"name": "other", "upstream": "c", "model": "digits-fp32-ort", "version": "", "weight": 0.0},
+    ]
     routes.routes = {"digits": {"variants": variants if second_replica else [variants[0], variants[2]]}}
     return routes
 
 
 def version_plan(**changes: Any) -> RolloutPlan:
     data: dict[str, Any] = {
-        "route": "digits", "baseline": "v1",
+        "route": "digits",
+        "baseline": "v1",
         "candidate": {"name": "v2", "upstream": "a", "model": MODEL, "version": 2},
-        "steps": [50, 100], "interval_s": 1, "min_requests": 10, "shadow": None, "sample_percent": 0,
-        "retire_previous": True, "retain_for_s": 30,
+        "steps": [50, 100],
+        "interval_s": 1,
+        "min_requests": 10,
+        "shadow": None,
+        "sample_percent": 0,
+        "retire_previous": True,
+        "retain_for_s": 30,
     }
     data.update(changes)
     return plan_from_mapping(data)
@@ -66,8 +74,9 @@ class FakeVersions:
         return {"upstream": upstream, "retired": True, "served": ["2"]}
 
 
-def controller(tmp_path: Path, versions: FakeVersions,
-               routes: FakeRoutes | None = None) -> tuple[RolloutController, FakeRoutes, Clock]:
+def controller(
+    tmp_path: Path, versions: FakeVersions, routes: FakeRoutes | None = None
+) -> tuple[RolloutController, FakeRoutes, Clock]:
     routes = routes or version_routes()
     clock = Clock()
     ctl = RolloutController(routes, FakeMetrics(), RolloutStore(tmp_path), clock=clock, versions=versions)
@@ -78,8 +87,10 @@ def test_upstreams_and_pointers() -> None:
     route = version_routes().routes["digits"]
     assert upstreams_for(route, version_plan().candidate) == ["a", "b"]
     assert previous_of(route, version_plan()) == {"model": MODEL, "version": "1", "upstreams": ["a", "b"]}
-    routes = {"digits": route, "pinned": {"variants": [
-        {"name": "old", "upstream": "b", "model": MODEL, "version": "1", "weight": 100.0}]}}
+    routes = {
+        "digits": route,
+        "pinned": {"variants": [{"name": "old", "upstream": "b", "model": MODEL, "version": "1", "weight": 100.0}]},
+    }
     assert routes_pointing_at(routes, ["a", "b"], MODEL, "1") == ["digits/v1", "digits/v1b", "pinned/old"]
     assert routes_pointing_at(routes, ["a"], MODEL, "2") == []
 
@@ -150,8 +161,9 @@ def test_previous_version_is_retired_after_the_rollback_window(tmp_path: Path) -
 def test_retiring_a_version_a_route_points_at_is_refused(tmp_path: Path) -> None:
     versions = FakeVersions()
     routes = version_routes(second_replica=False)
-    routes.routes["pinned"] = {"variants": [
-        {"name": "old", "upstream": "a", "model": MODEL, "version": "1", "weight": 100.0}]}
+    routes.routes["pinned"] = {
+        "variants": [{"name": "old", "upstream": "a", "model": MODEL, "version": "1", "weight": 100.0}]
+    }
     ctl, _, clock = controller(tmp_path, versions, routes)
     ctl.start(version_plan())
     ctl.command("digits", Command.PROMOTE)
@@ -173,9 +185,11 @@ def test_retire_needs_a_promoted_rollout(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("changes", "words"),
-    [({"retire_previous": False, "retain_for_s": 5}, "only applies with retire_previous"),
-     ({"candidate": {"name": "v2", "upstream": "a", "model": MODEL, "version": "02"}}, "version number"),
-     ({"ready_timeout_s": 0}, "ready_timeout_s")],
+    [
+        ({"retire_previous": False, "retain_for_s": 5}, "only applies with retire_previous"),
+        ({"candidate": {"name": "v2", "upstream": "a", "model": MODEL, "version": "02"}}, "version number"),
+        ({"ready_timeout_s": 0}, "ready_timeout_s"),
+    ],
 )
 def test_bad_version_plans_are_refused(changes: dict[str, Any], words: str) -> None:
     with pytest.raises(InvalidInputError, match=words):

@@ -22,8 +22,14 @@ def test_keep_versions_become_policies(text: str, policy: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "words"),
-    [("0", "would serve no version"), ("-2", "would serve no version"), ("latest", "not understood"),
-     ("specific:", "version numbers >= 1"), ("specific:0,2", "version numbers >= 1"), ("two", "'two'")],
+    [
+        ("0", "would serve no version"),
+        ("-2", "would serve no version"),
+        ("latest", "not understood"),
+        ("specific:", "version numbers >= 1"),
+        ("specific:0,2", "version numbers >= 1"),
+        ("two", "'two'"),
+    ],
 )
 def test_bad_keep_versions_are_refused(text: str, words: str) -> None:
     with pytest.raises(InvalidInputError, match=words):
@@ -40,8 +46,9 @@ def test_served_by_policy(policy: str, served: list[int]) -> None:
 def _model(tmp_path: Path, policy: str, versions: tuple[int, ...] = (1,)) -> Path:
     artifact = make_pair_model(tmp_path / "pair.onnx")
     repo = tmp_path / "repo"
-    write_model(repo, "m", {v: artifact for v in versions}, *PAIR_SPECS,
-                ServingOptions(max_batch_size=4, version_policy=policy))
+    write_model(
+        repo, "m", {v: artifact for v in versions}, *PAIR_SPECS, ServingOptions(max_batch_size=4, version_policy=policy)
+    )
     return repo
 
 

@@ -116,8 +116,11 @@ def _handlers(comparator: Comparator, python: ThreadHandlers | None) -> list[grp
 
 
 def start_local_server(
-    comparator: Comparator, python: ThreadHandlers | None, threads: int,
-    extra: Sequence[grpc.GenericRpcHandler] = (), health: Any = None,
+    comparator: Comparator,
+    python: ThreadHandlers | None,
+    threads: int,
+    extra: Sequence[grpc.GenericRpcHandler] = (),
+    health: Any = None,
 ) -> tuple[Callable[[], None], str]:
     """Serve on 127.0.0.1 (a free port); returns (stop, "127.0.0.1:PORT"). An open stream holds a thread.
 
