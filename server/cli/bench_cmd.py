@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.errors import InvalidInputError
@@ -17,6 +15,7 @@ from server.bench.loadgen import BenchConfig, run_bench
 from server.bench.plot import plot_result
 from server.bench.stats import PERCENTILES, BenchResult
 from server.cli import bench_capacity
+from server.cli.bench_output import run_levels, write_outputs
 from server.cli.bench_stream import add_stream_arguments, run_stream, stream_config
 
 
@@ -118,26 +117,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         return run_stream(args, stream_config(args, config.concurrency if not config.rates else (1,), config.rates))
     levels = config.rates or config.concurrency
-    with Progress(
-        TextColumn("[bold]bench[/] {task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(f"{args.model}: {len(levels)} load level(s)", total=len(levels))
-        result = run_bench(config, on_point=lambda _: progress.advance(task))
+    result = run_levels("bench", args.model, levels, lambda on_point: run_bench(config, on_point=on_point), console)
     print_result(result, console)
-    try:
-        if args.json:
-            args.json.write_text(json.dumps(result.to_dict(), indent=2))
-        if args.csv:
-            args.csv.write_text(result.to_csv())
-    except OSError as err:
-        raise InvalidInputError(f"cannot write {err.filename!r}: {err.strerror}; pass a writable path") from err
-    if args.plot:
-        plot_result(result, args.plot)
-        console.print(f"plot written to {args.plot}")
+    write_outputs(args, result, plot_result, console)
     return 0 if all(p.ok for p in result.points) else 1
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.errors import InvalidInputError
@@ -19,6 +17,7 @@ from server.bench.stream import (
     plot_stream_result,
     run_stream_bench,
 )
+from server.cli.bench_output import run_levels, write_outputs
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,26 +62,11 @@ def run_stream(args: argparse.Namespace, config: StreamBenchConfig) -> int:
     console = Console(highlight=False)
     config.check()
     levels = config.rates or config.concurrency
-    with Progress(
-        TextColumn("[bold]bench --stream[/] {task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(f"{args.model}: {len(levels)} load level(s)", total=len(levels))
-        result = run_stream_bench(config, on_point=lambda _: progress.advance(task))
+    result = run_levels(
+        "bench --stream", args.model, levels, lambda on_point: run_stream_bench(config, on_point=on_point), console
+    )
     print_stream_result(result, console)
-    try:
-        if args.json:
-            args.json.write_text(json.dumps(result.to_dict(), indent=2))
-        if args.csv:
-            args.csv.write_text(result.to_csv())
-    except OSError as err:
-        raise InvalidInputError(f"cannot write {err.filename!r}: {err.strerror}; pass a writable path") from err
-    if args.plot:
-        plot_stream_result(result, args.plot)
-        console.print(f"plot written to {args.plot}")
+    write_outputs(args, result, plot_stream_result, console)
     return 0 if all(p.ok for p in result.points) else 1
 
 
