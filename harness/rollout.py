@@ -3,7 +3,6 @@ a delay hook for the embedded server, and a bounded closed-loop load generator."
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from builders.pipeline import build_model
 from builders.request import BuildRequest
 from runtime.runner import Runner, RunnerSpec, create_runner
 from server.app import ServerHandle, start_server
+from server.bench.workers import WorkerLoad
 
 SLOW_DELAY_S = 0.04
 
@@ -99,37 +99,21 @@ class LoadResult:
         return sum(1 for _, _, ok in self.calls if not ok)
 
 
-class Load:
+class Load(WorkerLoad):
     """Closed-loop load on a gateway model from ``threads`` clients; stops by itself after ``max_s``."""
 
     def __init__(self, address: str, model: str, threads: int = 2, max_s: float = 30.0) -> None:
-        self.address, self.model, self.threads, self.max_s = address, model, threads, max_s
+        super().__init__(threads, max_s, join_s=10)
+        self.address, self.model = address, model
         self.result = LoadResult()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
-    def __enter__(self) -> Load:
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=10)
-
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         data = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
         client = triton.InferenceServerClient(self.address)
         tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
         tensor.set_data_from_numpy(data)
-        deadline = time.perf_counter() + self.max_s
         try:
-            while not self._stop.is_set() and time.perf_counter() < deadline:
+            while self.running():
                 began = time.perf_counter_ns() / 1e9
                 try:
                     client.infer(self.model, [tensor], client_timeout=10.0)

@@ -4,12 +4,12 @@ new ModelStreamInfer stream (a stream stays on the gateway variant its first mes
 from __future__ import annotations
 
 import queue
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tritonclient import grpc as triton
+
+from server.bench.workers import WorkerLoad
 
 FINAL = "triton_final_response"
 
@@ -20,38 +20,22 @@ class StreamLoadResult:
     errors: list[str] = field(default_factory=list)
 
 
-class StreamLoad:
+class StreamLoad(WorkerLoad):
     """``threads`` clients, each sending greedy prompts one after another, each on a new stream."""
 
     def __init__(self, address: str, model: str, threads: int = 2, max_tokens: int = 8, max_s: float = 60.0):
-        self.address, self.model, self.threads, self.max_tokens, self.max_s = address, model, threads, max_tokens, max_s
+        super().__init__(threads, max_s)
+        self.address, self.model, self.max_tokens = address, model, max_tokens
         self.result = StreamLoadResult()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def __enter__(self) -> StreamLoad:
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=30)
 
     def _run(self, index: int) -> None:
         rng = np.random.default_rng(index)
         client = triton.InferenceServerClient(self.address)
         tokens = triton.InferInput("max_tokens", [1], "INT32")
         tokens.set_data_from_numpy(np.array([self.max_tokens], np.int32))
-        deadline = time.perf_counter() + self.max_s
         sent = 0
         try:
-            while not self._stop.is_set() and time.perf_counter() < deadline:
+            while self.running():
                 prompt = bytes(rng.integers(97, 123, size=int(rng.integers(4, 12)))).decode()
                 text = triton.InferInput("text_input", [1], "BYTES")
                 text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
