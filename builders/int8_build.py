@@ -9,16 +9,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from builders.auto import search_precision
 from builders.bias_correction import apply as apply_bias_correction
 from builders.bias_correction import bias_corrections
+from builders.calib_data import Dataset
 from builders.calibrate import Calibration
 from builders.dynamic_quant import search_dynamic
 from builders.equalization import equalize
@@ -40,6 +42,7 @@ from builders.publish import publish_artifact
 from builders.quantize import prepare_model
 from builders.repository import Published
 from builders.request import BuildRequest, BuildResult, Int8Options
+from builders.smoothquant import ALPHAS, activation_absmax, place_weight_layers, smooth
 from builders.validate import Validation, check_gate, report_markdown, validate
 from core.errors import AccuracyGateError, InvalidInputError
 
@@ -67,6 +70,8 @@ def build_quantized(
     notes = [*warnings, *data.warnings]
     if opts.mode == "dynamic":
         return _build_dynamic(request, model, info, batch, data, notes)
+    if opts.smoothquant:
+        return _build_smoothquant(request, model, info, batch, data, notes)
     if request.precision == "int8":
         _refuse_if_every_op_is_slower(request, model)
     calib_info = info
@@ -135,6 +140,71 @@ def _build_dynamic(request: BuildRequest, model: onnx.ModelProto, info: ModelInf
         artifact = _artifact(chosen, workdir)
         published = _publish(request, info, artifact, batch, chosen, validation, gate, {REPORT_FILE: report}, data, {})
     return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), "dynamic": details})
+
+
+def _build_smoothquant(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, batch: int, data: BuildData,
+                       notes: list[str]) -> BuildResult:  # fmt: skip
+    """``--smoothquant``: per-channel absmax of the weight layers' inputs over the calibration data, then
+    for each alpha in ``ALPHAS`` smooth, re-measure, place Q/DQ on weight MatMul/Gemm inputs only and
+    score on a slice of the calibration data; the best alpha is gated on the evaluation data."""
+    opts = request.int8
+    search_slice = data.calibration.split(0.3)[1] if len(data.calibration) >= 4 else data.calibration
+    size = max(1, opts.calib_batch)
+
+    def stream(dataset: Dataset) -> Iterator[dict[str, np.ndarray]]:
+        return (inputs for inputs, _ in dataset.batches(size))
+
+    with tempfile.TemporaryDirectory(prefix="kiln-int8-smoothquant-") as tmp:
+        workdir = Path(tmp)
+        absmax = activation_absmax(model, stream(data.calibration))
+        rows: list[dict[str, Any]] = []
+        best: tuple[tuple[float, float], float, Path, int, int] | None = None
+        for alpha in ALPHAS:
+            smoothed, count = smooth(model, absmax, alpha)
+            quantized, placement = place_weight_layers(smoothed, activation_absmax(smoothed, stream(data.calibration)))
+            path = workdir / f"alpha-{alpha}.onnx"
+            onnx.save(quantized, str(path))
+            check = validate(request.model, path, search_slice, opts.gate, 1, latency=False)
+            row = {"alpha": alpha, "metric": check.metric, "drop": check.drop, "mse": check.metrics["mse"]}
+            logger.info("smoothquant alpha %.2f: %s drop %.5f", alpha, check.metric, check.drop)
+            rows.append(row)
+            key = (check.drop, check.metrics["mse"])
+            if best is None or key < best[0]:
+                if best is not None:
+                    best[2].unlink()
+                best = (key, alpha, path, count, len(placement.activations))
+            else:
+                path.unlink()
+        if best is None:  # ALPHAS is not empty
+            raise InvalidInputError("SmoothQuant tried no alpha")
+        _, alpha, path, count, activations = best
+        for row in rows:
+            row["chosen"] = row["alpha"] == alpha
+        details: dict[str, Any] = {
+            "mode": "static",
+            "method": "smoothquant",
+            "alpha": alpha,
+            "alpha_search": rows,
+            "smoothed_activations": count,
+            "quantized_activations": activations,
+            "placement": "Q/DQ on weight MatMul/Gemm inputs only; LayerNorm, Softmax, GELU and "
+            "activation x activation MatMuls (attention scores, context) in float",
+        }
+        chosen = PreparedOnnx(path, "int8", request.target, None, (), details)
+        validation = validate(request.model, path, data.evaluation, opts.gate, batch)
+        notes.append(f"SmoothQuant alpha {alpha} (searched {', '.join(str(a) for a in ALPHAS)}), "
+                     f"{count} activation(s) smoothed, {activations} quantized")  # fmt: skip
+        report = workdir / REPORT_FILE
+        report.write_text(_report(request, chosen, validation, data, {}))
+        gate = _gate_record(validation, opts)
+        if not validation.passed and not opts.skip_gate:
+            check_gate(validation, request.precision, None, _keep_rejected_report(request, opts, report))
+        check_speed(validation, opts, _keep_rejected_report(request, opts, report))
+        if not validation.passed:
+            notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
+        artifact = _artifact(chosen, workdir)
+        published = _publish(request, info, artifact, batch, chosen, validation, gate, {REPORT_FILE: report}, data, {})
+    return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), "smoothquant": details})
 
 
 def _keep_rejected_report(request: BuildRequest, opts: Int8Options, report: Path) -> Path:
@@ -301,6 +371,12 @@ def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation,
         facts["INT8 mode"] = (
             f"dynamic ({chosen.details['scheme']}); {chosen.details['quantized_layers']} layer(s) quantized, "
             f"{len(kept)} kept in float{': ' + ', '.join(kept) if kept else ''}"
+        )
+    if chosen.details.get("method") == "smoothquant":
+        facts["INT8 mode"] = (
+            f"static, SmoothQuant alpha {chosen.details['alpha']} ("
+            + ", ".join(f"{r['alpha']}: {r['metric']} drop {r['drop']:.4f}" for r in chosen.details["alpha_search"])
+            + f" on calibration data); {chosen.details['quantized_activations']} weight-layer input(s) quantized"
         )
     if "format" in chosen.details:
         facts["ORT integer format"] = f"{chosen.details['format']} ({chosen.details['format_reason']})"

@@ -54,6 +54,11 @@ def check_request(request: BuildRequest) -> None:
             "its INT8 engines need every activation's scale fixed at build time. Use --int8-mode static (the "
             "default) with --calib DATA for TensorRT, or --target ort for dynamic INT8"
         )
+    if request.int8.smoothquant and (request.target != "ort" or request.precision != "int8"):
+        raise InvalidInputError(
+            f"--smoothquant applies to --precision int8 --target ort (got --precision {request.precision} "
+            f"--target {request.target}); the TensorRT placement and --precision auto do not use it yet"
+        )
     if request.int8.mode == "dynamic" and request.precision not in ("int8", "auto"):
         raise InvalidInputError(
             f"--int8-mode dynamic applies to --precision int8 or auto, not {request.precision}; drop it"

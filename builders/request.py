@@ -52,6 +52,7 @@ class Int8Options:
     allow_slower: bool = False  # quantize ops measured slower in INT8, and publish an INT8 slower than FP32
     equalize: bool = False  # cross-layer equalization of conv pairs before calibration
     keep_float: tuple[str, ...] = ()  # "first", "last" (compute layers) and/or node names left in float
+    smoothquant: bool = False  # static INT8 for transformers: SmoothQuant, Q/DQ on weight MatMul/Gemm inputs only
 
     def __post_init__(self) -> None:
         if self.calib_method not in CALIB_METHODS:
@@ -68,6 +69,11 @@ class Int8Options:
             raise InvalidInputError(f"eval fraction must be in (0, 1), got {self.eval_fraction}")
         if self.calib_memory < 1 << 20:
             raise InvalidInputError(f"--calib-memory must be at least 1 MiB, got {self.calib_memory} bytes")
+        if self.smoothquant and self.mode == "dynamic":
+            raise InvalidInputError(
+                "--smoothquant is a static INT8 method (calibrated activation scales); drop --int8-mode dynamic "
+                "or drop --smoothquant"
+            )
         if self.calib_batch < 1 or self.repeats < 1:
             raise InvalidInputError(
                 f"calibration batch and latency repeats must be >= 1, got {self.calib_batch} and {self.repeats}"

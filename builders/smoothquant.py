@@ -12,9 +12,9 @@ of the smoothed layers only. Layers that read the same activation (Q, K and V pr
 one ``s`` (``w_j`` the max over their weights). The transform is pure: FP32 outputs are unchanged
 beyond rounding (``tests/unit/test_smoothquant.py``).
 
-Not done yet: ``kiln build`` does not call this (no ``--smoothquant`` flag, no alpha search inside
-the static INT8 build, nothing recorded in ``kiln.json``); use :func:`smooth` on a model before
-quantizing it yourself.
+:func:`place_weight_layers` then puts Q/DQ on the weight layers' inputs only; ``kiln build
+--smoothquant`` (``builders.int8_build``) searches alpha over :data:`ALPHAS` on a slice of the
+calibration data and gates the best candidate on the evaluation data.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from builders.qdq_placement import TRT_QUANTIZED_OPS, Placement, place_tensorrt
 from core.errors import InvalidInputError
 
 
@@ -178,3 +179,30 @@ def _fold_into_norm(norm: onnx.NodeProto | None, users: list[onnx.NodeProto], la
 def _set(tensor: onnx.TensorProto, value: np.ndarray) -> None:
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     tensor.CopyFrom(numpy_helper.from_array(value.astype(dtype), tensor.name))
+
+
+ALPHAS = (0.5, 0.65, 0.8, 0.9)  # searched per model; outlier-heavy encoders tend to want 0.8-0.9
+
+
+def place_weight_layers(model: onnx.ModelProto, absmax: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, Placement]:
+    """Q/DQ on the inputs of the weight MatMul/Gemm layers only (symmetric per-tensor activations from
+    ``absmax``, per-channel int8 weights); everything else -- LayerNorm, Softmax, GELU, the attention
+    score and context MatMuls that multiply two activations, any Conv -- stays float."""
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    taken = {n.name for n in named.graph.node}
+    for i, node in enumerate(named.graph.node):
+        if not node.name:  # exclusion is by node name
+            node.name = next(c for c in (f"{node.op_type}_{i}_{j}" for j in range(len(taken) + 1)) if c not in taken)
+            taken.add(node.name)
+    model = named
+    layers = smoothable(model)
+    quantized = {layer.node.name for name, group in layers.items() if name in absmax for layer in group}
+    if not quantized:
+        raise InvalidInputError(
+            "SmoothQuant found no MatMul/Gemm with a constant 2-D weight and a calibrated input in this model; "
+            "use --int8-mode dynamic or the default static placement instead"
+        )
+    excluded = [n.name for n in model.graph.node if n.op_type in TRT_QUANTIZED_OPS and n.name not in quantized]
+    amaxes = {name: float(value.max()) for name, value in absmax.items()}
+    return place_tensorrt(model, amaxes, exclude_nodes=excluded)

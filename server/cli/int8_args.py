@@ -76,6 +76,12 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         help="cross-layer equalization before calibration: rescale conv -> (ReLU) -> conv channel pairs so "
         "per-channel weight ranges even out (FP32 outputs unchanged)",
     )  # fmt: skip
+    group.add_argument(
+        "--smoothquant", action="store_true",
+        help="static INT8 for transformers (--precision int8 --target ort): SmoothQuant moves activation "
+        "outliers into the weights (alpha searched per model), Q/DQ only on weight MatMul/Gemm inputs; "
+        "LayerNorm, Softmax, GELU and attention-score MatMuls stay float",
+    )  # fmt: skip
     # gate demos only:
     group.add_argument("--amax-scale", type=float, default=DEFAULTS.amax_scale, help=argparse.SUPPRESS)
 
@@ -97,5 +103,6 @@ def int8_options(args: argparse.Namespace) -> Int8Options:
         mode=args.int8_mode,
         allow_slower=bool(args.allow_slower),
         equalize=bool(args.equalize),
+        smoothquant=bool(args.smoothquant),
         keep_float=tuple(x.strip() for x in args.keep_float.split(",") if x.strip()),
     )

@@ -151,3 +151,38 @@ def test_auto_tries_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) ->
     labels = [row["candidate"] for row in manifest["build"]["auto"]["candidates"]]
     assert labels[0] == "int8" and any(label.startswith("int8 dynamic") for label in labels)
     assert labels[-2:] == ["fp16", "fp32"]
+
+
+def test_smoothquant_static_int8_searches_alpha_and_keeps_attention_float(encoder: Path, tmp_path: Path) -> None:
+    calib = _save(tmp_path / "calib.npz", _tokens(24, 12, seed=8))
+    evaluation = _save(tmp_path / "eval.npz", _tokens(16, 12, seed=9))
+    code = _build(encoder, tmp_path / "repo", "--smoothquant", "--calib", str(calib), "--eval", str(evaluation),
+                  "--skip-gate", "--calib-cache", str(tmp_path / "cache"))  # fmt: skip
+    assert code == 0
+    version = tmp_path / "repo" / "bert-int8-ort" / "1"
+    manifest = json.loads((version / "kiln.json").read_text())
+    quant = manifest["build"]["quantization"]
+    assert quant["method"] == "smoothquant" and quant["alpha"] in (0.5, 0.65, 0.8, 0.9)
+    assert [r["alpha"] for r in quant["alpha_search"]] == [0.5, 0.65, 0.8, 0.9]
+    assert sum(r["chosen"] for r in quant["alpha_search"]) == 1
+    # 2 layers x (Q/K/V share one input, attention output, FFN in, FFN out) = 8 weight-layer inputs
+    assert quant["quantized_activations"] == 8 and quant["smoothed_activations"] == 8
+    assert manifest["validation"]["metric"] == "pooled-cosine"
+    assert manifest["validation"]["metrics"]["pooled_cosine"] > 0.98
+    model = onnx.load(str(version / "model.onnx"))
+    consumers = {n.output[0]: n for n in model.graph.node}
+    quantized_into = {n.op_type for n in model.graph.node if any(i.endswith("_dequantized") for i in n.input)}
+    assert quantized_into == {"MatMul"}
+    scores = [n for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(("/scores", "/context"))]
+    assert len(scores) == 4 and not any(i.endswith("_dequantized") for n in scores for i in n.input)
+    assert sum(n.op_type == "QuantizeLinear" for n in consumers.values()) == 8
+    assert "SmoothQuant alpha" in (version / "report.md").read_text()
+
+
+def test_smoothquant_is_refused_for_tensorrt_and_dynamic(encoder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    calib = _save(tmp_path / "calib.npz", _tokens(8, 12, seed=1))
+    assert _build(encoder, tmp_path / "repo", "--smoothquant", "--target", "tensorrt", "--calib", str(calib)) == 2
+    assert "--smoothquant applies to --precision int8 --target ort" in " ".join(capsys.readouterr().err.split())
+    assert _build(encoder, tmp_path / "repo", "--smoothquant", "--int8-mode", "dynamic", "--eval", str(calib)) == 2
+    assert "--smoothquant is a static INT8 method" in " ".join(capsys.readouterr().err.split())

@@ -34,6 +34,19 @@ def test_minilm_dynamic_int8_keeps_pooled_cosine_on_real_text(tmp_path: Path) ->
     assert metrics["compared_positions"] == int(held["attention_mask"].sum())  # padding never compared
 
 
+def test_minilm_smoothquant_static_int8_keeps_pooled_cosine_on_real_text(tmp_path: Path) -> None:
+    model = _need("minilm")
+    np.savez(tmp_path / "calib.npz", **{k: v[:48] for k, v in np.load(model.calib).items()})
+    np.savez(tmp_path / "eval.npz", **{k: v[:32] for k, v in np.load(model.heldout).items()})
+    argv = ["build", str(model.onnx), "--name", "minilm", "--repo", str(tmp_path / "repo"), "--precision", "int8",
+            "--smoothquant", "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+            "--allow-slower", "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "repo" / "minilm-int8-ort" / "1" / "kiln.json").read_text())
+    assert manifest["build"]["quantization"]["method"] == "smoothquant"
+    assert manifest["validation"]["metrics"]["pooled_cosine"] >= 0.995
+
+
 def test_resnet_calibration_batches_follow_the_memory_budget(tmp_path: Path) -> None:
     model = _need("resnet")
     calib = {k: v[:6] for k, v in np.load(model.calib).items()}

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders.smoothquant import activation_absmax, smooth
+from builders.smoothquant import activation_absmax, place_weight_layers, smooth
 from core.errors import InvalidInputError
 
 K = 16
@@ -93,3 +93,31 @@ def test_bad_alpha_and_foreign_absmax_are_refused() -> None:
         smooth(model, {"ln": np.ones(K + 1, np.float32)}, 0.5)
     with pytest.raises(InvalidInputError, match="no batches"):
         activation_absmax(model, [])
+
+
+def test_placement_quantizes_weight_layers_only_and_stays_close() -> None:
+    model = _block()
+    absmax = activation_absmax(model, _batches())
+    smoothed, _ = smooth(model, absmax, 0.8)
+    quantized, placement = place_weight_layers(smoothed, activation_absmax(smoothed, _batches()))
+    assert set(placement.weights) == {"wq", "wk", "wv", "wo"}
+    assert set(placement.activations) == {"ln", "g2_smoothed"}  # not q/kt (scores) nor p/v (context)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and "LayerNormalization" in ops and "Softmax" in ops
+    x = _batches()[0]["x"]
+    ref, out = _run(model, x), _run(quantized, x)
+    cosine = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cosine > 0.99
+
+
+def test_placement_refuses_a_model_without_weight_layers() -> None:
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")]
+    graph = helper.make_graph(
+        nodes,
+        "two_activations",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InvalidInputError, match="no MatMul/Gemm with a constant"):
+        place_weight_layers(model, {})
