@@ -209,6 +209,8 @@ def kiln_methods(model: RealModel, quick: bool) -> list[tuple[str, list[str], st
         strict = ["--metric", "pooled-cosine", "--max-accuracy-drop", "0.005", "--allow-slower"]
         methods.append(("kiln int8 dynamic (drop<=0.005)", ["--precision", "int8", "--int8-mode", "dynamic", *strict],
                         "calib64"))  # fmt: skip
+        methods.append(("kiln int8 smoothquant", ["--precision", "int8", "--smoothquant", "--allow-slower"],
+                        "calib64"))  # fmt: skip
     if model.key == "resnet" and not quick:
         methods.append(("kiln int8 (512 calib)", ["--precision", "int8", "--allow-slower"], "calib512"))
     if not quick:
