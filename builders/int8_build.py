@@ -42,7 +42,7 @@ from builders.publish import publish_artifact
 from builders.quantize import prepare_model
 from builders.repository import Published
 from builders.request import BuildRequest, BuildResult, Int8Options
-from builders.smoothquant import ALPHAS, activation_absmax, place_weight_layers, smooth
+from builders.smoothquant import ALPHAS, activation_absmax, attention_inputs, place_weight_layers, smooth
 from builders.validate import Validation, check_gate, report_markdown, validate
 from core.errors import AccuracyGateError, InvalidInputError
 
@@ -180,15 +180,35 @@ def _build_smoothquant(request: BuildRequest, model: onnx.ModelProto, info: Mode
         _, alpha, path, count, activations = best
         for row in rows:
             row["chosen"] = row["alpha"] == alpha
+        # attention-score/context MatMuls in int8 too, kept only while the slice stays within the budget
+        smoothed, _ = smooth(model, absmax, alpha)
+        extra = attention_inputs(smoothed)
+        attention_row: dict[str, Any] = {"tried": bool(extra), "kept": False}
+        if extra:
+            amax = activation_absmax(smoothed, stream(data.calibration), extra)
+            quantized, placement = place_weight_layers(smoothed, amax, attention=True)
+            with_attention = workdir / "attention.onnx"
+            onnx.save(quantized, str(with_attention))
+            check = validate(request.model, with_attention, search_slice, opts.gate, 1, latency=False)
+            attention_row |= {"metric": check.metric, "drop": check.drop, "passed": check.passed}
+            if check.passed:
+                path.unlink()
+                path, activations, attention_row["kept"] = with_attention, len(placement.activations), True
+            else:
+                with_attention.unlink()
         details: dict[str, Any] = {
             "mode": "static",
             "method": "smoothquant",
             "alpha": alpha,
             "alpha_search": rows,
+            "attention_int8": attention_row,
             "smoothed_activations": count,
             "quantized_activations": activations,
-            "placement": "Q/DQ on weight MatMul/Gemm inputs only; LayerNorm, Softmax, GELU and "
-            "activation x activation MatMuls (attention scores, context) in float",
+            "placement": "Q/DQ on weight MatMul/Gemm inputs"
+            + (" and attention score/context MatMuls" if attention_row["kept"] else "")
+            + "; LayerNorm, Softmax, GELU"
+            + ("" if attention_row["kept"] else " and activation x activation MatMuls (attention scores, context)")
+            + " in float",
         }
         chosen = PreparedOnnx(path, "int8", request.target, None, (), details)
         validation = validate(request.model, path, data.evaluation, opts.gate, batch)
@@ -376,7 +396,12 @@ def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation,
         facts["INT8 mode"] = (
             f"static, SmoothQuant alpha {chosen.details['alpha']} ("
             + ", ".join(f"{r['alpha']}: {r['metric']} drop {r['drop']:.4f}" for r in chosen.details["alpha_search"])
-            + f" on calibration data); {chosen.details['quantized_activations']} weight-layer input(s) quantized"
+            + f" on calibration data); {chosen.details['quantized_activations']} MatMul/Gemm input(s) quantized; "
+            + (
+                "attention score/context MatMuls in int8 (within budget)"
+                if chosen.details["attention_int8"]["kept"]
+                else "attention score/context MatMuls kept float"
+            )
         )
     if "format" in chosen.details:
         facts["ORT integer format"] = f"{chosen.details['format']} ({chosen.details['format_reason']})"

@@ -19,7 +19,7 @@ calibration data and gates the best candidate on the evaluation data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,13 +61,21 @@ def _layer(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> _Layer |
     return _Layer(node, node.input[1], rows_axis)
 
 
-def activation_absmax(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) absmax of every smoothable activation over ``batches``.
+def attention_inputs(model: onnx.ModelProto) -> list[str]:
+    """Inputs of the MatMuls that multiply two activations (attention scores and context)."""
+    inits = {i.name for i in model.graph.initializer}
+    pairs = [n for n in model.graph.node if n.op_type == "MatMul" and not set(n.input[:2]) & inits]
+    return sorted({name for node in pairs for name in node.input[:2]})
+
+
+def activation_absmax(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],
+                      extra: Sequence[str] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per-channel (last axis) absmax of every smoothable activation (and of ``extra``) over ``batches``.
 
     One batch is run at a time and only the running ``[K]`` maxima are kept, so memory is one
     batch of activations plus one vector per tensor.
     """
-    names = sorted(smoothable(model))
+    names = sorted(set(smoothable(model)) | set(extra))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -184,10 +192,13 @@ def _set(tensor: onnx.TensorProto, value: np.ndarray) -> None:
 ALPHAS = (0.5, 0.65, 0.8, 0.9)  # searched per model; outlier-heavy encoders tend to want 0.8-0.9
 
 
-def place_weight_layers(model: onnx.ModelProto, absmax: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, Placement]:
+def place_weight_layers(model: onnx.ModelProto, absmax: dict[str, np.ndarray], *,
+                        attention: bool = False) -> tuple[onnx.ModelProto, Placement]:  # fmt: skip
     """Q/DQ on the inputs of the weight MatMul/Gemm layers only (symmetric per-tensor activations from
     ``absmax``, per-channel int8 weights); everything else -- LayerNorm, Softmax, GELU, the attention
-    score and context MatMuls that multiply two activations, any Conv -- stays float."""
+    score and context MatMuls that multiply two activations, any Conv -- stays float. With
+    ``attention`` the activation x activation MatMuls are quantized too (their inputs need an
+    ``absmax`` entry, see :func:`attention_inputs`)."""
     named = onnx.ModelProto()
     named.CopyFrom(model)
     taken = {n.name for n in named.graph.node}
@@ -198,6 +209,9 @@ def place_weight_layers(model: onnx.ModelProto, absmax: dict[str, np.ndarray]) -
     model = named
     layers = smoothable(model)
     quantized = {layer.node.name for name, group in layers.items() if name in absmax for layer in group}
+    if attention:
+        pairs = set(attention_inputs(model))
+        quantized |= {n.name for n in model.graph.node if n.op_type == "MatMul" and set(n.input[:2]) <= pairs}
     if not quantized:
         raise InvalidInputError(
             "SmoothQuant found no MatMul/Gemm with a constant 2-D weight and a calibrated input in this model; "

@@ -156,8 +156,9 @@ def test_auto_tries_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) ->
 def test_smoothquant_static_int8_searches_alpha_and_keeps_attention_float(encoder: Path, tmp_path: Path) -> None:
     calib = _save(tmp_path / "calib.npz", _tokens(24, 12, seed=8))
     evaluation = _save(tmp_path / "eval.npz", _tokens(16, 12, seed=9))
+    # a zero budget: the attention-score MatMuls may not go int8 (the gate itself is skipped)
     code = _build(encoder, tmp_path / "repo", "--smoothquant", "--calib", str(calib), "--eval", str(evaluation),
-                  "--skip-gate", "--calib-cache", str(tmp_path / "cache"))  # fmt: skip
+                  "--skip-gate", "--max-accuracy-drop", "0", "--calib-cache", str(tmp_path / "cache"))  # fmt: skip
     assert code == 0
     version = tmp_path / "repo" / "bert-int8-ort" / "1"
     manifest = json.loads((version / "kiln.json").read_text())
@@ -165,6 +166,7 @@ def test_smoothquant_static_int8_searches_alpha_and_keeps_attention_float(encode
     assert quant["method"] == "smoothquant" and quant["alpha"] in (0.5, 0.65, 0.8, 0.9)
     assert [r["alpha"] for r in quant["alpha_search"]] == [0.5, 0.65, 0.8, 0.9]
     assert sum(r["chosen"] for r in quant["alpha_search"]) == 1
+    assert quant["attention_int8"]["tried"] and not quant["attention_int8"]["kept"]
     # 2 layers x (Q/K/V share one input, attention output, FFN in, FFN out) = 8 weight-layer inputs
     assert quant["quantized_activations"] == 8 and quant["smoothed_activations"] == 8
     assert manifest["validation"]["metric"] == "pooled-cosine"
@@ -186,3 +188,19 @@ def test_smoothquant_is_refused_for_tensorrt_and_dynamic(encoder: Path, tmp_path
     assert "--smoothquant applies to --precision int8 --target ort" in " ".join(capsys.readouterr().err.split())
     assert _build(encoder, tmp_path / "repo", "--smoothquant", "--int8-mode", "dynamic", "--eval", str(calib)) == 2
     assert "--smoothquant is a static INT8 method" in " ".join(capsys.readouterr().err.split())
+
+
+def test_smoothquant_puts_attention_matmuls_in_int8_within_the_budget(encoder: Path, tmp_path: Path) -> None:
+    calib = _save(tmp_path / "calib.npz", _tokens(24, 12, seed=8))
+    evaluation = _save(tmp_path / "eval.npz", _tokens(16, 12, seed=9))
+    code = _build(encoder, tmp_path / "repo", "--smoothquant", "--calib", str(calib), "--eval", str(evaluation),
+                  "--max-accuracy-drop", "0.05", "--calib-cache", str(tmp_path / "cache"))  # fmt: skip
+    assert code == 0
+    version = tmp_path / "repo" / "bert-int8-ort" / "1"
+    quant = json.loads((version / "kiln.json").read_text())["build"]["quantization"]
+    assert quant["attention_int8"]["kept"] and quant["attention_int8"]["drop"] <= 0.05
+    assert quant["quantized_activations"] == 16  # + per layer: Q heads, K heads, probabilities, V heads
+    model = onnx.load(str(version / "model.onnx"))
+    scores = [n for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(("/scores", "/context"))]
+    assert len(scores) == 4 and all(i.endswith("_dequantized") for n in scores for i in n.input[:2])
+    assert "attention score/context MatMuls in int8" in (version / "report.md").read_text()

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders.smoothquant import activation_absmax, place_weight_layers, smooth
+from builders.smoothquant import activation_absmax, attention_inputs, place_weight_layers, smooth
 from core.errors import InvalidInputError
 
 K = 16
@@ -121,3 +121,15 @@ def test_placement_refuses_a_model_without_weight_layers() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(InvalidInputError, match="no MatMul/Gemm with a constant"):
         place_weight_layers(model, {})
+
+
+def test_attention_placement_quantizes_the_activation_pairs_too() -> None:
+    model = _block()
+    assert attention_inputs(model) == ["kt", "p", "q", "v"]
+    absmax = activation_absmax(model, _batches(), attention_inputs(model))
+    _, weights_only = place_weight_layers(model, absmax)
+    quantized, placement = place_weight_layers(model, absmax, attention=True)
+    assert set(placement.activations) - set(weights_only.activations) == {"q", "kt", "p", "v"}
+    x = _batches()[0]["x"]
+    ref, out = _run(model, x), _run(quantized, x)
+    assert float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
