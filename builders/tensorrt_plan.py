@@ -16,7 +16,7 @@ from typing import Any
 from builders.request import TensorRTOptions
 from builders.tensors import TensorSpec
 from core.errors import InvalidInputError, MissingDependencyError
-from runtime.machine import GpuInfo
+from runtime.machine import GpuInfo, trt_major
 from runtime.tensorrt.plan import PLAN_PRECISIONS, PlanSettings, ShapeProfile
 
 TIMING_CACHE = Path(".kiln-cache") / "trt-timing.cache"
@@ -146,7 +146,7 @@ def make_settings(
     precision, the profiles or the TensorRT version."""
     if precision not in PLAN_PRECISIONS:
         raise InvalidInputError(f"a plan's precision must be one of {list(PLAN_PRECISIONS)}, got {precision!r}")
-    major = _major(tensorrt_version)
+    major = trt_major(tensorrt_version)
     if options.int8_mode == "calibrator" and major is not None and major >= 11:
         raise InvalidInputError(
             f"TensorRT {tensorrt_version} removed INT8 calibrators; use explicit Q/DQ (int8 mode 'qdq')"
@@ -168,11 +168,6 @@ def make_settings(
 def timing_cache_path(repo: Path) -> Path:
     """The timing cache kept beside the model repository and reused by every build."""
     return repo.resolve().parent / TIMING_CACHE
-
-
-def _major(version: str | None) -> int | None:
-    head = (version or "").split(".")[0]
-    return int(head) if head.isdigit() else None
 
 
 # ---------------------------------------------------------------- manifest and config

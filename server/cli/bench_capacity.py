@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from builders.request import DEFAULT_REPO
 from core.errors import InvalidInputError
 from server.bench.capacity import CapacityResult, Run, SearchSettings, Slo
 from server.bench.loadgen import BenchConfig
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--record", action="store_true", help="write the capacity into the served version's kiln.json in --repo"
     )
     group.add_argument(
-        "--repo", type=Path, default=Path("model_repository"), help="repository for --record (default model_repository)"
+        "--repo", type=Path, default=DEFAULT_REPO, help=f"repository for --record (default {DEFAULT_REPO})"
     )
     group.add_argument(
         "--record-model", default=None, help="repository model to record into, when --model is a gateway route name"

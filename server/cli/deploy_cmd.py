@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from builders.repository import check_model_name, read_model, repository_root
+from builders.request import DEFAULT_REPO
 from core.errors import InvalidInputError, NotFoundError
 from server.autoscale.hpa import UNITS, AutoscaleSpec, gateway_hpa, pick_capacity, triton_hpa
 
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print HorizontalPodAutoscalers: Triton on the model's per-pod metric, the gateway on CPU",
     )
     auto.add_argument("--model", required=True, help="repository model whose recorded capacity sets the target")
-    auto.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository directory")
+    auto.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="repository directory")
     auto.add_argument("--version", type=int, default=None, help="version to read (default: the newest with a capacity)")
     auto.add_argument(
         "--metric",

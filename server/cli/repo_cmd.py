@@ -22,6 +22,7 @@ from builders.repository import (
     repository_root,
     verify_repository,
 )
+from builders.request import DEFAULT_REPO
 from builders.version_policy import change_policy, read_policy
 from core.errors import RepositoryError
 
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("verify", "re-check checksums and config vs artifacts"),
     ):
         p = verbs.add_parser(verb, help=helptext)
-        p.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository directory")
+        p.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="repository directory")
         p.add_argument("--json", action="store_true", help="print JSON")
         if verb == "show":
             p.add_argument("model", help="model name, e.g. digits-fp32-ort")
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func={"list": run_list, "show": run_show, "verify": run_verify}[verb])
     policy = verbs.add_parser("policy", help="show or change which versions of a model stay servable")
     policy.add_argument("model", help="model name, e.g. digits-int8-ort")
-    policy.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository directory")
+    policy.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="repository directory")
     policy.add_argument(
         "--keep-versions",
         help="N latest versions (e.g. 2), 'all', or 'specific:1,2'; rewrites config.pbtxt atomically "

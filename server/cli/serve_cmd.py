@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 
 from builders.repository import repository_root
+from builders.request import DEFAULT_REPO
 from core.errors import InvalidInputError
 from server.app import DEFAULT_MAX_MESSAGE_MB, DEFAULT_POLL_S, make_options, serve
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("serve", help="serve a model repository over the KServe v2 / Triton gRPC protocol")
-    parser.add_argument("--repo", type=Path, default=Path("model_repository"), help="Triton model repository")
+    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="Triton model repository")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001, Triton's; 0 picks one)")
     parser.add_argument("--models", default=None, help="comma-separated models to load (default: all)")
