@@ -53,9 +53,9 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibration cache directory (default .kiln-cache/calib beside --repo)",
     )  # fmt: skip
     group.add_argument(
-        "--calib-memory", default="1GiB",
+        "--calib-memory", default=f"{DEFAULTS.calib_memory >> 20}MiB",
         help="memory for one batch of activations in calibration and validation, e.g. 512MiB or 4GiB "
-        "(default 1GiB); the batch size follows from it",
+        f"(default {DEFAULTS.calib_memory >> 20}MiB); the batch size follows from it",
     )  # fmt: skip
     group.add_argument(
         "--int8-mode", default=DEFAULTS.mode, choices=INT8_QUANT_MODES,
