@@ -22,6 +22,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from core.quantiles import quantile_ranks
+
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 PROM_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FINE_BOUNDS_NS = tuple(int(10_000 * 1.08**k) for k in range(215))  # 10 µs .. ~150 s, 8 % steps
@@ -37,6 +39,11 @@ class LatencySummary:
     p99_ms: float
     p999_ms: float
     mean_ms: float
+    # 95 % distribution-free bounds of the true p99 (``core.quantiles``), windows only. Low is None
+    # where too few requests bound it from below; high is the largest sample where too few (< 367)
+    # bound it from above (a stand-in, not a 95 % bound: the true p99 may lie beyond it)
+    p99_low_ms: float | None = None
+    p99_high_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,12 @@ def _summary(values: list[int]) -> LatencySummary:
     values.sort()
     n = len(values)
     picks = [values[min(n - 1, max(0, int(q * n + 0.999999) - 1))] / 1e6 for q in QUANTILES]
-    return LatencySummary(n, picks[0], picks[1], picks[2], picks[3], sum(values) / n / 1e6)
+    lower, upper = quantile_ranks(n, 0.99)
+    return LatencySummary(
+        n, picks[0], picks[1], picks[2], picks[3], sum(values) / n / 1e6,
+        values[lower - 1] / 1e6 if lower is not None else None,
+        values[upper - 1 if upper is not None else n - 1] / 1e6,
+    )  # fmt: skip
 
 
 def _fine_summary(buckets: list[int], count: int, total_ns: int) -> LatencySummary:

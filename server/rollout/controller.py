@@ -410,8 +410,15 @@ def _slo_rows(plan: RolloutPlan | None, state: RolloutState, m: Measurements | N
     if state.phase is Phase.SHADOWING:
         checks = shadow_checks(plan, m)
     else:
-        checks = step_checks(plan, m, reference_p99(plan, m, state.baseline_p99_ms))
+        checks = step_checks(plan, m, reference_p99(plan, m, state.baseline_p99))
     return [
-        {"name": c.name, "measured": c.measured, "limit": c.limit, "comparison": c.comparison, "ok": c.ok}
+        {
+            "name": c.name,
+            "measured": c.measured,
+            "limit": c.limit,
+            "comparison": c.comparison,
+            "ok": c.ok,
+            "undecided": c.undecided,
+        }
         for c in checks
     ]

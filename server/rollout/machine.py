@@ -13,6 +13,7 @@ resume, promote or abort). Resume re-runs the paused phase or step on a fresh wi
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,11 +21,13 @@ from core.errors import ConflictError
 from server.rollout.analysis import (
     Measurements,
     SloCheck,
+    Tail,
     check_figures,
     missing_traffic,
     reference_p99,
     shadow_checks,
     step_checks,
+    undecided,
 )
 from server.rollout.plan import RolloutPlan
 
@@ -60,9 +63,17 @@ class RolloutState:
     shadow_percent: float = 0.0
     paused_from: Phase | None = None
     baseline_p99_ms: float | None = None  # last well-measured baseline p99 (reference at 100%)
+    baseline_p99_high_ms: float | None = None  # ... its upper 95 % bound (None: unbounded)
     waiting_reported: bool = False
     reason: str = ""
     version: int = 0  # bumped by every transition; admin commands may require it (optimistic lock)
+
+    @property
+    def baseline_p99(self) -> Tail | None:
+        if self.baseline_p99_ms is None:
+            return None
+        high = math.inf if self.baseline_p99_high_ms is None else self.baseline_p99_high_ms
+        return Tail(self.baseline_p99_ms, self.baseline_p99_ms, high)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
@@ -243,7 +254,7 @@ def _on_timeout(
     state: RolloutState, plan: RolloutPlan, now: float, lacking: tuple[str, ...], figures: dict[str, Any]
 ) -> Decision:
     why = (
-        f"too little traffic after {now - state.window_start:.1f}s (limit {plan.wait_limit_s:g}s): "
+        f"too little traffic to decide after {now - state.window_start:.1f}s (limit {plan.wait_limit_s:g}s): "
         + ", ".join(lacking)
         + f"; on_insufficient={plan.on_insufficient}"
     )
@@ -264,9 +275,18 @@ def decide(state: RolloutState, plan: RolloutPlan, m: Measurements, now: float) 
     duration = plan.shadow.duration_s if shadowing and plan.shadow else plan.interval_s
     if elapsed < duration:
         return Decision(state)
-    reference = state.baseline_p99_ms if shadowing else reference_p99(plan, m, state.baseline_p99_ms)
+    reference = state.baseline_p99 if shadowing else reference_p99(plan, m, state.baseline_p99)
     figures: dict[str, Any] = {"elapsed_s": round(elapsed, 3), **_window_figures(m)}
     lacking = missing_traffic(plan, m, shadowing, reference)
+    checks: tuple[SloCheck, ...] = ()
+    if not lacking:
+        checks = shadow_checks(plan, m) if shadowing else step_checks(plan, m, reference)
+        figures.update(check_figures(checks))
+        figures["baseline_p99_ref_ms"] = None if reference is None else reference.ms
+        failed = [check for check in checks if check.ok is False]
+        if failed:
+            return _on_failure(_with_reference(state, reference), plan, now, failed, figures)
+        lacking = undecided(checks)  # a tail over its limit that the bounds cannot yet confirm
     if lacking:
         if elapsed >= max(plan.wait_limit_s, duration):
             return _on_timeout(state, plan, now, lacking, figures)
@@ -274,13 +294,7 @@ def decide(state: RolloutState, plan: RolloutPlan, m: Measurements, now: float) 
             return Decision(state)
         new = _moved(state, waiting_reported=True)
         return Decision(new, (_event(new, "waiting", now, "waiting for traffic: " + ", ".join(lacking), **figures),))
-    checks = shadow_checks(plan, m) if shadowing else step_checks(plan, m, reference)
-    figures.update(check_figures(checks))
-    figures["baseline_p99_ref_ms"] = reference
-    state = replace(state, baseline_p99_ms=reference)
-    failed = [check for check in checks if check.ok is False]
-    if failed:
-        return _on_failure(state, plan, now, failed, figures)
+    state = _with_reference(state, reference)
     summary = ", ".join(check.describe() for check in checks)
     if shadowing:
         return _enter_step(state, plan, 0, now, f"shadow phase passed: {summary}", figures)
@@ -297,6 +311,13 @@ def decide(state: RolloutState, plan: RolloutPlan, m: Measurements, now: float) 
     )
 
 
+def _with_reference(state: RolloutState, reference: Tail | None) -> RolloutState:
+    if reference is None:
+        return replace(state, baseline_p99_ms=None, baseline_p99_high_ms=None)
+    high = reference.high if math.isfinite(reference.high) else None
+    return replace(state, baseline_p99_ms=reference.ms, baseline_p99_high_ms=high)
+
+
 def _window_figures(m: Measurements) -> dict[str, Any]:
     return {
         "baseline_requests": m.baseline.requests,
@@ -305,6 +326,7 @@ def _window_figures(m: Measurements) -> dict[str, Any]:
         "candidate_requests": m.candidate.requests,
         "candidate_errors": m.candidate.errors,
         "candidate_p99_ms": m.candidate.p99_ms,
+        "candidate_p99_low_ms": None if m.candidate.p99 is None else m.candidate.p99.low,
         "compared": m.compared,
         "agreed": m.agreed,
         "shadow_errors": m.shadow_errors,

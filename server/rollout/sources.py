@@ -24,7 +24,14 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from core.errors import UnavailableError
+from core.quantiles import quantile_ranks
 from server.rollout.analysis import Measurements, VariantWindow
+
+
+class _Summary(Protocol):
+    p99_ms: float
+    p99_low_ms: float | None
+    p99_high_ms: float | None
 
 
 class _Window(Protocol):
@@ -32,7 +39,7 @@ class _Window(Protocol):
     errors: int
 
     @property
-    def p99_ms(self) -> float: ...
+    def total(self) -> _Summary: ...
 
     @property
     def shadow(self) -> Any: ...
@@ -80,8 +87,18 @@ class LocalMetricsSource:
         return Measurements(windows[0], windows[1], compared, agreed, shadow_errors, divergences)
 
 
+def _bounds(summary: _Summary) -> tuple[float, float]:
+    """The summary's 95 % p99 bounds with the analysis' convention (0 / inf where unbounded)."""
+    low, high = summary.p99_low_ms, summary.p99_high_ms
+    return (0.0 if low is None else low, math.inf if high is None else high)
+
+
 def _variant(window: _Window) -> VariantWindow:
-    return VariantWindow(window.requests, window.errors, window.p99_ms if window.requests else None)
+    if not window.requests:
+        return VariantWindow(0, window.errors)
+    return VariantWindow(
+        window.requests, window.errors, window.total.p99_ms, p99_bounds_ms=_bounds(window.total)
+    )  # fmt: skip
 
 
 class StreamWindows(Protocol):
@@ -94,8 +111,15 @@ def _with_stream(window: VariantWindow, stream: Any) -> VariantWindow:
     """Add TTFT/ITL p99 when the variant streamed in the window."""
     if stream is None or not stream.requests:
         return window
-    itl = stream.itl.p99_ms if stream.itl.count else None
-    return replace(window, ttft_p99_ms=stream.ttft.p99_ms, itl_p99_ms=itl)
+    if not stream.itl.count:
+        return replace(window, ttft_p99_ms=stream.ttft.p99_ms, ttft_p99_bounds_ms=_bounds(stream.ttft))
+    return replace(
+        window,
+        ttft_p99_ms=stream.ttft.p99_ms,
+        ttft_p99_bounds_ms=_bounds(stream.ttft),
+        itl_p99_ms=stream.itl.p99_ms,
+        itl_p99_bounds_ms=_bounds(stream.itl),
+    )
 
 
 # -- Prometheus -------------------------------------------------------------------------------
@@ -126,12 +150,53 @@ def promql_requests(route: str, variants: tuple[str, ...], window_s: float) -> s
     )
 
 
-def promql_p99(route: str, variants: tuple[str, ...], window_s: float) -> str:
-    """p99 (seconds) per variant from the merged histograms of every replica."""
+def promql_buckets(route: str, variants: tuple[str, ...], window_s: float) -> str:
+    """Latency histogram per variant over the window (cumulative count by ``le``), every replica merged.
+
+    The p99 and its bounds are computed here from the buckets (``tail_from_buckets``), the way
+    ``histogram_quantile`` interpolates, since the bounds need the request count as well.
+    """
     return (
-        f"histogram_quantile(0.99, sum by (variant, le) (rate({LATENCY_BUCKETS}{{route={_label(route)},"
-        f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}])))"
+        f"sum by (variant, le) (increase({LATENCY_BUCKETS}{{route={_label(route)},"
+        f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))"
     )
+
+
+def _at_rank(buckets: list[tuple[float, float]], rank: float) -> float:
+    """The value at ``rank`` (1-based, may be fractional) by linear interpolation in its bucket.
+
+    Like PromQL's ``histogram_quantile``: the first bucket starts at 0, and a rank in the +Inf bucket
+    reads as the largest finite bound, except that a bound read here (``math.inf``) stays unbounded.
+    """
+    previous_le, previous_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank and count > previous_count:
+            if math.isinf(le):
+                return math.inf
+            return previous_le + (le - previous_le) * (rank - previous_count) / (count - previous_count)
+        previous_le, previous_count = le, count
+    return previous_le
+
+
+def tail_from_buckets(buckets: list[tuple[float, float]]) -> tuple[float, tuple[float, float]] | None:
+    """``(p99, (low, high))`` in the buckets' unit from cumulative ``(le, count)`` rows; None if empty.
+
+    The bounds are the order statistics ``core.quantiles`` picks for the window's request count,
+    read off the buckets the same way as the p99 itself; where the count is too small to bound the
+    p99 from above, the largest request stands in (as in the exact windows); ``math.inf`` when it
+    lies in the +Inf bucket.
+    """
+    rows = sorted(buckets)
+    total = rows[-1][1] if rows else 0.0
+    n = round(total)
+    if n < 1:
+        return None
+    finite_top = max((le for le, _ in rows if math.isfinite(le)), default=0.0)
+    point = _at_rank(rows, 0.99 * total)
+    lower, upper = quantile_ranks(n, 0.99)
+    low = _at_rank(rows, lower * total / n) if lower is not None else 0.0
+    high = _at_rank(rows, upper * total / n if upper is not None else total)  # too few: the largest stands in
+    return (finite_top if math.isinf(point) else point), (min(low, finite_top), high)
 
 
 def promql_shadow(route: str, variants: tuple[str, ...], window_s: float) -> str:
@@ -161,12 +226,15 @@ def parse_vector(payload: Mapping[str, Any]) -> list[tuple[dict[str, str], float
 
 def measurements_from(
     requests: list[tuple[dict[str, str], float | None]],
-    p99: list[tuple[dict[str, str], float | None]],
+    buckets: list[tuple[dict[str, str], float | None]],
     shadow: list[tuple[dict[str, str], float | None]],
     baseline: str,
     candidate: str,
 ) -> Measurements:
-    """Assemble Measurements from the three query results (counts rounded to whole requests)."""
+    """Assemble Measurements from the three query results (counts rounded to whole requests).
+
+    ``buckets`` rows carry ``variant`` and ``le`` labels and cumulative counts (seconds).
+    """
     counts: dict[str, list[float]] = {baseline: [0.0, 0.0], candidate: [0.0, 0.0]}
     for labels, value in requests:
         slot = counts.get(labels.get("variant", ""))
@@ -175,13 +243,20 @@ def measurements_from(
         slot[0] += value
         if labels.get("code") != "OK":
             slot[1] += value
-    p99_ms = {labels.get("variant"): value * 1000.0 for labels, value in p99 if value is not None}
+    histograms: dict[str, list[tuple[float, float]]] = {}
+    for labels, value in buckets:
+        if value is not None and "le" in labels:
+            histograms.setdefault(labels.get("variant", ""), []).append((float(labels["le"]), value))
     results = {labels.get("result"): round(value or 0.0) for labels, value in shadow}
     agree, disagree, errors = results.get("agree", 0), results.get("disagree", 0), results.get("error", 0)
 
     def window(name: str) -> VariantWindow:
         total, bad = round(counts[name][0]), round(counts[name][1])
-        return VariantWindow(total, bad, p99_ms.get(name) if total else None)
+        tail = tail_from_buckets(histograms.get(name, []))
+        if not total or tail is None:
+            return VariantWindow(total, bad)
+        (point, (low, high)) = tail
+        return VariantWindow(total, bad, point * 1000.0, p99_bounds_ms=(low * 1000.0, high * 1000.0))
 
     return Measurements(window(baseline), window(candidate), agree + disagree, agree, errors)
 
@@ -203,7 +278,7 @@ class PrometheusSource:
         variants = (baseline, candidate)
         return measurements_from(
             parse_vector(self.query(promql_requests(route, variants, window_s))),
-            parse_vector(self.query(promql_p99(route, variants, window_s))),
+            parse_vector(self.query(promql_buckets(route, variants, window_s))),
             parse_vector(self.query(promql_shadow(route, variants, window_s))),
             baseline,
             candidate,

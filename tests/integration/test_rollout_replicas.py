@@ -95,7 +95,16 @@ def healthy(fake: FakePrometheus, candidate_errors: float = 0.0) -> None:
                 ({"variant": "int8", "code": "INTERNAL"}, candidate_errors),
             ]
         ),
-        "histogram_quantile": vector([({"variant": "fp32"}, 0.004), ({"variant": "int8"}, 0.005)]),
+        "kiln_gateway_request_seconds_bucket": vector(
+            [
+                ({"variant": "fp32", "le": "0.001"}, 0.0),
+                ({"variant": "fp32", "le": "0.005"}, 400.0),
+                ({"variant": "fp32", "le": "+Inf"}, 400.0),
+                ({"variant": "int8", "le": "0.001"}, 0.0),
+                ({"variant": "int8", "le": "0.005"}, 123.0),
+                ({"variant": "int8", "le": "+Inf"}, 123.0),
+            ]
+        ),
         "kiln_gateway_shadow_comparisons_total": vector([({"result": "agree"}, 60.0)]),
     }
 
@@ -115,7 +124,7 @@ def test_prometheus_source_reads_three_queries(prometheus: FakePrometheus) -> No
     source.mark("digits")
     m = source.read("digits", "fp32", "int8")
     assert (m.baseline.requests, m.candidate.requests, m.candidate.errors) == (400, 123, 3)
-    assert m.candidate.p99_ms == pytest.approx(5.0) and (m.compared, m.agreed) == (60, 60)
+    assert m.candidate.p99_ms == pytest.approx(1.0 + 4.0 * 0.99) and (m.compared, m.agreed) == (60, 60)
     assert len(prometheus.queries) == 3 and all('route="digits"' in q for q in prometheus.queries)
     prometheus.answers = {}
     with pytest.raises(UnavailableError, match="bad_data: unknown query"):

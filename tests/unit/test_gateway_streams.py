@@ -10,7 +10,7 @@ from server.codec import to_raw
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.stream_metrics import StreamMetrics
 from server.gateway.streams import StreamMeter, StreamTarget, first_divergence, greedy_request
-from server.rollout.analysis import Measurements, VariantWindow, shadow_checks, step_checks
+from server.rollout.analysis import Measurements, Tail, VariantWindow, shadow_checks, step_checks
 from server.rollout.plan import plan_from_mapping
 
 
@@ -96,14 +96,14 @@ def _plan(**slos: float) -> object:
 )
 def test_stream_slos_on_a_step(slos: dict, candidate: VariantWindow, failed: list[str]) -> None:
     baseline = VariantWindow(20, 0, 10.0, ttft_p99_ms=100.0, itl_p99_ms=10.0)
-    checks = step_checks(_plan(**slos), Measurements(baseline, candidate), 10.0)  # type: ignore[arg-type]
+    checks = step_checks(_plan(**slos), Measurements(baseline, candidate), Tail(10.0, 10.0, 10.0))
     assert [c.name for c in checks if c.ok is False] == failed
 
 
 def test_ttft_ratio_waits_for_a_streaming_baseline_and_token_agreement_names_itself() -> None:
     plan = _plan(max_ttft_p99_ratio=1.2, min_token_agreement=0.95)
     lone = Measurements(VariantWindow(0, 0, None), VariantWindow(20, 0, 10.0, ttft_p99_ms=500.0))
-    ratio = next(c for c in step_checks(plan, lone, 10.0) if c.name == "ttft_p99_ratio")  # type: ignore[arg-type]
+    ratio = next(c for c in step_checks(plan, lone, Tail(10.0, 10.0, 10.0)) if c.name == "ttft_p99_ratio")
     assert ratio.ok is None and ratio.measured is None
     diverged = Measurements(compared=20, agreed=18, first_divergence=(3, 7))
     check = shadow_checks(plan, diverged)[1]  # type: ignore[arg-type]

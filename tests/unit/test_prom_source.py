@@ -8,7 +8,7 @@ from core.errors import UnavailableError
 from server.rollout.sources import (
     measurements_from,
     parse_vector,
-    promql_p99,
+    promql_buckets,
     promql_requests,
     promql_shadow,
     range_of,
@@ -26,9 +26,8 @@ def test_query_strings() -> None:
     assert promql_requests("digits", ("fp32", "int8"), 29.2) == (
         'sum by (variant, code) (increase(kiln_gateway_requests_total{route="digits",variant=~"fp32|int8"}[30s]))'
     )
-    assert promql_p99("digits", ("fp32", "int8"), 10) == (
-        "histogram_quantile(0.99, sum by (variant, le) (rate(kiln_gateway_request_seconds_bucket"
-        '{route="digits",variant=~"fp32|int8"}[10s])))'
+    assert promql_buckets("digits", ("fp32", "int8"), 10) == (
+        'sum by (variant, le) (increase(kiln_gateway_request_seconds_bucket{route="digits",variant=~"fp32|int8"}[10s]))'
     )
     assert promql_shadow("digits", ("a", "b"), 0.2) == (
         'sum by (result) (increase(kiln_gateway_shadow_comparisons_total{route="digits",variant=~"a|b"}[1s]))'
@@ -64,14 +63,27 @@ def test_measurements_from_three_answers() -> None:
             ({"variant": "other", "code": "OK"}, "5"),
         )
     )
-    p99 = parse_vector(vector(({"variant": "fp32"}, "0.004"), ({"variant": "int8"}, "0.0055")))
+    buckets = parse_vector(
+        vector(
+            ({"variant": "fp32", "le": "0.001"}, "0"),
+            ({"variant": "fp32", "le": "0.005"}, "954.2"),
+            ({"variant": "fp32", "le": "+Inf"}, "954.2"),
+            ({"variant": "int8", "le": "0.005"}, "90"),
+            ({"variant": "int8", "le": "0.01"}, "100.9"),
+            ({"variant": "int8", "le": "+Inf"}, "100.9"),
+        )
+    )
     shadow = parse_vector(
         vector(({"result": "agree"}, "48"), ({"result": "disagree"}, "2"), ({"result": "error"}, "1"))
     )
-    m = measurements_from(requests, p99, shadow, "fp32", "int8")
+    m = measurements_from(requests, buckets, shadow, "fp32", "int8")
     assert (m.baseline.requests, m.baseline.errors) == (952, 2)
     assert (m.candidate.requests, m.candidate.errors) == (101, 3)
-    assert m.baseline.p99_ms == pytest.approx(4.0) and m.candidate.p99_ms == pytest.approx(5.5)
+    # read like histogram_quantile: linear within the bucket holding rank 0.99 * count
+    assert m.baseline.p99_ms == pytest.approx(1.0 + 4.0 * 0.99)
+    assert m.candidate.p99_ms == pytest.approx(5.0 + 5.0 * (0.99 * 100.9 - 90) / 10.9)
+    assert m.baseline.p99_bounds_ms is not None and m.baseline.p99_bounds_ms[1] < 5.0  # 954 requests bound it
+    assert m.candidate.p99_bounds_ms is not None and m.candidate.p99_bounds_ms[1] == pytest.approx(10.0)
     assert (m.compared, m.agreed, m.shadow_errors) == (50, 48, 1)
 
 
