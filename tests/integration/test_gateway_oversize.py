@@ -109,7 +109,13 @@ def test_250_mb_request_is_refused_early_within_the_rss_bound(gateway: tuple[int
 
 
 def test_request_under_the_limit_passes_with_one_copy_at_most(gateway: tuple[int, int]) -> None:
-    """A 40 MB request is forwarded; peak RSS grows by under 4 bodies (gRPC in and out, Python bytes, one append)."""
+    """A 40 MB request is forwarded without being parsed: peak RSS grows by under 5 bodies.
+
+    Measured 3.4-3.6 bodies on a quiet box (gRPC's receive slices, the Python bytes, gRPC's send
+    buffer, one append) and 4.14 once in a loaded CI run, where gRPC released its receive slices
+    only after the send buffer was allocated. A plane that parsed and re-serialized the request
+    would add two more bodies (5.5 and up).
+    """
     pid, port = gateway
     options = [("grpc.max_send_message_length", -1)]
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
@@ -121,5 +127,5 @@ def test_request_under_the_limit_passes_with_one_copy_at_most(gateway: tuple[int
         assert service_pb2.ModelInferResponse.FromString(response).model_name == "digits"
         grown = memory(pid)["VmHWM"] - before
         print(f"40 MB request forwarded: peak RSS grew {grown / 2**20:.0f} MiB")
-        assert grown < 4 * size, grown
+        assert grown < 5 * size, grown
         good(channel)

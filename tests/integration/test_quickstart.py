@@ -14,15 +14,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_quickstart_promotes_int8_and_rolls_back_the_broken_build(tmp_path: Path, capsys) -> None:
-    # One more run, in fresh folders, only when the first failed on a p99 ratio: a few hundred
-    # requests per step on two shared cores can show a 10x p99 tail from scheduling alone. Every
-    # assertion below is on the run that counts.
-    for attempt in range(2):
-        repo, out = tmp_path / f"repo{attempt}", tmp_path / f"out{attempt}"
-        code = main(["quickstart", "--repo", str(repo), "--out", str(out), "--interval", "1.5"])
-        text = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
-        if code == 0 or "failed: p99_ratio" not in text:
-            break
+    # One run: scheduling tails on two shared cores no longer fail a p99 check (it fails only when
+    # its 95 % bounds confirm the excess; see server/rollout/analysis.py), so no retry is needed.
+    repo, out = tmp_path / "repo", tmp_path / "out"
+    code = main(["quickstart", "--repo", str(repo), "--out", str(out), "--interval", "1.5"])
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
     assert code == 0, text[-2000:]
     assert "INT8 promoted, broken build rolled_back, INT8 version 2 promoted (as expected)" in text
     assert "digits-int8-ort:2" in text and "version 1 after the version rollout: retired" in text
