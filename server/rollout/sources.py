@@ -2,7 +2,8 @@
 
 * ``LocalMetricsSource``: the gateway's own exact sliding windows (one gateway process).
 * ``PrometheusSource``: the same figures as PromQL over the metrics every gateway replica exports,
-  summed across replicas (several gateways behind a Service). The queries are pure functions
+  summed across replicas (several gateways behind a Service): requests, errors, latency, shadow
+  agreement, and TTFT/ITL for token streams, each tail with its bounds. The queries are pure functions
   (``promql_*``) and the response parsing too (``parse_vector``), so both are unit-tested.
 
 A window starts at ``mark(route)``; a read covers the time since. With Prometheus the window is a
@@ -126,6 +127,8 @@ def _with_stream(window: VariantWindow, stream: Any) -> VariantWindow:
 
 REQUESTS = "kiln_gateway_requests_total"
 LATENCY_BUCKETS = "kiln_gateway_request_seconds_bucket"
+TTFT_BUCKETS = "kiln_gateway_ttft_seconds_bucket"  # token streams (server/gateway/stream_metrics.py)
+ITL_BUCKETS = "kiln_gateway_itl_seconds_bucket"
 SHADOW = "kiln_gateway_shadow_comparisons_total"
 
 
@@ -150,14 +153,16 @@ def promql_requests(route: str, variants: tuple[str, ...], window_s: float) -> s
     )
 
 
-def promql_buckets(route: str, variants: tuple[str, ...], window_s: float) -> str:
-    """Latency histogram per variant over the window (cumulative count by ``le``), every replica merged.
+def promql_buckets(route: str, variants: tuple[str, ...], window_s: float, metric: str = LATENCY_BUCKETS) -> str:
+    """A latency histogram per variant over the window (cumulative count by ``le``), every replica merged.
+
+    ``metric``: request latency by default; ``TTFT_BUCKETS`` / ``ITL_BUCKETS`` for token streams.
 
     The p99 and its bounds are computed here from the buckets (``tail_from_buckets``), the way
     ``histogram_quantile`` interpolates, since the bounds need the request count as well.
     """
     return (
-        f"sum by (variant, le) (increase({LATENCY_BUCKETS}{{route={_label(route)},"
+        f"sum by (variant, le) (increase({metric}{{route={_label(route)},"
         f"variant=~{_variants_matcher(variants)}}}[{range_of(window_s)}]))"
     )
 
@@ -224,16 +229,36 @@ def parse_vector(payload: Mapping[str, Any]) -> list[tuple[dict[str, str], float
     return rows
 
 
+def _histograms(rows: list[tuple[dict[str, str], float | None]]) -> dict[str, list[tuple[float, float]]]:
+    """Bucket rows (``variant`` and ``le`` labels) -> {variant: [(le, cumulative count)]}."""
+    histograms: dict[str, list[tuple[float, float]]] = {}
+    for labels, value in rows:
+        if value is not None and "le" in labels:
+            histograms.setdefault(labels.get("variant", ""), []).append((float(labels["le"]), value))
+    return histograms
+
+
+def _stream_tail(histogram: list[tuple[float, float]]) -> tuple[float | None, tuple[float, float] | None]:
+    tail = tail_from_buckets(histogram)
+    if tail is None:
+        return None, None
+    point, (low, high) = tail
+    return point * 1000.0, (low * 1000.0, high * 1000.0)
+
+
 def measurements_from(
     requests: list[tuple[dict[str, str], float | None]],
     buckets: list[tuple[dict[str, str], float | None]],
     shadow: list[tuple[dict[str, str], float | None]],
     baseline: str,
     candidate: str,
+    ttft: list[tuple[dict[str, str], float | None]] | None = None,
+    itl: list[tuple[dict[str, str], float | None]] | None = None,
 ) -> Measurements:
     """Assemble Measurements from the three query results (counts rounded to whole requests).
 
-    ``buckets`` rows carry ``variant`` and ``le`` labels and cumulative counts (seconds).
+    ``buckets`` rows carry ``variant`` and ``le`` labels and cumulative counts (seconds); ``ttft``
+    and ``itl`` are the same for token streams (a variant that streamed nothing has none).
     """
     counts: dict[str, list[float]] = {baseline: [0.0, 0.0], candidate: [0.0, 0.0]}
     for labels, value in requests:
@@ -243,10 +268,7 @@ def measurements_from(
         slot[0] += value
         if labels.get("code") != "OK":
             slot[1] += value
-    histograms: dict[str, list[tuple[float, float]]] = {}
-    for labels, value in buckets:
-        if value is not None and "le" in labels:
-            histograms.setdefault(labels.get("variant", ""), []).append((float(labels["le"]), value))
+    histograms, ttfts, itls = _histograms(buckets), _histograms(ttft or []), _histograms(itl or [])
     results = {labels.get("result"): round(value or 0.0) for labels, value in shadow}
     agree, disagree, errors = results.get("agree", 0), results.get("disagree", 0), results.get("error", 0)
 
@@ -256,7 +278,11 @@ def measurements_from(
         if not total or tail is None:
             return VariantWindow(total, bad)
         (point, (low, high)) = tail
-        return VariantWindow(total, bad, point * 1000.0, p99_bounds_ms=(low * 1000.0, high * 1000.0))
+        ttft_ms, ttft_bounds = _stream_tail(ttfts.get(name, []))
+        itl_ms, itl_bounds = _stream_tail(itls.get(name, []))
+        return VariantWindow(
+            total, bad, point * 1000.0, ttft_ms, itl_ms, (low * 1000.0, high * 1000.0), ttft_bounds, itl_bounds
+        )
 
     return Measurements(window(baseline), window(candidate), agree + disagree, agree, errors)
 
@@ -282,6 +308,8 @@ class PrometheusSource:
             parse_vector(self.query(promql_shadow(route, variants, window_s))),
             baseline,
             candidate,
+            parse_vector(self.query(promql_buckets(route, variants, window_s, TTFT_BUCKETS))),
+            parse_vector(self.query(promql_buckets(route, variants, window_s, ITL_BUCKETS))),
         )
 
     def query(self, promql: str) -> dict[str, Any]:

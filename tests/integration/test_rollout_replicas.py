@@ -106,6 +106,8 @@ def healthy(fake: FakePrometheus, candidate_errors: float = 0.0) -> None:
             ]
         ),
         "kiln_gateway_shadow_comparisons_total": vector([({"result": "agree"}, 60.0)]),
+        "kiln_gateway_ttft_seconds_bucket": vector([]),  # nothing streamed
+        "kiln_gateway_itl_seconds_bucket": vector([]),
     }
 
 
@@ -118,14 +120,15 @@ def replica_table() -> RouteTable:
     return RouteTable(config.routes, config.upstreams)
 
 
-def test_prometheus_source_reads_three_queries(prometheus: FakePrometheus) -> None:
+def test_prometheus_source_reads_five_queries(prometheus: FakePrometheus) -> None:
     healthy(prometheus, candidate_errors=3.0)
     source = PrometheusSource(prometheus.url)
     source.mark("digits")
     m = source.read("digits", "fp32", "int8")
     assert (m.baseline.requests, m.candidate.requests, m.candidate.errors) == (400, 123, 3)
     assert m.candidate.p99_ms == pytest.approx(1.0 + 4.0 * 0.99) and (m.compared, m.agreed) == (60, 60)
-    assert len(prometheus.queries) == 3 and all('route="digits"' in q for q in prometheus.queries)
+    assert len(prometheus.queries) == 5 and all('route="digits"' in q for q in prometheus.queries)
+    assert m.candidate.ttft_p99_ms is None and m.candidate.itl_p99_ms is None
     prometheus.answers = {}
     with pytest.raises(UnavailableError, match="bad_data: unknown query"):
         source.read("digits", "fp32", "int8")

@@ -90,3 +90,24 @@ def test_measurements_from_three_answers() -> None:
 def test_no_traffic_means_no_p99() -> None:
     m = measurements_from([], parse_vector(vector(({"variant": "int8"}, "NaN"))), [], "fp32", "int8")
     assert m.candidate.requests == 0 and m.candidate.p99_ms is None and m.agreement is None
+
+
+def test_stream_tails_come_from_the_ttft_and_itl_histograms() -> None:
+    requests = parse_vector(
+        vector(({"variant": "fp32", "code": "OK"}, "400"), ({"variant": "int8", "code": "OK"}, "400"))
+    )
+    latency = parse_vector(
+        vector(*(({"variant": v, "le": le}, n) for v in ("fp32", "int8") for le, n in (("0.5", "0"), ("1", "400"))))
+    )
+    ttft = parse_vector(
+        vector(
+            ({"variant": "fp32", "le": "0.1"}, "400"),
+            ({"variant": "int8", "le": "0.1"}, "0"),
+            ({"variant": "int8", "le": "0.25"}, "400"),
+            ({"variant": "int8", "le": "+Inf"}, "400"),
+        )
+    )
+    m = measurements_from(requests, latency, [], "fp32", "int8", ttft, [])
+    assert m.baseline.ttft_p99_ms == pytest.approx(99.0) and m.candidate.ttft_p99_ms == pytest.approx(100 + 150 * 0.99)
+    assert m.candidate.ttft_p99_bounds_ms is not None and m.candidate.ttft_p99_bounds_ms[1] == pytest.approx(250.0)
+    assert m.candidate.itl_p99_ms is None
