@@ -27,7 +27,7 @@ from builders.equalization import equalize
 from builders.inspection import ModelInfo
 from builders.memory_budget import validation_batch
 from builders.model_config import ARTIFACTS
-from builders.op_speed import SLOWER_ABOVE, compute_nodes, slow_nodes
+from builders.op_speed import SLOWER_ABOVE, compute_nodes, depthwise_nodes, slow_nodes
 from builders.prepare import (
     BuildData,
     PreparedOnnx,
@@ -84,14 +84,20 @@ def build_quantized(
         calibrations = run_calibrations(request, model, calib_info, opts, data.calibration)
         first = next(iter(calibrations.values()))
         opts = replace(opts, eval_batch=validation_batch(first.bytes_per_sample, opts.calib_memory))
-        calibration, model, choice = choose_calibration(request, model, calibrations, data, opts, workdir)
+        calibration, model, choice, float_depthwise = choose_calibration(
+            request, model, calibrations, data, opts, workdir
+        )
         notes += [f"tensor {n!r} stays in float: {r}" for n, r in calibration.skipped.items()]
         if request.precision == "auto":
             chosen, validation, extra_files, details = search_precision(
                 request, model, data, calibration, opts, batch, workdir
             )
         else:
-            chosen = prepare_onnx(request, model, "int8", workdir, calibration=calibration)
+            chosen = prepare_onnx(request, model, "int8", workdir, calibration=calibration,
+                                  exclude_nodes=float_depthwise)  # fmt: skip
+            if float_depthwise:
+                notes.append(f"{len(float_depthwise)} depthwise convolution(s) kept in float: measured closer "
+                             "to FP32 than in int8 (build.quantization.calibration_choice in kiln.json)")  # fmt: skip
             validation = validate(request.model, chosen.path, data.evaluation, opts.gate, batch)
             extra_files, details = {}, {}
         if choice:
@@ -318,39 +324,57 @@ def choose_calibration(
     data: BuildData,
     opts: Int8Options,
     workdir: Path,
-) -> tuple[Calibration, onnx.ModelProto, list[dict[str, Any]]]:
-    """The calibration (and FP32 model to quantize) whose INT8 is closest to FP32 on held-out data.
+) -> tuple[Calibration, onnx.ModelProto, list[dict[str, Any]], tuple[str, ...]]:
+    """The calibration, FP32 model to quantize and depthwise placement whose INT8 is closest to FP32.
 
-    With one calibration there is nothing to choose. With several (``--calib-method auto``) each is
-    quantized and validated without latency (gate metric, then MSE), then the best one once more
-    with bias correction (``builders.bias_correction``, measured on the calibration data), kept
-    only if it is closer still. The rows say what each variant scored.
+    Each calibration (``--calib-method auto``: several) is quantized and validated without latency
+    (gate metric, then MSE); the best one once more with bias correction (``builders.bias_correction``,
+    measured on the calibration data), kept only if it is closer still. The rows say what each
+    variant scored. With one calibration and no choice to make, nothing is validated.
+
+    Depthwise convolutions (plain ``--precision int8`` only; ``auto`` chooses float layers itself):
+    every calibration is also tried with them kept in float. A depthwise convolution mixes no
+    channels, so one per-tensor activation scale serves channels whose ranges differ by orders of
+    magnitude (BatchNorm folded into each), and its quantized output, which ONNX Runtime's integer
+    kernel needs, carries that error into every later layer. Whether that matters is measured on the
+    model, never assumed; models without depthwise convolutions cost nothing here. Returns the
+    depthwise nodes to keep in float (empty: none).
     """
-    if len(calibrations) == 1:
-        return next(iter(calibrations.values())), model, []
+    depthwise = tuple(depthwise_nodes(prepare_model(model).model)) if request.precision == "int8" else ()
+    placements: dict[str, tuple[str, ...]] = {"": ()}
+    if depthwise:
+        placements[", depthwise float"] = depthwise
+    if len(calibrations) == 1 and len(placements) == 1:
+        return next(iter(calibrations.values())), model, [], ()
     rows: list[dict[str, Any]] = []
 
-    def score(label: str, candidate: onnx.ModelProto, calibration: Calibration) -> dict[str, Any]:
-        prepared = prepare_onnx(request, candidate, "int8", workdir, calibration=calibration)
+    def score(label: str, candidate: onnx.ModelProto, calibration: Calibration, excluded: tuple[str, ...],
+              method: str) -> dict[str, Any]:  # fmt: skip
+        prepared = prepare_onnx(request, candidate, "int8", workdir, calibration=calibration, exclude_nodes=excluded)
         check = validate(request.model, prepared.path, data.evaluation, opts.gate, 1, latency=False)
         prepared.path.unlink()
         row = {"method": label, "metric": check.metric, "drop": check.drop, "mse": check.metrics["mse"],
-               "passed": check.passed}  # fmt: skip
+               "passed": check.passed, "float_depthwise": len(excluded), "_method": method}  # fmt: skip
         logger.info("calibration %s: %s drop %.5f, mse %.3g", label, check.metric, check.drop, check.metrics["mse"])
         rows.append(row)
         return row
 
     for method, calibration in calibrations.items():
-        score(method, model, calibration)
+        for suffix, excluded in placements.items():
+            score(method + suffix, model, calibration, excluded, method)
     best = min(rows, key=lambda r: (r["drop"], r["mse"]))
-    calibration = calibrations[best["method"]]
+    calibration = calibrations[best["_method"]]
+    excluded = depthwise if best["float_depthwise"] else ()
     corrected = apply_bias_correction(model, bias_corrections(model, calibration.ranges, data.calibration))
-    fixed = score(f"{best['method']} + bias correction", corrected, calibration)
+    suffix = ", depthwise float" if excluded else ""
+    fixed = score(f"{best['_method']} + bias correction{suffix}", corrected, calibration, excluded, best["_method"])
+    for row in rows:
+        del row["_method"]
     if (fixed["drop"], fixed["mse"]) < (best["drop"], best["mse"]):
         fixed["chosen"] = True
-        return calibration, corrected, rows
+        return calibration, corrected, rows, excluded
     best["chosen"] = True
-    return calibration, model, rows
+    return calibration, model, rows, excluded
 
 
 def summarize_by_reason(reasons: dict[str, str], shown: int = 3) -> str:

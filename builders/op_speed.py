@@ -69,6 +69,13 @@ def compute_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if pattern_of(n, weights) is not None]
 
 
+def depthwise_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the depthwise convolutions (one input channel per group, constant weights)."""
+    weights = _weights(model)
+    return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node)
+            if pattern_of(n, weights) == "conv-depthwise"]  # fmt: skip
+
+
 def _weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     found = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:

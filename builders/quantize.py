@@ -248,7 +248,55 @@ def place_ort(
             f"ONNX Runtime QDQ placement failed: {err}; try --target tensorrt placement or --precision fp16"
         ) from err
     quantizer.model.topological_sort()
-    return quantizer.model.model, skipped
+    qmodel = quantizer.model.model
+    rewired = read_float_inputs(qmodel, set(excluded))
+    if rewired:
+        logger.info("%d kept-float compute node(s) now read float inputs (no ORT weight re-quantization)", rewired)
+    return qmodel, skipped
+
+
+def read_float_inputs(model: onnx.ModelProto, kept: set[str]) -> int:
+    """Make compute nodes kept in float really run in float; returns how many inputs were rewired.
+
+    ONNX Runtime (>= 1.20, basic level, its ``WeightBiasQuantization`` transformer) completes any
+    ``DQ -> Conv/Gemm(float weight) -> Q`` it finds by quantizing the float weight itself, on one
+    axis that is wrong for depthwise convolutions (effectively per tensor) -- so a layer Kiln kept
+    float (measured slower, ``--keep-float``, ``auto``'s sensitive layers) silently ran in int8 with
+    a worse weight scale than Kiln's. Such a node reads the float tensor in front of the Q/DQ pair
+    instead (more accurate too); Q/DQ pairs nobody reads any more are removed.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rewired = 0
+    for node in graph.node:
+        if node.name not in kept or node.op_type not in TRT_QUANTIZED_OPS:
+            continue
+        if not any(c.op_type == "QuantizeLinear" for o in node.output for c in consumers.get(o, [])):
+            continue  # without an output Q, ONNX Runtime leaves the node's weights alone
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[index] = q.input[0]
+                rewired += 1
+    if rewired:
+        _drop_unread_qdq(graph)
+    return rewired
+
+
+def _drop_unread_qdq(graph: onnx.GraphProto) -> None:
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]  # fmt: skip
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
 
 
 def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
