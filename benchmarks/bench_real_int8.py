@@ -406,9 +406,19 @@ def main() -> None:
         "models": results,
         "goals": checked,
     }
+    previous = args.out / "real_int8.json"
+    if previous.is_file():  # a run over some models keeps the other models' last figures, marked as such
+        try:
+            old = json.loads(previous.read_text())
+            kept = {k: v for k, v in old.get("models", {}).items() if k not in results}
+            payload["models"] = {**results, **kept}
+            payload["models_from_previous_run"] = sorted(kept)
+            payload["goals"] = {**{k: v for k, v in old.get("goals", {}).items() if k.split(":")[0] in kept}, **checked}
+        except (OSError, ValueError, AttributeError):
+            pass
     (args.out / "real_int8.json").write_text(json.dumps(payload, indent=1, default=str))
-    if results:
-        plot(results, args.out / "real_int8.png")
+    if payload["models"]:
+        plot(payload["models"], args.out / "real_int8.png")
     print(f"wrote {args.out / 'real_int8.json'}")
 
 

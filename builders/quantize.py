@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from builders.inspection import model_opset
 from builders.qdq_placement import MIN_PER_CHANNEL_OPSET, TRT_QUANTIZED_OPS, Placement, place_tensorrt
@@ -229,6 +229,7 @@ def place_ort(
         low, high = rng.clipped()
         data[name] = TensorData(lowest=np.float32(min(low, 0.0)), highest=np.float32(max(high, 0.0)))
     act = QuantType.QUInt8 if fmt.activation == "uint8" else QuantType.QInt8
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}  # before the quantizer edits it
     quantizer = QDQQuantizer(
         model,
         prepared.per_channel,
@@ -249,13 +250,13 @@ def place_ort(
         ) from err
     quantizer.model.topological_sort()
     qmodel = quantizer.model.model
-    rewired = read_float_inputs(qmodel, set(excluded))
+    rewired = read_float_inputs(qmodel, set(excluded), producers)
     if rewired:
         logger.info("%d kept-float compute node(s) now read float inputs (no ORT weight re-quantization)", rewired)
     return qmodel, skipped
 
 
-def read_float_inputs(model: onnx.ModelProto, kept: set[str]) -> int:
+def read_float_inputs(model: onnx.ModelProto, kept: set[str], producers: Mapping[str, str] | None = None) -> int:
     """Make compute nodes kept in float really run in float; returns how many inputs were rewired.
 
     ONNX Runtime (>= 1.20, basic level, its ``WeightBiasQuantization`` transformer) completes any
@@ -264,6 +265,10 @@ def read_float_inputs(model: onnx.ModelProto, kept: set[str]) -> int:
     float (measured slower, ``--keep-float``, ``auto``'s sensitive layers) silently ran in int8 with
     a worse weight scale than Kiln's. Such a node reads the float tensor in front of the Q/DQ pair
     instead (more accurate too); Q/DQ pairs nobody reads any more are removed.
+
+    ``producers`` (tensor -> op type before placement) catches a Relu the placement folded into the
+    Q (its range starts at 0): the float node then gets that Relu back; any other op the placement
+    removed leaves the input as it was.
     """
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -272,6 +277,7 @@ def read_float_inputs(model: onnx.ModelProto, kept: set[str]) -> int:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     rewired = 0
+    added: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.name not in kept or node.op_type not in TRT_QUANTIZED_OPS:
             continue
@@ -280,12 +286,30 @@ def read_float_inputs(model: onnx.ModelProto, kept: set[str]) -> int:
         for index, name in enumerate(node.input):
             dq = producer.get(name)
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[index] = q.input[0]
-                rewired += 1
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            source = q.input[0]
+            now = producer[source].op_type if source in producer else None
+            was = (producers or {}).get(source, now)
+            if was != now and was != "Relu":
+                continue  # the placement folded some other op into this Q: keep the quantized input
+            if was != now:  # a Relu folded into the Q: the float node gets it back
+                relu = f"{source}_relu_for_{node.name}"
+                added.append(helper.make_node("Relu", [source], [relu], name=relu))
+                source = relu
+            node.input[index] = source
+            rewired += 1
+    graph.node.extend(added)
     if rewired:
         _drop_unread_qdq(graph)
+        _sort_in_place(model)
     return rewired
+
+
+def _sort_in_place(model: onnx.ModelProto) -> None:
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    ONNXModel(model).topological_sort()  # edits ``model``'s graph itself
 
 
 def _drop_unread_qdq(graph: onnx.GraphProto) -> None:

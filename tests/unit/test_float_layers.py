@@ -111,3 +111,34 @@ def test_ort_placement_keeps_excluded_depthwise_conv_float(tmp_path) -> None:  #
     optimized = _optimized(placed, tmp_path)
     assert _weight_is_float(optimized, "dw")
     assert not _weight_is_float(optimized, "pw1") and not _weight_is_float(optimized, "pw2")  # pointwise: int8
+
+
+def test_a_relu_folded_into_the_q_comes_back_for_the_float_layer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """conv -> Add -> Relu -> conv (kept float) -> conv: the placement folds the Relu into the Add's Q
+    (range from 0); the float conv must still see the Relu's output, not the Add's negative values."""
+    w1 = RNG.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    w2 = RNG.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2
+    w3 = RNG.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
+        helper.make_node("Add", ["a", "x"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["k"], name="kept", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["k", "w3"], ["y"], name="c3"),
+    ]
+    model = _model(nodes, {"w1": w1, "w2": w2, "w3": w3})
+    x = RNG.standard_normal((4, 8, 6, 6)).astype(np.float32)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in ("a", "s", "r", "k"))
+    names = ["y", "a", "s", "r", "k"]
+    values = dict(zip(names, ort.InferenceSession(probe.SerializeToString()).run(names, {"x": x}), strict=True))
+    values["x"] = x
+    ranges = {k: TensorRange(float(np.abs(v).max()), float(v.min()), float(v.max())) for k, v in values.items()}
+    placed = quantize_model(model, ranges, "ort", exclude_nodes=["kept"], ort_format=U8S8).model
+    assert "relu" not in {n.name for n in placed.graph.node}  # folded into the Q by the placement
+    kept = next(n for n in placed.graph.node if n.name == "kept")
+    feeding = next(n for n in placed.graph.node if kept.input[0] in n.output)
+    assert feeding.op_type == "Relu"  # given back, reading the float sum
+    error = np.abs(_run(placed, x) - values["y"]).max()
+    assert error < 0.05 * np.abs(values["y"]).max()
