@@ -146,6 +146,9 @@ def session(path: Path) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # the sessions are timed one after another: a pool left spinning after its run would steal the
+    # cores from the next session's run (seen as 0.1x-2x swings on a 2 ms model with 8 sessions)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
