@@ -140,17 +140,33 @@ def test_pooled_cosine_without_a_sequence_axis_says_what_to_use(
     assert "use --metric cosine" in " ".join(capsys.readouterr().err.split())
 
 
-def test_auto_tries_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) -> None:
+def test_auto_tries_smoothquant_and_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) -> None:
     calib = _save(tmp_path / "calib.npz", _tokens(24, 12, seed=6))
     evaluation = _save(tmp_path / "eval.npz", _tokens(16, 12, seed=7))
     argv = ["build", str(encoder), "--name", "bert", "--repo", str(tmp_path / "repo"), "--precision", "auto",
-            "--calib", str(calib), "--eval", str(evaluation), "--max-accuracy-drop", "0",
+            "--calib", str(calib), "--eval", str(evaluation), "--max-accuracy-drop", "0.02",
             "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 0
-    manifest = json.loads((tmp_path / "repo" / "bert-auto-ort" / "1" / "kiln.json").read_text())
-    labels = [row["candidate"] for row in manifest["build"]["auto"]["candidates"]]
-    assert labels[0] == "int8" and any(label.startswith("int8 dynamic") for label in labels)
-    assert labels[-2:] == ["fp16", "fp32"]
+    version = tmp_path / "repo" / "bert-auto-ort" / "1"
+    manifest = json.loads((version / "kiln.json").read_text())
+    auto = manifest["build"]["auto"]
+    rows = {row["candidate"]: row for row in auto["candidates"]}
+    labels = list(rows)
+    assert auto["transformer"] and labels[0] == "int8" and labels[-2:] == ["fp16", "fp32"]
+    assert labels[1].startswith("int8 smoothquant (alpha ") and labels[2].startswith("int8 dynamic")
+    assert [rows[label]["method"] for label in labels[:3]] == ["static", "smoothquant", "dynamic"]
+    smooth_row = rows[labels[1]]
+    assert smooth_row["metric"] == "pooled-cosine" and smooth_row["seconds"] > 0
+    chosen = rows[auto["chosen"]]
+    # the published candidate is the fastest within budget (FP32 last as the safe fallback)
+    passing = [r for r in auto["candidates"] if r["passed"]]
+    assert chosen["passed"] and chosen["speedup_max_batch"] == max(r["speedup_max_batch"] for r in passing)
+    assert manifest["build"]["selected_precision"] == chosen["precision"]
+    if chosen["method"] == "smoothquant":
+        assert manifest["build"]["quantization"]["method"] == "smoothquant"
+    report = (version / "report.md").read_text()
+    assert f"auto chose: {auto['chosen']} ({chosen['method']}): the fastest of {len(passing)}" in report
+    assert "int8 smoothquant" in (version / "tradeoff.md").read_text()
 
 
 def test_smoothquant_static_int8_searches_alpha_and_keeps_attention_float(encoder: Path, tmp_path: Path) -> None:

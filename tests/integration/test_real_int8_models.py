@@ -47,6 +47,28 @@ def test_minilm_smoothquant_static_int8_keeps_pooled_cosine_on_real_text(tmp_pat
     assert manifest["validation"]["metrics"]["pooled_cosine"] >= 0.995
 
 
+def test_minilm_auto_tries_smoothquant_and_publishes_the_fastest_within_a_strict_budget(tmp_path: Path) -> None:
+    model = _need("minilm")
+    np.savez(tmp_path / "calib.npz", **{k: v[:48] for k, v in np.load(model.calib).items()})
+    np.savez(tmp_path / "eval.npz", **{k: v[:32] for k, v in np.load(model.heldout).items()})
+    argv = ["build", str(model.onnx), "--name", "minilm", "--repo", str(tmp_path / "repo"), "--precision", "auto",
+            "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), "--calib-method", "minmax",
+            "--metric", "pooled-cosine", "--max-accuracy-drop", "0.005", "--max-batch", "8",
+            "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "repo" / "minilm-auto-ort" / "1" / "kiln.json").read_text())
+    auto = manifest["build"]["auto"]
+    rows = {r["candidate"]: r for r in auto["candidates"]}
+    assert auto["transformer"] and not rows["int8"]["passed"]  # plain static INT8 of an encoder: far off
+    smooth = next(r for label, r in rows.items() if label.startswith("int8 smoothquant"))
+    assert smooth["passed"] and smooth["value"] >= 0.995
+    assert any(r["method"] == "dynamic" for r in rows.values())
+    chosen = rows[auto["chosen"]]
+    passing = [r for r in rows.values() if r["passed"]]
+    assert chosen["speedup_max_batch"] == max(r["speedup_max_batch"] for r in passing)
+    assert manifest["validation"]["metrics"]["pooled_cosine"] >= 0.995
+
+
 def test_resnet_calibration_batches_follow_the_memory_budget(tmp_path: Path) -> None:
     model = _need("resnet")
     calib = {k: v[:6] for k, v in np.load(model.calib).items()}
