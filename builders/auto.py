@@ -41,6 +41,7 @@ from builders.validate import (
     validate,
     with_speedup,
 )
+from runtime.runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,10 @@ def _dynamic_candidate(request: BuildRequest, source: onnx.ModelProto, data: Bui
     return Candidate(label, dynamic, found.chosen.float_layers, found.validation, time.perf_counter() - start)
 
 
+TIMING_SECONDS = 4.0  # per candidate and batch size; a large model gets fewer rounds than --repeats ...
+MIN_ROUNDS = 8  # ... but never fewer than this
+
+
 def time_together(
     request: BuildRequest, candidates: list[Candidate], data: Dataset, opts: Int8Options, batch: int
 ) -> list[Candidate]:
@@ -216,6 +221,9 @@ def time_together(
 
     One candidate session at a time beside the reference: at the max batch every session's arena
     holds a batch of activations, so timing all candidates at once multiplied the build's memory.
+    Rounds per batch size: ``opts.repeats``, fewer when one round takes long (about
+    ``TIMING_SECONDS`` per pair, at least ``MIN_ROUNDS``): at 32 x 64 tokens a BERT-class pair takes
+    ~0.4 s a round, and 30 rounds for each of five candidates were most of an ``auto`` build.
     """
     batches = latency_batches(data, batch)
     reference = make_runner(request.model)
@@ -223,8 +231,12 @@ def time_together(
     try:
         for c in candidates:
             runner = make_runner(c.prepared.path)
+            pair = {"reference": reference, c.label: runner}
             try:
-                timings = measure_latency({"reference": reference, c.label: runner}, batches, opts.repeats)
+                timings = {
+                    size: measure_latency(pair, {size: inputs}, _rounds(pair, inputs, opts.repeats))[size]
+                    for size, inputs in batches.items()
+                }
             finally:
                 runner.close()
             latency = {size: with_speedup(row["reference"], row[c.label]) for size, row in timings.items()}
@@ -232,6 +244,17 @@ def time_together(
     finally:
         reference.close()
     return timed
+
+
+def _rounds(pair: dict[str, Runner], inputs: dict[str, np.ndarray], repeats: int) -> int:
+    """Rounds that fit ``TIMING_SECONDS`` (one warm-up and one timed round first), within [MIN_ROUNDS, repeats]."""
+    for runner in pair.values():
+        runner.run(inputs)
+    start = time.perf_counter_ns()
+    for runner in pair.values():
+        runner.run(inputs)
+    seconds = (time.perf_counter_ns() - start) / 1e9
+    return max(min(MIN_ROUNDS, repeats), min(repeats, int(TIMING_SECONDS / max(seconds, 1e-9))))
 
 
 def table_markdown(rows: list[dict[str, Any]], chosen: str) -> str:
