@@ -41,7 +41,7 @@ from builders.quantize import prepare_model
 from builders.repository import Published
 from builders.request import BuildRequest, BuildResult, Int8Options
 from builders.smoothquant_search import search_smoothquant
-from builders.validate import Validation, check_gate, report_markdown, validate
+from builders.validate import SPEED_TIE, Validation, check_gate, report_markdown, validate
 from core.errors import AccuracyGateError, InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -315,7 +315,8 @@ def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation,
         passed = sum(1 for r in details["candidates"] if r["passed"])
         facts["auto chose"] = (
             f"{details['chosen']} ({details['chosen_method']}): the fastest of {passed} candidate(s) within budget, "
-            f"of {len(details['candidates'])} tried (table below)"
+            f"of {len(details['candidates'])} tried; speedups within {SPEED_TIE:.0%} of the fastest count as a tie, "
+            "won by the later, safer candidate (table below)"
         )
     choice = chosen.details.get("calibration_choice", [])
     if choice:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 
+from builders.validate import SPEED_TIE
 from harness.real_models import minilm_onnx
 from server.cli import main
 
@@ -158,9 +160,8 @@ def test_auto_tries_smoothquant_and_dynamic_int8_on_an_encoder(encoder: Path, tm
     smooth_row = rows[labels[1]]
     assert smooth_row["metric"] == "pooled-cosine" and smooth_row["seconds"] > 0
     chosen = rows[auto["chosen"]]
-    # the published candidate is the fastest within budget (FP32 last as the safe fallback)
     passing = [r for r in auto["candidates"] if r["passed"]]
-    assert chosen["passed"] and chosen["speedup_max_batch"] == max(r["speedup_max_batch"] for r in passing)
+    assert chosen["passed"] and _fastest_or_safest_tie(passing) is chosen
     assert manifest["build"]["selected_precision"] == chosen["precision"]
     if chosen["method"] == "smoothquant":
         assert manifest["build"]["quantization"]["method"] == "smoothquant"
@@ -220,3 +221,9 @@ def test_smoothquant_puts_attention_matmuls_in_int8_within_the_budget(encoder: P
     scores = [n for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(("/scores", "/context"))]
     assert len(scores) == 4 and all(i.endswith("_dequantized") for n in scores for i in n.input[:2])
     assert "attention score/context MatMuls in int8" in (version / "report.md").read_text()
+
+
+def _fastest_or_safest_tie(passing: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate auto must publish: the last one whose max-batch speedup is within SPEED_TIE of the best."""
+    best = max(r["speedup_max_batch"] for r in passing)
+    return [r for r in passing if r["speedup_max_batch"] >= best * (1 - SPEED_TIE)][-1]

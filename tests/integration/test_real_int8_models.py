@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from builders.validate import SPEED_TIE
 from harness.real_models import available
 from server.cli import main
 
@@ -64,8 +66,8 @@ def test_minilm_auto_tries_smoothquant_and_publishes_the_fastest_within_a_strict
     assert smooth["passed"] and smooth["value"] >= 0.995
     assert any(r["method"] == "dynamic" for r in rows.values())
     chosen = rows[auto["chosen"]]
-    passing = [r for r in rows.values() if r["passed"]]
-    assert chosen["speedup_max_batch"] == max(r["speedup_max_batch"] for r in passing)
+    passing = [r for r in auto["candidates"] if r["passed"]]
+    assert chosen["passed"] and _fastest_or_safest_tie(passing) is chosen
     assert manifest["validation"]["metrics"]["pooled_cosine"] >= 0.995
 
 
@@ -84,3 +86,9 @@ def test_resnet_calibration_batches_follow_the_memory_budget(tmp_path: Path) -> 
     assert calibration["batch_size"] == (256 << 20) // (2 * per_sample)
     tight = [*argv[:-4], "--calib-memory", "64MiB", "--calib-cache", str(tmp_path / "fresh")]
     assert main(tight) == 9  # below one sample (x2 while ONNX Runtime runs): refused before any run
+
+
+def _fastest_or_safest_tie(passing: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate auto must publish: the last one whose max-batch speedup is within SPEED_TIE of the best."""
+    best = max(r["speedup_max_batch"] for r in passing)
+    return [r for r in passing if r["speedup_max_batch"] >= best * (1 - SPEED_TIE)][-1]
