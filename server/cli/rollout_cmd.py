@@ -283,6 +283,8 @@ def render_status(status: dict[str, Any]) -> Group:
     table = Table("SLO", "measured", "limit", "ok", title=None)
     for row in status.get("slos", []):
         ok = {True: "[green]yes[/]", False: "[red]NO[/]", None: "[dim]waiting[/]"}[row["ok"]]
+        if row.get("undecided"):  # over the limit, not yet confirmed by the p99's bounds
+            ok = "[yellow]unconfirmed[/]"
         table.add_row(row["name"], _fmt(row["measured"]), f"{row['comparison']} {_fmt(row['limit'])}", ok)
     window = status.get("window") or {}
     traffic = Text(
