@@ -12,9 +12,10 @@ of the smoothed layers only. Layers that read the same activation (Q, K and V pr
 one ``s`` (``w_j`` the max over their weights). The transform is pure: FP32 outputs are unchanged
 beyond rounding (``tests/unit/test_smoothquant.py``).
 
-:func:`place_weight_layers` then puts Q/DQ on the weight layers' inputs only; ``kiln build
---smoothquant`` (``builders.int8_build``) searches alpha over :data:`ALPHAS` on a slice of the
-calibration data and gates the best candidate on the evaluation data.
+:func:`place_weight_layers` then puts Q/DQ on the weight layers' inputs only;
+``builders.smoothquant_search`` searches alpha over :data:`ALPHAS` on a slice of the calibration
+data for ``kiln build --smoothquant`` and for ``--precision auto``, which tries it on graphs where
+:func:`normalized_inputs` finds LayerNorm-fed weight layers (transformers).
 """
 
 from __future__ import annotations
