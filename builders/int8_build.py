@@ -9,18 +9,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from builders.auto import search_precision
 from builders.bias_correction import apply as apply_bias_correction
 from builders.bias_correction import bias_corrections
-from builders.calib_data import Dataset
 from builders.calibrate import Calibration
 from builders.dynamic_quant import search_dynamic
 from builders.equalization import equalize
@@ -42,8 +40,8 @@ from builders.publish import publish_artifact
 from builders.quantize import prepare_model
 from builders.repository import Published
 from builders.request import BuildRequest, BuildResult, Int8Options
-from builders.smoothquant import ALPHAS, activation_absmax, attention_inputs, place_weight_layers, smooth
-from builders.validate import Validation, check_gate, report_markdown, validate
+from builders.smoothquant_search import search_smoothquant
+from builders.validate import SPEED_TIE, Validation, check_gate, report_markdown, validate
 from core.errors import AccuracyGateError, InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -84,13 +82,14 @@ def build_quantized(
         calibrations = run_calibrations(request, model, calib_info, opts, data.calibration)
         first = next(iter(calibrations.values()))
         opts = replace(opts, eval_batch=validation_batch(first.bytes_per_sample, opts.calib_memory))
+        source = model  # SmoothQuant and dynamic INT8 start from the FP32 model, never the bias-corrected one
         calibration, model, choice, float_depthwise = choose_calibration(
             request, model, calibrations, data, opts, workdir
         )
         notes += [f"tensor {n!r} stays in float: {r}" for n, r in calibration.skipped.items()]
         if request.precision == "auto":
             chosen, validation, extra_files, details = search_precision(
-                request, model, data, calibration, opts, batch, workdir
+                request, model, data, calibration, opts, batch, workdir, source
             )
         else:
             chosen = prepare_onnx(request, model, "int8", workdir, calibration=calibration,
@@ -150,76 +149,15 @@ def _build_dynamic(request: BuildRequest, model: onnx.ModelProto, info: ModelInf
 
 def _build_smoothquant(request: BuildRequest, model: onnx.ModelProto, info: ModelInfo, batch: int, data: BuildData,
                        notes: list[str]) -> BuildResult:  # fmt: skip
-    """``--smoothquant``: per-channel absmax of the weight layers' inputs over the calibration data, then
-    for each alpha in ``ALPHAS`` smooth, re-measure, place Q/DQ on weight MatMul/Gemm inputs only and
-    score on a slice of the calibration data; the best alpha is gated on the evaluation data."""
+    """``--smoothquant``: one absmax pass over the calibration data, alpha searched on a slice of it
+    (``builders.smoothquant_search``); the best candidate is gated on the evaluation data."""
     opts = request.int8
-    search_slice = data.calibration.split(0.3)[1] if len(data.calibration) >= 4 else data.calibration
-    size = max(1, opts.calib_batch)
-
-    def stream(dataset: Dataset) -> Iterator[dict[str, np.ndarray]]:
-        return (inputs for inputs, _ in dataset.batches(size))
-
     with tempfile.TemporaryDirectory(prefix="kiln-int8-smoothquant-") as tmp:
         workdir = Path(tmp)
-        absmax = activation_absmax(model, stream(data.calibration))
-        rows: list[dict[str, Any]] = []
-        best: tuple[tuple[float, float], float, Path, int, int] | None = None
-        for alpha in ALPHAS:
-            smoothed, count = smooth(model, absmax, alpha)
-            quantized, placement = place_weight_layers(smoothed, activation_absmax(smoothed, stream(data.calibration)))
-            path = workdir / f"alpha-{alpha}.onnx"
-            onnx.save(quantized, str(path))
-            check = validate(request.model, path, search_slice, opts.gate, 1, latency=False)
-            row = {"alpha": alpha, "metric": check.metric, "drop": check.drop, "mse": check.metrics["mse"]}
-            logger.info("smoothquant alpha %.2f: %s drop %.5f", alpha, check.metric, check.drop)
-            rows.append(row)
-            key = (check.drop, check.metrics["mse"])
-            if best is None or key < best[0]:
-                if best is not None:
-                    best[2].unlink()
-                best = (key, alpha, path, count, len(placement.activations))
-            else:
-                path.unlink()
-        if best is None:  # ALPHAS is not empty
-            raise InvalidInputError("SmoothQuant tried no alpha")
-        _, alpha, path, count, activations = best
-        for row in rows:
-            row["chosen"] = row["alpha"] == alpha
-        # attention-score/context MatMuls in int8 too, kept only while the slice stays within the budget
-        smoothed, _ = smooth(model, absmax, alpha)
-        extra = attention_inputs(smoothed)
-        attention_row: dict[str, Any] = {"tried": bool(extra), "kept": False}
-        if extra:
-            amax = activation_absmax(smoothed, stream(data.calibration), extra)
-            quantized, placement = place_weight_layers(smoothed, amax, attention=True)
-            with_attention = workdir / "attention.onnx"
-            onnx.save(quantized, str(with_attention))
-            check = validate(request.model, with_attention, search_slice, opts.gate, 1, latency=False)
-            attention_row |= {"metric": check.metric, "drop": check.drop, "passed": check.passed}
-            if check.passed:
-                path.unlink()
-                path, activations, attention_row["kept"] = with_attention, len(placement.activations), True
-            else:
-                with_attention.unlink()
-        details: dict[str, Any] = {
-            "mode": "static",
-            "method": "smoothquant",
-            "alpha": alpha,
-            "alpha_search": rows,
-            "attention_int8": attention_row,
-            "smoothed_activations": count,
-            "quantized_activations": activations,
-            "placement": "Q/DQ on weight MatMul/Gemm inputs"
-            + (" and attention score/context MatMuls" if attention_row["kept"] else "")
-            + "; LayerNorm, Softmax, GELU"
-            + ("" if attention_row["kept"] else " and activation x activation MatMuls (attention scores, context)")
-            + " in float",
-        }
-        chosen = PreparedOnnx(path, "int8", request.target, None, (), details)
-        validation = validate(request.model, path, data.evaluation, opts.gate, batch)
-        notes.append(f"SmoothQuant alpha {alpha} (searched {', '.join(str(a) for a in ALPHAS)}), "
-                     f"{count} activation(s) smoothed, {activations} quantized")  # fmt: skip
+        chosen = search_smoothquant(request.model, model, data.calibration, opts.gate, opts.calib_batch, workdir)
+        details = chosen.details
+        validation = validate(request.model, chosen.path, data.evaluation, opts.gate, batch)
+        notes += list(chosen.notes)
         report = workdir / REPORT_FILE
         report.write_text(_report(request, chosen, validation, data, {}))
         gate = _gate_record(validation, opts)
@@ -397,6 +335,13 @@ def _report(request: BuildRequest, chosen: PreparedOnnx, validation: Validation,
         "selected precision": chosen.precision,
         "evaluation data": data.eval_source,
     }
+    if details.get("chosen"):
+        passed = sum(1 for r in details["candidates"] if r["passed"])
+        facts["auto chose"] = (
+            f"{details['chosen']} ({details['chosen_method']}): the fastest of {passed} candidate(s) within budget, "
+            f"of {len(details['candidates'])} tried; speedups within {SPEED_TIE:.0%} of the fastest count as a tie, "
+            "won by the later, safer candidate (table below)"
+        )
     choice = chosen.details.get("calibration_choice", [])
     if choice:
         facts["calibration method (auto)"] = ", ".join(

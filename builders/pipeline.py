@@ -57,7 +57,8 @@ def check_request(request: BuildRequest) -> None:
     if request.int8.smoothquant and (request.target != "ort" or request.precision != "int8"):
         raise InvalidInputError(
             f"--smoothquant applies to --precision int8 --target ort (got --precision {request.precision} "
-            f"--target {request.target}); the TensorRT placement and --precision auto do not use it yet"
+            f"--target {request.target}); --precision auto tries it by itself on transformer graphs, and the TensorRT "
+            "placement does not use it yet"
         )
     if request.int8.mode == "dynamic" and request.precision not in ("int8", "auto"):
         raise InvalidInputError(

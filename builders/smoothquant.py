@@ -12,9 +12,10 @@ of the smoothed layers only. Layers that read the same activation (Q, K and V pr
 one ``s`` (``w_j`` the max over their weights). The transform is pure: FP32 outputs are unchanged
 beyond rounding (``tests/unit/test_smoothquant.py``).
 
-:func:`place_weight_layers` then puts Q/DQ on the weight layers' inputs only; ``kiln build
---smoothquant`` (``builders.int8_build``) searches alpha over :data:`ALPHAS` on a slice of the
-calibration data and gates the best candidate on the evaluation data.
+:func:`place_weight_layers` then puts Q/DQ on the weight layers' inputs only;
+``builders.smoothquant_search`` searches alpha over :data:`ALPHAS` on a slice of the calibration
+data for ``kiln build --smoothquant`` and for ``--precision auto``, which tries it on graphs where
+:func:`normalized_inputs` finds LayerNorm-fed weight layers (transformers).
 """
 
 from __future__ import annotations
@@ -68,12 +69,75 @@ def attention_inputs(model: onnx.ModelProto) -> list[str]:
     return sorted({name for node in pairs for name in node.input[:2]})
 
 
+NORM_OPS = (
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "RMSNormalization",
+)  # fused LayerNorm-like ops (ai.onnx, ORT)
+
+
+def normalized_inputs(model: onnx.ModelProto) -> list[str]:
+    """The smoothable activations a LayerNorm-like node produces: how a transformer shows in the graph.
+
+    LayerNorm-like: a fused normalization op (:data:`NORM_OPS`), or the decomposed form exporters
+    write below opset 17 -- a ``Div``/``Mul`` by ``Sqrt`` of a ``ReduceMean`` (LayerNorm, RMSNorm),
+    possibly followed by the constant scale and shift. A CNN's classifier ``Gemm`` (fed by pooling or
+    ``Flatten``) is not, so a CNN has none.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    return sorted(a for a in smoothable(model) if _norm_like(producers.get(a), producers, inits))
+
+
+def _dynamic_inputs(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits: set[str]) -> list[str]:
+    return [i for i in node.input if i and i not in inits and getattr(producers.get(i), "op_type", "") != "Constant"]
+
+
+def _norm_like(node: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto], inits: set[str]) -> bool:
+    for _ in range(3):  # the normalization itself, or at most two affine steps (x gamma, + beta) after it
+        if node is None:
+            return False
+        if node.op_type in NORM_OPS:
+            return True
+        if node.op_type in ("Div", "Mul") and any(
+            _rsqrt_of_mean(producers.get(i), producers, inits) for i in _dynamic_inputs(node, producers, inits)
+        ):
+            return True
+        dynamic = _dynamic_inputs(node, producers, inits)
+        if node.op_type not in ("Add", "Mul") or len(dynamic) != 1:
+            return False
+        node = producers.get(dynamic[0])
+    return False
+
+
+def _rsqrt_of_mean(node: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto], inits: set[str]) -> bool:
+    """``Sqrt(ReduceMean(...) [+ eps])``, optionally inverted (``Reciprocal``, ``Div(1, .)``)."""
+    seen_sqrt = False
+    for _ in range(4):
+        if node is None:
+            return False
+        if node.op_type == "ReduceMean":
+            return seen_sqrt
+        if node.op_type == "Sqrt":
+            seen_sqrt = True
+        elif node.op_type not in ("Add", "Reciprocal", "Div", "Cast"):
+            return False
+        dynamic = _dynamic_inputs(node, producers, inits)
+        if len(dynamic) != 1:
+            return False
+        node = producers.get(dynamic[0])
+    return False
+
+
 def activation_absmax(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],
-                      extra: Sequence[str] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+                      extra: Sequence[str] = (), mask: str | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Per-channel (last axis) absmax of every smoothable activation (and of ``extra``) over ``batches``.
 
     One batch is run at a time and only the running ``[K]`` maxima are kept, so memory is one
-    batch of activations plus one vector per tensor.
+    batch of activations plus one vector per tensor. With ``mask`` (the name of a 0/1 ``[batch,
+    sequence]`` attention-mask input) padded positions do not count: see :func:`real_positions`.
     """
     names = sorted(set(smoothable(model)) | set(extra))
     probe = onnx.ModelProto()
@@ -90,8 +154,9 @@ def activation_absmax(model: onnx.ModelProto, batches: Iterable[dict[str, np.nda
     for batch in batches:
         values = dict(zip(fetch, session.run(fetch, {k: batch[k] for k in feeds_needed}), strict=True))
         values.update({n: batch[n] for n in names if n in graph_inputs})
+        positions = np.asarray(batch[mask]) if mask is not None and mask in batch else None
         for name in names:
-            arr = np.abs(np.asarray(values[name], dtype=np.float32))
+            arr = real_positions(np.abs(np.asarray(values[name], dtype=np.float32)), positions)
             channel = arr.reshape(-1, arr.shape[-1]).max(axis=0)
             maxima[name] = channel if name not in maxima else np.maximum(maxima[name], channel)
     if not maxima:
@@ -99,8 +164,51 @@ def activation_absmax(model: onnx.ModelProto, batches: Iterable[dict[str, np.nda
     return maxima
 
 
+def real_positions(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``values`` (non-negative) with padded sequence positions zeroed, where the layout shows them.
+
+    ``mask`` is ``[B, S]`` (1 = real token). Recognized layouts: ``[B, S, K]`` (hidden states),
+    ``[B*S, K]`` (flattened before a Gemm), ``[B, H, S, d]`` and ``[B, H, d, S]`` (attention
+    heads, when exactly one of the last two axes has length S). Anything else -- ``[B, H, S, S]``
+    scores (softmax rows are bounded anyway), sequence-first layouts -- is left whole: a tensor is
+    never masked on a guess that could drop real values.
+    """
+    if mask is None or mask.ndim != 2 or values.ndim < 2:
+        return values
+    keep = mask != 0
+    batch, seq = keep.shape
+    shape = values.shape
+    if values.ndim == 2 and shape[0] == batch * seq and seq > 1:
+        return values * keep.reshape(-1, 1)
+    if shape[0] != batch:
+        return values
+    if values.ndim == 3 and shape[1] == seq:
+        return values * keep[:, :, None]
+    if values.ndim == 4 and (shape[2] == seq) != (shape[3] == seq):  # [B, S, S] scores: ambiguous, left whole
+        view = [batch, 1, seq, 1] if shape[2] == seq else [batch, 1, 1, seq]
+        return values * keep.reshape(view)
+    return values
+
+
 def smooth(model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every smoothable layer smoothed at ``alpha``, and how many activations."""
+    smoothed, scales = smooth_with_scales(model, absmax, alpha)
+    return smoothed, len(scales)
+
+
+def smoothed_absmax(absmax: dict[str, np.ndarray], scales: dict[str, tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The absmax of the smoothed model without running it: a smoothed activation is the original divided by
+    ``s`` channel by channel (``s > 0``), under the name its layers now read; every other tensor (an
+    activation read through a new ``Mul`` keeps its own values too) is unchanged (FP32 outputs are kept)."""
+    out = dict(absmax)
+    for name, (reads, s) in scales.items():
+        out[reads] = (np.asarray(absmax[name], np.float64) / s).astype(np.float32)
+    return out
+
+
+def smooth_with_scales(model: onnx.ModelProto, absmax: dict[str, np.ndarray],
+                       alpha: float) -> tuple[onnx.ModelProto, dict[str, tuple[str, np.ndarray]]]:  # fmt: skip
+    """:func:`smooth`, also returning activation -> (the tensor its layers read now, the scales ``s``)."""
     if not 0.0 <= alpha <= 1.0:
         raise InvalidInputError(f"SmoothQuant alpha {alpha!r} is outside [0, 1]: pick e.g. 0.5")
     out = onnx.ModelProto()
@@ -116,7 +224,7 @@ def smooth(model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) 
     for node in out.graph.node:
         for name in node.input:
             weight_users[name] = weight_users.get(name, 0) + 1
-    smoothed = 0
+    scales: dict[str, tuple[str, np.ndarray]] = {}
     pending: dict[str, onnx.NodeProto] = {}
     for activation, layers in smoothable(out).items():
         if activation not in absmax or any(weight_users[layer.weight] != 1 for layer in layers):
@@ -141,7 +249,7 @@ def smooth(model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) 
         users = consumers.get(activation, [])
         norm = producers.get(activation)
         if _fold_into_norm(norm, users, layers, activation, outputs, inits, weight_users, s):
-            smoothed += 1
+            scales[activation] = (activation, s)
             continue
         scale_name = f"{activation}_smooth_inv"
         new_name = f"{activation}_smoothed"
@@ -150,7 +258,7 @@ def smooth(model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) 
             layer.node.input[0] = new_name
         mul = helper.make_node("Mul", [activation, scale_name], [new_name], name=f"{activation}_smooth")
         pending[new_name] = mul
-        smoothed += 1
+        scales[activation] = (new_name, s)
     if pending:  # each Mul goes right before its first user: after its producer in topological order
         nodes: list[onnx.NodeProto] = []
         for node in out.graph.node:
@@ -162,7 +270,7 @@ def smooth(model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) 
             nodes.append(kept)
         del out.graph.node[:]
         out.graph.node.extend(nodes)
-    return out, smoothed
+    return out, scales
 
 
 def _fold_into_norm(norm: onnx.NodeProto | None, users: list[onnx.NodeProto], layers: list[_Layer], activation: str,

@@ -296,16 +296,22 @@ def speed_key(validation: Validation | None) -> tuple[float, float]:
     return (float(rows[-1].get("speedup", 0.0)), float(rows[0].get("speedup", 0.0)))
 
 
+SPEED_TIE = 0.03  # speedups within 3 % of the fastest are a tie (timing noise on a shared CPU)
+
+
 def choose_fastest(validations: Sequence[Validation | None]) -> int:
     """Index of the fastest candidate within budget (``speed_key``); the last one when none passes.
 
     Candidates are ordered by the caller with the safest (FP32) last, so "none within budget" falls
-    back to it.
+    back to it, and among candidates tied with the fastest (max-batch speedup within ``SPEED_TIE``
+    of its) the last one wins: FP16 at 1.001x does not displace FP32 at 0.996x.
     """
     passing = [i for i, v in enumerate(validations) if v is not None and v.passed]
     if not passing:
         return len(validations) - 1
-    return max(passing, key=lambda i: speed_key(validations[i]))
+    best = max(speed_key(validations[i]) for i in passing)
+    tied = [i for i in passing if speed_key(validations[i])[0] >= best[0] * (1 - SPEED_TIE)]
+    return tied[-1]
 
 
 def advice(calib_method: str | None, precision: str, mode: str = "static") -> list[str]:

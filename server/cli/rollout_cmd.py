@@ -16,10 +16,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from builders.repository import read_model, repository_root
 from core.errors import InvalidInputError, PermissionDeniedError
 from server.cli.routes_cmd import _connection, check_admin_url, client
 from server.gateway.client import AdminClient, read_token
-from server.rollout.plan import load_plan, parse_candidate, parse_steps, plan_from_mapping
+from server.rollout.capacity import compare_capacity, describe_comparison
+from server.rollout.plan import CapacityFigures, load_plan, parse_candidate, parse_steps, plan_from_mapping
 
 TERMINAL = ("promoted", "rolled_back", "aborted")
 # flag -> (plan field path, type)
@@ -36,6 +38,7 @@ _PLAN_FLAGS: dict[str, tuple[tuple[str, ...], Any]] = {
     "max_p99_ratio": (("slos", "max_p99_ratio"), float),
     "min_agreement": (("slos", "min_agreement"), float),
     "max_p99_ms": (("slos", "max_p99_ms"), float),
+    "min_capacity_ratio": (("slos", "min_capacity_ratio"), float),
     "on_failure": (("on_failure",), str),
     "shadow_duration": (("shadow", "duration_s"), float),
     "shadow_percent": (("shadow", "percent"), float),
@@ -51,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start = sub.add_parser("start", help="start a rollout from a plan file and/or flags")
     _connection(start)
     _plan_flags(start)
+    start.add_argument(
+        "--repo",
+        type=Path,
+        help="the model repository both versions were published to: compare their recorded capacity "
+        "(kiln bench --find-capacity --record) and record it in the rollout; needed by --min-capacity-ratio",
+    )
     _watch_flags(start)
     start.set_defaults(func=run_start)
     status = sub.add_parser("status", help="phase, step, weights and each SLO's measured value vs its limit")
@@ -154,12 +163,44 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def run_start(args: argparse.Namespace) -> int:
     admin = client(args)
     plan = plan_from_args(args)
+    if args.repo is not None:
+        figures = recorded_capacity(args.repo, admin.get(f"/routes/{plan['route']}")["route"], plan)
+        plan["capacity"] = figures.model_dump(mode="json")
+        Console(highlight=False).print(escape(describe_comparison(figures)))
     # the gateway first waits (up to ready_timeout_s) for the candidate version on every upstream
     status = admin.request("POST", "/rollouts", plan, timeout_s=plan["ready_timeout_s"] + 30.0)
     if args.watch:
         return _watch(admin, status["route"], args)
     Console(highlight=False).print(render_status(status))
     return 0
+
+
+def recorded_capacity(repo: Path, route: dict[str, Any], plan: dict[str, Any]) -> CapacityFigures:
+    """Baseline and candidate capacity from their versions' kiln.json (version "" = the newest published)."""
+    root = repository_root(repo)
+    baseline = next((v for v in route.get("variants", []) if v.get("name") == plan["baseline"]), None)
+    if baseline is None:
+        raise InvalidInputError(
+            f"route {plan['route']!r} has no variant {plan['baseline']!r} to compare capacity with; "
+            f"its variants: {[v.get('name') for v in route.get('variants', [])]}"
+        )
+    candidate = plan["candidate"]
+    sides = []
+    for model, version in (
+        (baseline["model"], baseline.get("version", "")),
+        (candidate["model"], candidate["version"]),
+    ):
+        entry = read_model(root, model)
+        chosen = int(version) if version else entry.latest
+        found = next((v for v in entry.versions if v.version == chosen), None)
+        if found is None:
+            raise InvalidInputError(
+                f"version {version or chosen} of {model!r} is not in {str(root)!r} (published: "
+                f"{[v.version for v in entry.versions]}); pass the --repo the upstreams serve"
+            )
+        sides.append((f"{model}:{chosen}", list((found.manifest or {}).get("capacity") or [])))
+    (base_name, base_entries), (cand_name, cand_entries) = sides
+    return compare_capacity(base_entries, cand_entries, names=(base_name, cand_name))
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -283,6 +324,8 @@ def render_status(status: dict[str, Any]) -> Group:
     table = Table("SLO", "measured", "limit", "ok", title=None)
     for row in status.get("slos", []):
         ok = {True: "[green]yes[/]", False: "[red]NO[/]", None: "[dim]waiting[/]"}[row["ok"]]
+        if row.get("undecided"):  # over the limit, not yet confirmed by the p99's bounds
+            ok = "[yellow]unconfirmed[/]"
         table.add_row(row["name"], _fmt(row["measured"]), f"{row['comparison']} {_fmt(row['limit'])}", ok)
     window = status.get("window") or {}
     traffic = Text(

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from core.errors import ConflictError, KilnError, NotFoundError, RepositoryError
+from core.errors import ConflictError, InvalidInputError, KilnError, NotFoundError, RepositoryError
 from server.rollout import machine
 from server.rollout.analysis import Measurements, reference_p99, shadow_checks, step_checks
+from server.rollout.capacity import check_capacity
 from server.rollout.machine import Command, Decision, Phase, RolloutState
 from server.rollout.plan import RolloutPlan
 from server.rollout.ports import MetricsSource, RouteControl, Store, VersionControl
@@ -207,6 +208,9 @@ class RolloutController:
             return self.status(plan.route)
 
     def _check_start(self, plan: RolloutPlan) -> dict[str, Any]:
+        refused = check_capacity(plan.capacity, plan.slos.min_capacity_ratio)
+        if refused:
+            raise InvalidInputError(f"rollout on route {plan.route!r} refused: {refused}")
         current = self._rollouts.get(plan.route)
         if current is not None and not current.state.phase.terminal:
             raise ConflictError(

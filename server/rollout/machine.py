@@ -29,6 +29,7 @@ from server.rollout.analysis import (
     step_checks,
     undecided,
 )
+from server.rollout.capacity import describe_comparison
 from server.rollout.plan import RolloutPlan
 
 
@@ -162,8 +163,10 @@ def start(plan: RolloutPlan, now: float) -> Decision:
         "started",
         now,
         f"rollout of {plan.candidate.name!r} on route {plan.route!r} "
-        f"against baseline {plan.baseline!r}, steps {list(plan.steps)}",
+        f"against baseline {plan.baseline!r}, steps {list(plan.steps)}"
+        + ("" if plan.capacity is None else f"; {describe_comparison(plan.capacity)}"),
         **plan.to_dict()["slos"],
+        **({} if plan.capacity is None else {"capacity": plan.capacity.model_dump(mode="json")}),
     )
     return Decision(state, (event,))
 

@@ -20,6 +20,8 @@ Example (YAML)::
     # token streams add: max_ttft_p99_ratio, max_itl_p99_ratio, max_ttft_p99_ms, max_itl_p99_ms
     # (judged when both variants streamed in the window) and min_token_agreement (the shadow phase's
     # greedy replays: share of sampled prompts whose tokens match the baseline's exactly)
+    # and min_capacity_ratio (checked at start: the candidate's recorded capacity over the
+    # baseline's, read by `kiln rollout start --repo PATH` from both versions' kiln.json)
     on_failure: rollback        # or pause (traffic back to baseline, a human decides)
     ready_timeout_s: 60         # a candidate version must be ready on every upstream within this
     retire_previous: false      # after promotion, stop serving the baseline's version ...
@@ -27,7 +29,8 @@ Example (YAML)::
 
 At a 100 % step the baseline serves nothing, so the candidate's p99 is compared with the baseline
 p99 measured in the step before; a last step below 100 % keeps every comparison concurrent (both
-variants under the same load), which is more robust on noisy machines.
+variants under the same load), which is more robust on noisy machines. Tail SLOs are judged with
+the p99's confidence bounds (``server/rollout/analysis.py``).
 """
 
 from __future__ import annotations
@@ -92,6 +95,28 @@ class Slos(_Frozen):
     max_ttft_p99_ms: float | None = Field(default=None, gt=0)
     max_itl_p99_ms: float | None = Field(default=None, gt=0)
     min_token_agreement: float | None = Field(default=None, ge=0, le=1)  # greedy exact-match rate, shadow phase
+    # checked once, at start, on recorded capacities (kiln bench --find-capacity --record; see capacity)
+    min_capacity_ratio: float | None = Field(default=None, gt=0)
+
+
+class CapacityFigures(_Frozen):
+    """Recorded capacity of baseline and candidate under the same conditions (``server/rollout/capacity.py``).
+
+    ``ratio`` is None when they do not compare (``note`` says why).
+    """
+
+    baseline: float | None = None
+    candidate: float | None = None
+    unit: str = ""
+    ratio: float | None = None
+    conditions: str = ""
+    note: str = ""
+
+    @classmethod
+    def make(
+        cls, baseline: float | None, candidate: float | None, unit: str, ratio: float | None, conditions: str, note: str
+    ) -> CapacityFigures:
+        return cls(baseline=baseline, candidate=candidate, unit=unit, ratio=ratio, conditions=conditions, note=note)
 
 
 class RolloutPlan(_Frozen):
@@ -110,6 +135,7 @@ class RolloutPlan(_Frozen):
     on_failure: Literal["rollback", "pause"] = "rollback"
     ready_timeout_s: float = Field(default=60.0, gt=0)  # candidate version ready on every upstream within this
     retire_previous: bool = False  # after promotion, stop upstreams serving the baseline's version
+    capacity: CapacityFigures | None = None  # filled by `kiln rollout start --repo` from both kiln.json
     retain_for_s: float = Field(default=0.0, ge=0)  # ... once this rollback window has passed
 
     @field_validator("steps")

@@ -94,7 +94,10 @@ def test_auto_writes_tradeoff_table_and_plot(tmp_path: Path) -> None:
     auto = _manifest(repo, "digits-auto-ort", 1)["build"]["auto"]
     assert auto["sensitivity_mse"]  # the full INT8 failed, so layers were ranked
     chosen = next(r for r in auto["candidates"] if r["candidate"] == auto["chosen"])
-    assert chosen["passed"]
+    assert chosen["passed"] and auto["chosen_method"] == chosen["method"]
+    # a CNN: no SmoothQuant or dynamic candidate (the graph has no LayerNorm-fed MatMul/Gemm)
+    assert not auto["transformer"]
+    assert {r["method"] for r in auto["candidates"]} <= {"static", "fp16", "fp32"}
 
 
 def test_calib_read_write_round_trip(tmp_path: Path) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 
+from builders.validate import SPEED_TIE
 from harness.real_models import minilm_onnx
 from server.cli import main
 
@@ -140,17 +142,32 @@ def test_pooled_cosine_without_a_sequence_axis_says_what_to_use(
     assert "use --metric cosine" in " ".join(capsys.readouterr().err.split())
 
 
-def test_auto_tries_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) -> None:
+def test_auto_tries_smoothquant_and_dynamic_int8_on_an_encoder(encoder: Path, tmp_path: Path) -> None:
     calib = _save(tmp_path / "calib.npz", _tokens(24, 12, seed=6))
     evaluation = _save(tmp_path / "eval.npz", _tokens(16, 12, seed=7))
     argv = ["build", str(encoder), "--name", "bert", "--repo", str(tmp_path / "repo"), "--precision", "auto",
-            "--calib", str(calib), "--eval", str(evaluation), "--max-accuracy-drop", "0",
+            "--calib", str(calib), "--eval", str(evaluation), "--max-accuracy-drop", "0.02",
             "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 0
-    manifest = json.loads((tmp_path / "repo" / "bert-auto-ort" / "1" / "kiln.json").read_text())
-    labels = [row["candidate"] for row in manifest["build"]["auto"]["candidates"]]
-    assert labels[0] == "int8" and any(label.startswith("int8 dynamic") for label in labels)
-    assert labels[-2:] == ["fp16", "fp32"]
+    version = tmp_path / "repo" / "bert-auto-ort" / "1"
+    manifest = json.loads((version / "kiln.json").read_text())
+    auto = manifest["build"]["auto"]
+    rows = {row["candidate"]: row for row in auto["candidates"]}
+    labels = list(rows)
+    assert auto["transformer"] and labels[0] == "int8" and labels[-2:] == ["fp16", "fp32"]
+    assert labels[1].startswith("int8 smoothquant (alpha ") and labels[2].startswith("int8 dynamic")
+    assert [rows[label]["method"] for label in labels[:3]] == ["static", "smoothquant", "dynamic"]
+    smooth_row = rows[labels[1]]
+    assert smooth_row["metric"] == "pooled-cosine" and smooth_row["seconds"] > 0
+    chosen = rows[auto["chosen"]]
+    passing = [r for r in auto["candidates"] if r["passed"]]
+    assert chosen["passed"] and _fastest_or_safest_tie(passing) is chosen
+    assert manifest["build"]["selected_precision"] == chosen["precision"]
+    if chosen["method"] == "smoothquant":
+        assert manifest["build"]["quantization"]["method"] == "smoothquant"
+    report = (version / "report.md").read_text()
+    assert f"auto chose: {auto['chosen']} ({chosen['method']}): the fastest of {len(passing)}" in report
+    assert "int8 smoothquant" in (version / "tradeoff.md").read_text()
 
 
 def test_smoothquant_static_int8_searches_alpha_and_keeps_attention_float(encoder: Path, tmp_path: Path) -> None:
@@ -204,3 +221,9 @@ def test_smoothquant_puts_attention_matmuls_in_int8_within_the_budget(encoder: P
     scores = [n for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(("/scores", "/context"))]
     assert len(scores) == 4 and all(i.endswith("_dequantized") for n in scores for i in n.input[:2])
     assert "attention score/context MatMuls in int8" in (version / "report.md").read_text()
+
+
+def _fastest_or_safest_tie(passing: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate auto must publish: the last one whose max-batch speedup is within SPEED_TIE of the best."""
+    best = max(r["speedup_max_batch"] for r in passing)
+    return [r for r in passing if r["speedup_max_batch"] >= best * (1 - SPEED_TIE)][-1]

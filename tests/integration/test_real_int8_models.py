@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 
+from builders.validate import SPEED_TIE
 from harness.real_models import available
 from server.cli import main
 
@@ -48,6 +50,28 @@ def test_minilm_smoothquant_static_int8_keeps_pooled_cosine_on_real_text(tmp_pat
     assert manifest["validation"]["metrics"]["pooled_cosine"] >= 0.995
 
 
+def test_minilm_auto_tries_smoothquant_and_publishes_the_fastest_within_a_strict_budget(tmp_path: Path) -> None:
+    model = _need("minilm")
+    np.savez(tmp_path / "calib.npz", **{k: v[:48] for k, v in np.load(model.calib).items()})
+    np.savez(tmp_path / "eval.npz", **{k: v[:32] for k, v in np.load(model.heldout).items()})
+    argv = ["build", str(model.onnx), "--name", "minilm", "--repo", str(tmp_path / "repo"), "--precision", "auto",
+            "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), "--calib-method", "minmax",
+            "--metric", "pooled-cosine", "--max-accuracy-drop", "0.005", "--max-batch", "8",
+            "--calib-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "repo" / "minilm-auto-ort" / "1" / "kiln.json").read_text())
+    auto = manifest["build"]["auto"]
+    rows = {r["candidate"]: r for r in auto["candidates"]}
+    assert auto["transformer"] and not rows["int8"]["passed"]  # plain static INT8 of an encoder: far off
+    smooth = next(r for label, r in rows.items() if label.startswith("int8 smoothquant"))
+    assert smooth["passed"] and smooth["value"] >= 0.995
+    assert any(r["method"] == "dynamic" for r in rows.values())
+    chosen = rows[auto["chosen"]]
+    passing = [r for r in auto["candidates"] if r["passed"]]
+    assert chosen["passed"] and _fastest_or_safest_tie(passing) is chosen
+    assert manifest["validation"]["metrics"]["pooled_cosine"] >= 0.995
+
+
 def test_resnet_calibration_batches_follow_the_memory_budget(tmp_path: Path) -> None:
     model = _need("resnet")
     calib = {k: v[:6] for k, v in np.load(model.calib).items()}
@@ -63,6 +87,12 @@ def test_resnet_calibration_batches_follow_the_memory_budget(tmp_path: Path) -> 
     assert calibration["batch_size"] == (256 << 20) // (2 * per_sample)
     tight = [*argv[:-4], "--calib-memory", "64MiB", "--calib-cache", str(tmp_path / "fresh")]
     assert main(tight) == 9  # below one sample (x2 while ONNX Runtime runs): refused before any run
+
+
+def _fastest_or_safest_tie(passing: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate auto must publish: the last one whose max-batch speedup is within SPEED_TIE of the best."""
+    best = max(r["speedup_max_batch"] for r in passing)
+    return [r for r in passing if r["speedup_max_batch"] >= best * (1 - SPEED_TIE)][-1]
 
 
 def test_mobile_plain_int8_keeps_depthwise_float_and_stays_close(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from harness.gateway import PLANES, plane_options
 from harness.rollout import Load, gateway_config, serve_models
 from server.app import ServerHandle
+from server.bench.record import record_capacity
 from server.cli import main
 from server.gateway.app import GatewayHandle, start_gateway
 
@@ -126,3 +128,46 @@ def test_plan_file_with_flag_override(
     assert gateway.routes.route("digits").variant("c2").weight == 40.0
     assert main(["rollout", "status", *connection(gateway, tmp_path), "digits", "--json"]) == 0
     assert '"candidate_weight": 40.0' in capsys.readouterr().out
+
+
+def test_capacity_is_compared_from_the_repository_and_can_refuse_the_start(
+    gateway: GatewayHandle, upstream: ServerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = connection(gateway, tmp_path)
+    repo = tmp_path / "repo"  # a copy of what the upstream serves: only the manifests are read
+    shutil.copytree(upstream.store.root, repo)
+    quiet = [*FLAGS, "--interval", "60", "--max-wait", "120"]
+    # nothing recorded: the rollout starts and says what it could not compare
+    assert main(["rollout", "start", *admin, *quiet, "--repo", str(repo)]) == 0
+    assert "capacity not compared: no capacity recorded for digits-fp32-ort:1 and next-fp32-ort:1" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    assert main(["rollout", "abort", *admin, "digits"]) == 0
+    # and --min-capacity-ratio refuses without figures
+    assert main(["rollout", "start", *admin, *quiet, "--min-capacity-ratio", "0.9"]) == 2
+    assert "needs the recorded capacities" in capsys.readouterr().err
+    for model, capacity in (("digits-fp32-ort", 400.0), ("next-fp32-ort", 200.0)):
+        record_capacity(repo, model, ("1",), "", lambda precision, serving, c=capacity: entry(c, precision, serving))
+    assert main(["rollout", "start", *admin, *quiet, "--repo", str(repo), "--min-capacity-ratio", "0.9"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds 0.5x the baseline's recorded capacity (200 vs 400 requests/s" in err
+    assert [v.name for v in gateway.routes.route("digits").variants] == ["fp32"]  # nothing started
+    assert main(["rollout", "start", *admin, *quiet, "--repo", str(repo), "--min-capacity-ratio", "0.5"]) == 0
+    assert "capacity: candidate 200 vs baseline 400 requests/s (0.5x)" in " ".join(capsys.readouterr().out.split())
+    started = json.loads(_events_json(admin, capsys))[0]
+    assert started["kind"] == "started" and started["figures"]["capacity"]["ratio"] == 0.5
+    assert main(["rollout", "abort", *admin, "digits"]) == 0
+
+
+def _events_json(admin: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["rollout", "events", *admin, "digits", "--json"]) == 0
+    return "[" + ",".join(capsys.readouterr().out.split("\n")[:-1]) + "]"
+
+
+def entry(capacity: float, precision: str | None, serving: dict) -> dict:
+    return {
+        "mode": "rate", "capacity": capacity, "unit": "requests/s", "slo": {"p99_ms": 50.0, "error_rate": 0.01},
+        "precision": precision, "batch": {"request_batch": 1, **serving}, "hardware": {"label": "test-cpu"},
+        "lower_bound": False, "measured": "2026-12-01T10:00:00+00:00", "endpoint": {"variant": "a"},
+    }  # fmt: skip

@@ -7,10 +7,13 @@ import math
 import random
 
 import pytest
+from rich.console import Console
 
 from core.quantiles import quantile_ranks
+from server.cli.rollout_cmd import render_status
 from server.gateway.metrics import GatewayMetrics
 from server.rollout.analysis import Measurements, VariantWindow
+from server.rollout.controller import _slo_rows
 from server.rollout.machine import Phase, decide, start
 from server.rollout.plan import RolloutPlan, plan_from_mapping
 from server.rollout.sources import LocalMetricsSource, tail_from_buckets
@@ -157,3 +160,15 @@ def test_prometheus_buckets_give_the_p99_and_its_bounds() -> None:
     point, (low, high) = tail_from_buckets([(0.01, 95.0), (0.02, 100.0), (math.inf, 100.0)])  # type: ignore[misc]
     assert high == 0.02  # 100 requests cannot bound it: the top of the highest occupied bucket stands in
     assert tail_from_buckets([(0.01, 0.0), (math.inf, 0.0)]) is None
+
+
+def test_status_shows_an_unconfirmed_tail() -> None:
+    p = plan()
+    state = in_step(p)
+    m = window([1.0] * 1000, [1.0] * 97 + [50.0] * 3)
+    rows = _slo_rows(p, state, m)  # type: ignore[arg-type]
+    assert next(r for r in rows if r["name"] == "p99_ratio")["undecided"]
+    status = {"route": "r", "phase": "stepping", "step": 0, "version": 1, "weights": {}, "slos": rows}
+    console = Console(width=120, record=True)
+    console.print(render_status(status))
+    assert "unconfirmed" in console.export_text()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builders.validate import GateSettings, Validation, check_gate, compare, measure_latency, metric_drop
+from builders.validate import (
+    GateSettings,
+    Validation,
+    check_gate,
+    choose_fastest,
+    compare,
+    measure_latency,
+    metric_drop,
+)
 from core.errors import AccuracyGateError, InvalidInputError
 
 
@@ -63,3 +71,16 @@ def test_latency_interleaves_sessions_in_alternating_order() -> None:
     result = measure_latency(sessions, {"1": {}}, repeats=4, min_seconds=0.0)
     assert log == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then ABBA
     assert set(result["1"]) == {"a", "b"}
+
+
+def _timed(speedup_max: float, passed: bool = True) -> Validation:
+    latency = {"1": {"speedup": 1.0}, "32": {"speedup": speedup_max}}
+    return Validation("cosine", 0.01, 0.0 if passed else 0.5, {}, latency, 10, "ab" * 32)
+
+
+def test_choose_fastest_takes_the_fastest_within_budget_and_the_safest_among_ties() -> None:
+    assert choose_fastest([_timed(2.0, passed=False), _timed(1.7), _timed(1.2), _timed(1.0)]) == 1
+    assert choose_fastest([_timed(1.75), _timed(1.70), _timed(1.0)]) == 1  # 1.70 is 2.9 % off: a tie, the later wins
+    assert choose_fastest([_timed(1.80), _timed(1.70), _timed(1.0)]) == 0  # 5.6 % faster: not a tie
+    assert choose_fastest([_timed(1.001), _timed(0.996)]) == 1  # FP16 noise over FP32: FP32 kept
+    assert choose_fastest([_timed(3.0, passed=False), _timed(2.0, passed=False)]) == 1  # none passes: the last
