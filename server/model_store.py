@@ -124,7 +124,11 @@ class ServedVersion:
 
     async def call_in_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on this version's worker threads, outside the batcher (a decoder's steps)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await self.start_in_worker(fn)
+
+    def start_in_worker(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Submit ``fn`` to this version's worker threads now; await the future for its result."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def run_unbatched(self, inputs: Arrays) -> Arrays:
         """One run on an idle instance, on the calling (worker) thread."""

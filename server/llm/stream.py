@@ -4,10 +4,16 @@ Each token goes out as soon as it is chosen, with ``text_output`` (the text it c
 ``output_ids``; the response that ends the sequence carries ``triton_final_response: true`` (an
 empty one when a stop token ended it). Errors go back as ``error_message`` and the stream stays
 open. Cancelling the stream cancels this coroutine: the generation stops and its KV cache is freed.
+
+Streaming is pipelined: as soon as a token is chosen the next step starts on the worker thread,
+and the token's response is encoded and written meanwhile, so the per-token serving work (text
+decoding, protobuf, the gRPC write) overlaps the model instead of adding to every inter-token gap.
+A step still running when the stream ends is dropped (``Generation.close``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -66,15 +72,32 @@ async def _stream_tokens(
 ) -> None:
     assert served.decoder is not None  # checked by the caller; narrows the type
     text = TextStream(served.decoder.tokenizer)
-    while not generation.finished:
-        token = await served.call_in_worker(generation.step)
-        if token is None:
-            break
-        final = generation.finished
-        piece = text.push(token) + (text.flush() if final else "")
-        await put(token_response(served, request, piece, [token], final, generation.finish_reason))
+    pending: asyncio.Future[int | None] | None = None
+    if not generation.finished:
+        pending = served.start_in_worker(generation.step)
+    try:
+        while pending is not None:
+            token = await pending
+            pending = None
+            if token is None:
+                break
+            final = generation.finished
+            if not final:  # the next token is computed while this one is sent
+                pending = served.start_in_worker(generation.step)
+            piece = text.push(token) + (text.flush() if final else "")
+            reason = generation.finish_reason if final else None
+            await put(token_response(served, request, piece, [token], final, reason))
+    finally:
+        if pending is not None:  # the stream ended under it: the caller closes the generation
+            pending.add_done_callback(_dropped)
     if generation.finish_reason != "length" or not generation.tokens:
         await put(token_response(served, request, text.flush(), [], True, generation.finish_reason))
+
+
+def _dropped(step: asyncio.Future[int | None]) -> None:
+    """A step whose stream ended: its token is dropped, and so is its error (after a log line)."""
+    if not step.cancelled() and step.exception() is not None:
+        logger.debug("a dropped decoder step failed: %s", step.exception())
 
 
 async def _whole_sequence(
