@@ -124,11 +124,14 @@ class ServedVersion:
 
     async def call_in_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on this version's worker threads, outside the batcher (a decoder's steps)."""
-        return await self.start_in_worker(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def start_in_worker(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """Submit ``fn`` to this version's worker threads now; await the future for its result."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    def submit_to_worker(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` on this version's worker threads (from any thread); ``fn`` reports its own result.
+
+        Raises RuntimeError once the version is closing (its workers take nothing new).
+        """
+        self._executor.submit(fn)
 
     def run_unbatched(self, inputs: Arrays) -> Arrays:
         """One run on an idle instance, on the calling (worker) thread."""

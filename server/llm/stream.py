@@ -5,10 +5,11 @@ Each token goes out as soon as it is chosen, with ``text_output`` (the text it c
 empty one when a stop token ended it). Errors go back as ``error_message`` and the stream stays
 open. Cancelling the stream cancels this coroutine: the generation stops and its KV cache is freed.
 
-Streaming is pipelined: as soon as a token is chosen the next step starts on the worker thread,
-and the token's response is encoded and written meanwhile, so the per-token serving work (text
-decoding, protobuf, the gRPC write) overlaps the model instead of adding to every inter-token gap.
-A step still running when the stream ends is dropped (``Generation.close``).
+Streaming is pipelined (``_Stepper``): each step, on the version's worker thread, hands its token
+to the event loop and queues the next step itself, behind the steps of other streams, so
+generation never waits for the loop and the per-token serving work (text decoding, protobuf, the
+gRPC write) overlaps the model instead of adding to every inter-token gap. When the stream ends
+early, no further step is queued and a step already running is dropped (``Generation.close``).
 """
 
 from __future__ import annotations
@@ -72,32 +73,56 @@ async def _stream_tokens(
 ) -> None:
     assert served.decoder is not None  # checked by the caller; narrows the type
     text = TextStream(served.decoder.tokenizer)
-    pending: asyncio.Future[int | None] | None = None
-    if not generation.finished:
-        pending = served.start_in_worker(generation.step)
+    stepper = _Stepper(served, generation)
     try:
-        while pending is not None:
-            token = await pending
-            pending = None
+        while True:
+            item = await stepper.results.get()
+            if isinstance(item, BaseException):
+                raise item
+            token, final, reason = item
             if token is None:
                 break
-            final = generation.finished
-            if not final:  # the next token is computed while this one is sent
-                pending = served.start_in_worker(generation.step)
             piece = text.push(token) + (text.flush() if final else "")
-            reason = generation.finish_reason if final else None
-            await put(token_response(served, request, piece, [token], final, reason))
+            await put(token_response(served, request, piece, [token], final, reason if final else None))
+            if final:
+                break
     finally:
-        if pending is not None:  # the stream ended under it: the caller closes the generation
-            pending.add_done_callback(_dropped)
+        stepper.stopped = True  # the caller closes the generation; a running step's token is dropped
     if generation.finish_reason != "length" or not generation.tokens:
         await put(token_response(served, request, text.flush(), [], True, generation.finish_reason))
 
 
-def _dropped(step: asyncio.Future[int | None]) -> None:
-    """A step whose stream ended: its token is dropped, and so is its error (after a log line)."""
-    if not step.cancelled() and step.exception() is not None:
-        logger.debug("a dropped decoder step failed: %s", step.exception())
+Step = tuple[int | None, bool, str | None]  # token (None: a stop token), finished, finish reason
+
+
+class _Stepper:
+    """Runs one generation's steps on the worker threads back to back, each handing its result to the loop."""
+
+    def __init__(self, served: ServedVersion, generation: Generation) -> None:
+        self._served, self._generation = served, generation
+        self._loop = asyncio.get_running_loop()
+        self.results: asyncio.Queue[Step | BaseException] = asyncio.Queue()
+        self.stopped = False
+        if generation.finished:
+            self.results.put_nowait((None, True, generation.finish_reason))
+        else:
+            served.submit_to_worker(self._step)
+
+    def _step(self) -> None:  # on a worker thread
+        if self.stopped:
+            return
+        item: Step | BaseException
+        try:
+            token = self._generation.step()
+            item = (token, self._generation.finished, self._generation.finish_reason)
+        except Exception as err:  # handed to the loop, which raises it in the stream's coroutine
+            item = err
+        try:
+            self._loop.call_soon_threadsafe(self.results.put_nowait, item)
+            if isinstance(item, tuple) and item[0] is not None and not item[1] and not self.stopped:
+                self._served.submit_to_worker(self._step)
+        except RuntimeError:  # the loop is closed or the version's workers are shutting down
+            self.stopped = True
 
 
 async def _whole_sequence(
