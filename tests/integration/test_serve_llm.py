@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,6 +188,42 @@ def test_cancel_stops_generation_and_frees_the_kv_cache(repo: Path) -> None:
         steps = endpoint.steps_run
         time.sleep(0.2)
         assert endpoint.steps_run == steps < 20
+
+
+def test_concurrent_streams_share_the_worker_step_by_step(repo: Path) -> None:
+    """Pipelined steps queue behind other streams' steps: two streams on one instance interleave
+    (the second's first token comes long before the first's last), none waits for the other to end."""
+    arrivals: list[tuple[str, bool]] = []
+    lock = threading.Lock()
+
+    def record(result: tc.InferResult | None, error: InferenceServerException | None) -> None:
+        assert error is None and result is not None
+        response = result.get_response()
+        with lock:
+            arrivals.append((response.id, response.parameters[FINAL].bool_param))
+
+    with start_server(repo, port=0, runner_factory=lambda spec: SlowRunner(create_runner(spec))) as handle:
+        clients = [tc.InferenceServerClient(handle.url) for _ in range(2)]
+        try:
+            for client in clients:
+                client.start_stream(callback=record)
+            dtype, count = _tokens(12)
+            prompt = _input("text_input", np.array([b"Hello"], dtype=object), "BYTES")
+            inputs = [prompt, _input("max_tokens", count, dtype)]
+            clients[0].async_stream_infer(MODEL, inputs, request_id="a")
+            time.sleep(0.05)
+            clients[1].async_stream_infer(MODEL, inputs, request_id="b")
+            deadline = time.monotonic() + 30
+            while sum(final for _, final in arrivals) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            for client in clients:
+                client.stop_stream()
+                client.close()
+    order = [rid for rid, _ in arrivals]
+    assert order.count("a") == order.count("b") == 12, order
+    b_first, a_last = order.index("b"), len(order) - 1 - order[::-1].index("a")
+    assert b_first < 6 and a_last > b_first + 5, order  # b's tokens came among a's, not after them
 
 
 def test_model_infer_on_a_decoupled_model_is_refused(server: ServerHandle) -> None:
