@@ -249,5 +249,8 @@ def check_figures(checks: tuple[SloCheck, ...]) -> dict[str, float | None]:
 
 def undecided(checks: tuple[SloCheck, ...]) -> tuple[str, ...]:
     """What keeps a window from a verdict although it has the traffic: tail checks still undecided."""
-    return tuple(f"{check.name} {check.measured:.4g} over its limit {check.limit:.4g} but {check.undecided}"
-                 for check in checks if check.undecided and check.measured is not None)  # fmt: skip
+    return tuple(
+        f"{check.name} {check.measured:.4g} over its limit {check.limit:.4g} but {check.undecided}"
+        for check in checks
+        if check.undecided and check.measured is not None
+    )

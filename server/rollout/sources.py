@@ -97,9 +97,7 @@ def _bounds(summary: _Summary) -> tuple[float, float]:
 def _variant(window: _Window) -> VariantWindow:
     if not window.requests:
         return VariantWindow(0, window.errors)
-    return VariantWindow(
-        window.requests, window.errors, window.total.p99_ms, p99_bounds_ms=_bounds(window.total)
-    )  # fmt: skip
+    return VariantWindow(window.requests, window.errors, window.total.p99_ms, p99_bounds_ms=_bounds(window.total))
 
 
 class StreamWindows(Protocol):
