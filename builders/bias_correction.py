@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from builders.calib_data import Dataset
+from builders.inspection import consumers_of
 from builders.layer_profile import layer_errors
 from builders.quantize import TensorRange, prepare_model
 
@@ -37,10 +38,7 @@ def apply(model: onnx.ModelProto, corrections: Mapping[str, np.ndarray]) -> onnx
     """
     out = prepare_model(model).model
     inits = {i.name: i for i in out.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in out.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(out.graph)
     for node in out.graph.node:
         shift = corrections.get(node.name)
         if shift is None:

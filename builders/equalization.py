@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from builders.inspection import consumers_of
 from builders.quantize import prepare_model
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,7 @@ def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A prepared copy of ``model`` with every eligible conv pair equalized, and how many pairs."""
     out = prepare_model(model).model
     inits = {i.name: i for i in out.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in out.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(out.graph)
     outputs = {o.name for o in out.graph.output}
     pairs = 0
     for first in out.graph.node:

@@ -119,6 +119,15 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
         ) from err
 
 
+def consumers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes of ``graph`` that read it, in graph order."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Real inputs: graph inputs that are not also initializers (old exporters list both)."""
     inits = {i.name for i in model.graph.initializer}

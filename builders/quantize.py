@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from builders.inspection import model_opset
+from builders.inspection import consumers_of, model_opset
 from builders.qdq_placement import MIN_PER_CHANNEL_OPSET, TRT_QUANTIZED_OPS, Placement, place_tensorrt
 from core.errors import InvalidInputError
 
@@ -272,10 +272,7 @@ def read_float_inputs(model: onnx.ModelProto, kept: set[str], producers: Mapping
     """
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(graph)
     rewired = 0
     added: list[onnx.NodeProto] = []
     for node in graph.node:

@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from builders.inspection import consumers_of
 from builders.qdq_placement import TRT_QUANTIZED_OPS, Placement, place_tensorrt
 from core.errors import InvalidInputError
 
@@ -214,10 +215,7 @@ def smooth_with_scales(model: onnx.ModelProto, absmax: dict[str, np.ndarray],
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {i.name: i for i in out.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in out.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(out.graph)
     producers = {o: n for n in out.graph.node for o in n.output}
     outputs = {o.name for o in out.graph.output}
     weight_users: dict[str, int] = {}
