@@ -134,16 +134,7 @@ def _build_dynamic(request: BuildRequest, model: onnx.ModelProto, info: ModelInf
         if found.chosen.float_layers:
             notes.append(f"kept {len(found.chosen.float_layers)} layer(s) in float to meet the gate: "
                          f"{', '.join(found.chosen.float_layers)}")  # fmt: skip
-        report = workdir / REPORT_FILE
-        report.write_text(_report(request, chosen, validation, data, {}))
-        gate = _gate_record(validation, opts)
-        if not validation.passed and not opts.skip_gate:
-            check_gate(validation, request.precision, None, _keep_rejected_report(request, opts, report), "dynamic")
-        check_speed(validation, opts, _keep_rejected_report(request, opts, report))
-        if not validation.passed:
-            notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
-        artifact = _artifact(chosen, workdir)
-        published = _publish(request, info, artifact, batch, chosen, validation, gate, {REPORT_FILE: report}, data, {})
+        published = _gate_and_publish(request, info, batch, chosen, validation, data, notes, workdir, "dynamic")
     return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), "dynamic": details})
 
 
@@ -158,17 +149,26 @@ def _build_smoothquant(request: BuildRequest, model: onnx.ModelProto, info: Mode
         details = chosen.details
         validation = validate(request.model, chosen.path, data.evaluation, opts.gate, batch)
         notes += list(chosen.notes)
-        report = workdir / REPORT_FILE
-        report.write_text(_report(request, chosen, validation, data, {}))
-        gate = _gate_record(validation, opts)
-        if not validation.passed and not opts.skip_gate:
-            check_gate(validation, request.precision, None, _keep_rejected_report(request, opts, report))
-        check_speed(validation, opts, _keep_rejected_report(request, opts, report))
-        if not validation.passed:
-            notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
-        artifact = _artifact(chosen, workdir)
-        published = _publish(request, info, artifact, batch, chosen, validation, gate, {REPORT_FILE: report}, data, {})
+        published = _gate_and_publish(request, info, batch, chosen, validation, data, notes, workdir, "static")
     return BuildResult(published, info, tuple(notes), {"validation": validation.to_dict(), "smoothquant": details})
+
+
+def _gate_and_publish(request: BuildRequest, info: ModelInfo, batch: int, chosen: PreparedOnnx,
+                      validation: Validation, data: BuildData, notes: list[str], workdir: Path,
+                      mode: str) -> Published:  # fmt: skip
+    """The end of a one-candidate build (dynamic, SmoothQuant): report, accuracy gate (refused, or the
+    override noted), speed check, publish."""
+    opts = request.int8
+    report = workdir / REPORT_FILE
+    report.write_text(_report(request, chosen, validation, data, {}))
+    gate = _gate_record(validation, opts)
+    if not validation.passed and not opts.skip_gate:
+        check_gate(validation, request.precision, None, _keep_rejected_report(request, opts, report), mode)
+    check_speed(validation, opts, _keep_rejected_report(request, opts, report))
+    if not validation.passed:
+        notes.append(f"accuracy gate FAILED and was overridden: {gate['message']}")
+    artifact = _artifact(chosen, workdir)
+    return _publish(request, info, artifact, batch, chosen, validation, gate, {REPORT_FILE: report}, data, {})
 
 
 def _keep_rejected_report(request: BuildRequest, opts: Int8Options, report: Path) -> Path:
