@@ -136,13 +136,18 @@ def _choose_version(model: str, served: tuple[str, ...], version: str, published
     return chosen
 
 
-def _key(entry: dict[str, Any]) -> tuple[Any, ...]:
-    slo = entry.get("slo", {})
+def conditions_of(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """What two capacities must share to compare: mode, SLO (p99, error rate), request batch, hardware."""
+    slo = entry.get("slo") or {}
     return (
         entry.get("mode"),
         slo.get("p99_ms"),
         slo.get("error_rate"),
-        entry.get("batch", {}).get("request_batch"),
-        entry.get("hardware", {}).get("label"),
-        entry.get("endpoint", {}).get("variant", ""),
+        (entry.get("batch") or {}).get("request_batch"),
+        (entry.get("hardware") or {}).get("label"),
     )
+
+
+def _key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """One entry per conditions and measured variant."""
+    return (*conditions_of(entry), (entry.get("endpoint") or {}).get("variant", ""))

@@ -15,19 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from server.bench.record import conditions_of
 from server.rollout.plan import CapacityFigures
-
-
-def conditions_of(entry: dict[str, Any]) -> tuple[Any, ...]:
-    """What must match for two capacities to compare (the endpoint and variant may differ)."""
-    slo = entry.get("slo") or {}
-    return (
-        entry.get("mode"),
-        slo.get("p99_ms"),
-        slo.get("error_rate"),
-        (entry.get("batch") or {}).get("request_batch"),
-        (entry.get("hardware") or {}).get("label"),
-    )
 
 
 def describe_conditions(entry: dict[str, Any]) -> str:
