@@ -236,7 +236,8 @@ def _histograms(rows: list[tuple[dict[str, str], float | None]]) -> dict[str, li
     return histograms
 
 
-def _stream_tail(histogram: list[tuple[float, float]]) -> tuple[float | None, tuple[float, float] | None]:
+def _tail_ms(histogram: list[tuple[float, float]]) -> tuple[float | None, tuple[float, float] | None]:
+    """p99 and its bounds in milliseconds from a histogram in seconds; (None, None) when empty."""
     tail = tail_from_buckets(histogram)
     if tail is None:
         return None, None
@@ -272,15 +273,12 @@ def measurements_from(
 
     def window(name: str) -> VariantWindow:
         total, bad = round(counts[name][0]), round(counts[name][1])
-        tail = tail_from_buckets(histograms.get(name, []))
-        if not total or tail is None:
+        p99_ms, p99_bounds = _tail_ms(histograms.get(name, []))
+        if not total or p99_ms is None:
             return VariantWindow(total, bad)
-        (point, (low, high)) = tail
-        ttft_ms, ttft_bounds = _stream_tail(ttfts.get(name, []))
-        itl_ms, itl_bounds = _stream_tail(itls.get(name, []))
-        return VariantWindow(
-            total, bad, point * 1000.0, ttft_ms, itl_ms, (low * 1000.0, high * 1000.0), ttft_bounds, itl_bounds
-        )
+        ttft_ms, ttft_bounds = _tail_ms(ttfts.get(name, []))
+        itl_ms, itl_bounds = _tail_ms(itls.get(name, []))
+        return VariantWindow(total, bad, p99_ms, ttft_ms, itl_ms, p99_bounds, ttft_bounds, itl_bounds)
 
     return Measurements(window(baseline), window(candidate), agree + disagree, agree, errors)
 
