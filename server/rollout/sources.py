@@ -110,14 +110,13 @@ def _with_stream(window: VariantWindow, stream: Any) -> VariantWindow:
     """Add TTFT/ITL p99 when the variant streamed in the window."""
     if stream is None or not stream.requests:
         return window
-    if not stream.itl.count:
-        return replace(window, ttft_p99_ms=stream.ttft.p99_ms, ttft_p99_bounds_ms=_bounds(stream.ttft))
+    has_itl = stream.itl.count > 0  # single-token streams have no inter-token gaps
     return replace(
         window,
         ttft_p99_ms=stream.ttft.p99_ms,
         ttft_p99_bounds_ms=_bounds(stream.ttft),
-        itl_p99_ms=stream.itl.p99_ms,
-        itl_p99_bounds_ms=_bounds(stream.itl),
+        itl_p99_ms=stream.itl.p99_ms if has_itl else None,
+        itl_p99_bounds_ms=_bounds(stream.itl) if has_itl else None,
     )
 
 
