@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from core.errors import InvalidInputError
 from server.rollout.capacity import check_capacity, compare_capacity, describe_comparison
 from server.rollout.machine import start
 from server.rollout.plan import CapacityFigures, plan_from_mapping
@@ -69,3 +70,12 @@ def test_the_started_event_carries_the_comparison() -> None:
     event = start(plan, 0.0).events[0]
     assert "capacity: candidate 520 vs baseline 400 requests/s (1.3x)" in event.message
     assert event.figures["capacity"]["ratio"] == pytest.approx(1.3)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_a_non_positive_min_capacity_ratio_is_refused_naming_the_field(bad: float) -> None:
+    with pytest.raises(InvalidInputError, match="min_capacity_ratio"):
+        plan_from_mapping({
+            "route": "digits", "baseline": "fp32", "candidate": {"name": "int8", "upstream": "u", "model": "m"},
+            "slos": {"min_capacity_ratio": bad},
+        })  # fmt: skip
